@@ -1,0 +1,3 @@
+module github.com/kelpie/teleport
+
+go 1.26.8

@@ -1,0 +1,222 @@
+// Package mem is an in-memory package store for unit tests. It keeps whole
+// blobs in memory, so it is never used for real snapshots.
+package mem
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+
+	"github.com/kelpie/teleport/teleport"
+)
+
+type entry struct {
+	manifest []byte // JSON, so callers never share our copy
+	blob     []byte
+}
+
+// Store is an in-memory teleport.Store. The zero value is not usable: call New.
+type Store struct {
+	mu         sync.Mutex
+	pkgs       map[string]entry
+	workspaces map[string][]byte
+}
+
+var _ teleport.Store = (*Store)(nil)
+
+// New returns an empty store.
+func New() *Store {
+	return &Store{pkgs: map[string]entry{}, workspaces: map[string][]byte{}}
+}
+
+// Create starts a package upload.
+func (s *Store) Create(ctx context.Context, id string) (teleport.Writer, error) {
+	if err := teleport.ValidateID(id); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.pkgs[id]; ok {
+		return nil, fmt.Errorf("create package %s: %w", id, teleport.ErrAlreadyExists)
+	}
+	return &writer{s: s, id: id}, nil
+}
+
+type writer struct {
+	s    *Store
+	id   string
+	buf  bytes.Buffer
+	done bool
+}
+
+func (w *writer) Write(p []byte) (int, error) {
+	if w.done {
+		return 0, fmt.Errorf("write package %s: %w", w.id, teleport.ErrCommitted)
+	}
+	return w.buf.Write(p)
+}
+
+func (w *writer) Commit(ctx context.Context, m *teleport.Package) error {
+	if w.done {
+		return fmt.Errorf("commit package %s: %w", w.id, teleport.ErrCommitted)
+	}
+	w.done = true
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	sum := sha256.Sum256(w.buf.Bytes())
+	hexSum := hex.EncodeToString(sum[:])
+	n := int64(w.buf.Len())
+	if m.ID == "" {
+		m.ID = w.id
+	}
+	if m.ID != w.id {
+		return fmt.Errorf("commit package %s: manifest names %s: %w", w.id, m.ID, teleport.ErrInvalidPackage)
+	}
+	if (m.SizeBytes != 0 && m.SizeBytes != n) || (m.BlobSHA256 != "" && m.BlobSHA256 != hexSum) {
+		return fmt.Errorf("commit package %s: blob does not match manifest: %w", w.id, teleport.ErrChecksumMismatch)
+	}
+	m.SizeBytes, m.BlobSHA256 = n, hexSum
+	if err := m.Validate(); err != nil {
+		return err
+	}
+	mb, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	w.s.mu.Lock()
+	defer w.s.mu.Unlock()
+	if _, ok := w.s.pkgs[w.id]; ok {
+		return fmt.Errorf("commit package %s: %w", w.id, teleport.ErrAlreadyExists)
+	}
+	w.s.pkgs[w.id] = entry{manifest: mb, blob: bytes.Clone(w.buf.Bytes())}
+	return nil
+}
+
+func (w *writer) Abort(ctx context.Context) error {
+	w.done = true
+	w.buf = bytes.Buffer{}
+	return nil
+}
+
+type reader struct{ *bytes.Reader }
+
+func (r reader) Close() error { return nil }
+
+func (s *Store) get(id string) (entry, error) {
+	if err := teleport.ValidateID(id); err != nil {
+		return entry{}, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.pkgs[id]
+	if !ok {
+		return entry{}, fmt.Errorf("package %s: %w", id, teleport.ErrNotFound)
+	}
+	return e, nil
+}
+
+// Open returns random access to a blob.
+func (s *Store) Open(ctx context.Context, id string) (teleport.Reader, error) {
+	e, err := s.get(id)
+	if err != nil {
+		return nil, err
+	}
+	return reader{bytes.NewReader(e.blob)}, nil
+}
+
+// Stat returns a copy of a manifest.
+func (s *Store) Stat(ctx context.Context, id string) (*teleport.Package, error) {
+	e, err := s.get(id)
+	if err != nil {
+		return nil, err
+	}
+	var m teleport.Package
+	if err := json.Unmarshal(e.manifest, &m); err != nil {
+		return nil, err
+	}
+	return &m, nil
+}
+
+// List returns manifests sorted by id.
+func (s *Store) List(ctx context.Context) ([]*teleport.Package, error) {
+	s.mu.Lock()
+	ids := make([]string, 0, len(s.pkgs))
+	for id := range s.pkgs {
+		ids = append(ids, id)
+	}
+	s.mu.Unlock()
+	sort.Strings(ids)
+	out := []*teleport.Package{}
+	for _, id := range ids {
+		m, err := s.Stat(ctx, id)
+		if err != nil {
+			continue
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+// Delete removes a package.
+func (s *Store) Delete(ctx context.Context, id string) error {
+	if _, err := s.get(id); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.pkgs, id)
+	return nil
+}
+
+// PutWorkspace stores a workspace blob.
+func (s *Store) PutWorkspace(ctx context.Context, ref string, r io.Reader, size int64) error {
+	if err := teleport.ValidateID(ref); err != nil {
+		return err
+	}
+	b, err := io.ReadAll(io.LimitReader(r, size+1))
+	if err != nil {
+		return err
+	}
+	if int64(len(b)) != size {
+		return fmt.Errorf("put workspace %s: got %d bytes, expected %d: %w", ref, len(b), size, teleport.ErrInvalidPackage)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.workspaces[ref] = b
+	return nil
+}
+
+// GetWorkspace returns a workspace blob.
+func (s *Store) GetWorkspace(ctx context.Context, ref string) (io.ReadCloser, error) {
+	if err := teleport.ValidateID(ref); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b, ok := s.workspaces[ref]
+	if !ok {
+		return nil, fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
+	}
+	return io.NopCloser(bytes.NewReader(b)), nil
+}
+
+// DeleteWorkspace removes a workspace blob.
+func (s *Store) DeleteWorkspace(ctx context.Context, ref string) error {
+	if err := teleport.ValidateID(ref); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.workspaces[ref]; !ok {
+		return fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
+	}
+	delete(s.workspaces, ref)
+	return nil
+}

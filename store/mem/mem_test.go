@@ -1,0 +1,13 @@
+package mem_test
+
+import (
+	"testing"
+
+	"github.com/kelpie/teleport/store/mem"
+	"github.com/kelpie/teleport/store/storetest"
+	"github.com/kelpie/teleport/teleport"
+)
+
+func TestConformance(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) teleport.Store { return mem.New() })
+}

@@ -1,0 +1,378 @@
+// Package storetest is the conformance suite every teleport.Store passes.
+package storetest
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport/vm"
+)
+
+// Manifest returns a valid manifest for id, for tests.
+func Manifest(id string) *teleport.Package {
+	return &teleport.Package{
+		ID: id, AgentID: "agent-" + id, SourceArch: teleport.ArchX86_64, Kind: teleport.KindTeleport,
+		BaseImageVersion: "1.0.0", CreatedAt: time.Unix(1700000000, 0).UTC(), SourceHostID: "host-a", Backend: "sim",
+		AgentState: []byte("state"),
+		Snapshot:   &vm.SnapshotMetadata{SnapshotID: "snap-" + id, Backend: "sim", Architecture: teleport.ArchX86_64},
+	}
+}
+
+// Payload returns n deterministic bytes.
+func Payload(seed uint64, n int) []byte {
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+// Put writes and commits a package with the given blob.
+func Put(t testing.TB, s teleport.Store, id string, blob []byte) *teleport.Package {
+	t.Helper()
+	ctx := context.Background()
+	w, err := s.Create(ctx, id)
+	if err != nil {
+		t.Fatalf("Create(%s): %v", id, err)
+	}
+	// Write in uneven chunks, as a stream would.
+	for off := 0; off < len(blob); {
+		n := min(len(blob)-off, 1+off%7777)
+		if _, err := w.Write(blob[off : off+n]); err != nil {
+			t.Fatalf("Write: %v", err)
+		}
+		off += n
+	}
+	m := Manifest(id)
+	if err := w.Commit(ctx, m); err != nil {
+		t.Fatalf("Commit(%s): %v", id, err)
+	}
+	return m
+}
+
+func readAll(t testing.TB, s teleport.Store, id string) []byte {
+	t.Helper()
+	r, err := s.Open(context.Background(), id)
+	if err != nil {
+		t.Fatalf("Open(%s): %v", id, err)
+	}
+	defer r.Close()
+	b, err := io.ReadAll(io.NewSectionReader(r, 0, r.Size()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func mustNotExist(t testing.TB, s teleport.Store, id string) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := s.Stat(ctx, id); !errors.Is(err, teleport.ErrNotFound) {
+		t.Fatalf("Stat(%s) = %v, want ErrNotFound", id, err)
+	}
+	if _, err := s.Open(ctx, id); !errors.Is(err, teleport.ErrNotFound) {
+		t.Fatalf("Open(%s) = %v, want ErrNotFound", id, err)
+	}
+	l, err := s.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range l {
+		if m.ID == id {
+			t.Fatalf("List shows %s", id)
+		}
+	}
+}
+
+// Run runs the suite. newStore returns an empty store for each subtest.
+func Run(t *testing.T, newStore func(t *testing.T) teleport.Store) {
+	ctx := context.Background()
+
+	t.Run("RoundTrip", func(t *testing.T) {
+		s := newStore(t)
+		blob := Payload(1, 3<<20+17)
+		m := Put(t, s, "pkg-1", blob)
+		sum := sha256.Sum256(blob)
+		if m.SizeBytes != int64(len(blob)) || m.BlobSHA256 != hex.EncodeToString(sum[:]) {
+			t.Fatalf("commit set size %d sha %s", m.SizeBytes, m.BlobSHA256)
+		}
+		got, err := s.Stat(ctx, "pkg-1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.ID != "pkg-1" || got.AgentID != m.AgentID || got.Kind != m.Kind || got.BlobSHA256 != m.BlobSHA256 ||
+			!got.CreatedAt.Equal(m.CreatedAt) || string(got.AgentState) != "state" || got.Snapshot == nil || got.Snapshot.SnapshotID != "snap-pkg-1" {
+			t.Fatalf("Stat returned %+v, committed %+v", got, m)
+		}
+		if b := readAll(t, s, "pkg-1"); !bytes.Equal(b, blob) {
+			t.Fatalf("blob differs after round trip (%d vs %d bytes)", len(b), len(blob))
+		}
+	})
+
+	t.Run("RandomAccess", func(t *testing.T) {
+		s := newStore(t)
+		blob := Payload(2, 1<<20)
+		Put(t, s, "ra", blob)
+		r, err := s.Open(ctx, "ra")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		if r.Size() != int64(len(blob)) {
+			t.Fatalf("Size %d, want %d", r.Size(), len(blob))
+		}
+		for _, off := range []int64{0, 1, 4095, 4096, 500000, int64(len(blob)) - 10} {
+			buf := make([]byte, 10)
+			if _, err := r.ReadAt(buf, off); err != nil {
+				t.Fatalf("ReadAt(%d): %v", off, err)
+			}
+			if !bytes.Equal(buf, blob[off:off+10]) {
+				t.Fatalf("ReadAt(%d) wrong bytes", off)
+			}
+		}
+		if _, err := r.ReadAt(make([]byte, 20), int64(len(blob))-10); !errors.Is(err, io.EOF) {
+			t.Fatalf("ReadAt past end: %v, want io.EOF", err)
+		}
+	})
+
+	t.Run("EmptyBlob", func(t *testing.T) {
+		s := newStore(t)
+		Put(t, s, "empty", nil)
+		if b := readAll(t, s, "empty"); len(b) != 0 {
+			t.Fatalf("got %d bytes", len(b))
+		}
+	})
+
+	t.Run("InvisibleUntilCommit", func(t *testing.T) {
+		s := newStore(t)
+		w, err := s.Create(ctx, "pending")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.Write([]byte("half a blob")); err != nil {
+			t.Fatal(err)
+		}
+		mustNotExist(t, s, "pending")
+		if err := w.Commit(ctx, Manifest("pending")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Stat(ctx, "pending"); err != nil {
+			t.Fatalf("after commit: %v", err)
+		}
+	})
+
+	t.Run("AbortLeavesNothing", func(t *testing.T) {
+		s := newStore(t)
+		w, err := s.Create(ctx, "aborted")
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.Write(Payload(3, 1000))
+		if err := w.Abort(ctx); err != nil {
+			t.Fatal(err)
+		}
+		mustNotExist(t, s, "aborted")
+		if err := w.Commit(ctx, Manifest("aborted")); !errors.Is(err, teleport.ErrCommitted) {
+			t.Fatalf("Commit after Abort: %v, want ErrCommitted", err)
+		}
+		mustNotExist(t, s, "aborted")
+		// The id is free again.
+		Put(t, s, "aborted", []byte("x"))
+	})
+
+	t.Run("CanceledCommitLeavesNothing", func(t *testing.T) {
+		s := newStore(t)
+		w, err := s.Create(ctx, "canceled")
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.Write([]byte("data"))
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		if err := w.Commit(cctx, Manifest("canceled")); err == nil {
+			t.Fatal("Commit with a canceled context succeeded")
+		}
+		mustNotExist(t, s, "canceled")
+	})
+
+	t.Run("ChecksumMismatchRefused", func(t *testing.T) {
+		s := newStore(t)
+		w, err := s.Create(ctx, "bad-sum")
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.Write([]byte("data"))
+		m := Manifest("bad-sum")
+		m.BlobSHA256 = strings.Repeat("0", 64)
+		if err := w.Commit(ctx, m); !errors.Is(err, teleport.ErrChecksumMismatch) {
+			t.Fatalf("Commit: %v, want ErrChecksumMismatch", err)
+		}
+		mustNotExist(t, s, "bad-sum")
+	})
+
+	t.Run("InvalidManifestRefused", func(t *testing.T) {
+		s := newStore(t)
+		w, err := s.Create(ctx, "bad-manifest")
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := Manifest("bad-manifest")
+		m.Kind = "sideways"
+		if err := w.Commit(ctx, m); !errors.Is(err, teleport.ErrInvalidPackage) {
+			t.Fatalf("Commit: %v, want ErrInvalidPackage", err)
+		}
+		mustNotExist(t, s, "bad-manifest")
+	})
+
+	t.Run("DuplicateID", func(t *testing.T) {
+		s := newStore(t)
+		Put(t, s, "dup", []byte("first"))
+		if _, err := s.Create(ctx, "dup"); !errors.Is(err, teleport.ErrAlreadyExists) {
+			t.Fatalf("Create of a committed id: %v, want ErrAlreadyExists", err)
+		}
+		if b := readAll(t, s, "dup"); string(b) != "first" {
+			t.Fatalf("first package changed: %q", b)
+		}
+	})
+
+	t.Run("ConcurrentPublishersOneWins", func(t *testing.T) {
+		s := newStore(t)
+		const n = 4
+		var ws []teleport.Writer
+		for i := 0; i < n; i++ {
+			w, err := s.Create(ctx, "race")
+			if err != nil {
+				t.Fatalf("writer %d: %v", i, err)
+			}
+			w.Write([]byte{byte('a' + i)})
+			ws = append(ws, w)
+		}
+		errs := make([]error, n)
+		var wg sync.WaitGroup
+		for i, w := range ws {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs[i] = w.Commit(ctx, Manifest("race"))
+			}()
+		}
+		wg.Wait()
+		wins := 0
+		winner := -1
+		for i, err := range errs {
+			switch {
+			case err == nil:
+				wins++
+				winner = i
+			case !errors.Is(err, teleport.ErrAlreadyExists):
+				t.Fatalf("loser %d: %v, want ErrAlreadyExists", i, err)
+			}
+		}
+		if wins != 1 {
+			t.Fatalf("%d publishers won, want exactly 1", wins)
+		}
+		if b := readAll(t, s, "race"); len(b) != 1 || b[0] != byte('a'+winner) {
+			t.Fatalf("blob %q is not the winner's", b)
+		}
+	})
+
+	t.Run("Delete", func(t *testing.T) {
+		s := newStore(t)
+		Put(t, s, "del", []byte("x"))
+		if err := s.Delete(ctx, "del"); err != nil {
+			t.Fatal(err)
+		}
+		mustNotExist(t, s, "del")
+		if err := s.Delete(ctx, "del"); !errors.Is(err, teleport.ErrNotFound) {
+			t.Fatalf("second Delete: %v, want ErrNotFound", err)
+		}
+		Put(t, s, "del", []byte("again"))
+	})
+
+	t.Run("ListSorted", func(t *testing.T) {
+		s := newStore(t)
+		l, err := s.List(ctx)
+		if err != nil || len(l) != 0 {
+			t.Fatalf("empty store lists %d (%v)", len(l), err)
+		}
+		for _, id := range []string{"c", "a", "b-2", "b-10"} {
+			Put(t, s, id, []byte(id))
+		}
+		l, err = s.List(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for _, m := range l {
+			ids = append(ids, m.ID)
+		}
+		if strings.Join(ids, ",") != "a,b-10,b-2,c" {
+			t.Fatalf("List = %v", ids)
+		}
+	})
+
+	t.Run("InvalidIDs", func(t *testing.T) {
+		s := newStore(t)
+		for _, id := range []string{"", "../x", "a/b", ".hidden", "-flag", "sp ace", "nul\x00", strings.Repeat("a", 129), "ünicode"} {
+			if _, err := s.Create(ctx, id); !errors.Is(err, teleport.ErrInvalidID) {
+				t.Errorf("Create(%q): %v, want ErrInvalidID", id, err)
+			}
+			if _, err := s.Stat(ctx, id); !errors.Is(err, teleport.ErrInvalidID) {
+				t.Errorf("Stat(%q): %v, want ErrInvalidID", id, err)
+			}
+			if _, err := s.Open(ctx, id); !errors.Is(err, teleport.ErrInvalidID) {
+				t.Errorf("Open(%q): %v, want ErrInvalidID", id, err)
+			}
+			if err := s.Delete(ctx, id); !errors.Is(err, teleport.ErrInvalidID) {
+				t.Errorf("Delete(%q): %v, want ErrInvalidID", id, err)
+			}
+			if err := s.PutWorkspace(ctx, id, strings.NewReader(""), 0); !errors.Is(err, teleport.ErrInvalidID) {
+				t.Errorf("PutWorkspace(%q): %v, want ErrInvalidID", id, err)
+			}
+		}
+		Put(t, s, strings.Repeat("a", 128), []byte("max length id"))
+	})
+
+	t.Run("Workspace", func(t *testing.T) {
+		s := newStore(t)
+		data := Payload(4, 200000)
+		if err := s.PutWorkspace(ctx, "ws-1", bytes.NewReader(data), int64(len(data))); err != nil {
+			t.Fatal(err)
+		}
+		rc, err := s.GetWorkspace(ctx, "ws-1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(rc)
+		rc.Close()
+		if err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("workspace differs (%v)", err)
+		}
+		if err := s.PutWorkspace(ctx, "ws-short", bytes.NewReader(data[:10]), 11); err == nil {
+			t.Fatal("PutWorkspace accepted fewer bytes than declared")
+		}
+		if _, err := s.GetWorkspace(ctx, "ws-short"); !errors.Is(err, teleport.ErrNotFound) {
+			t.Fatalf("short workspace visible: %v", err)
+		}
+		if err := s.DeleteWorkspace(ctx, "ws-1"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.GetWorkspace(ctx, "ws-1"); !errors.Is(err, teleport.ErrNotFound) {
+			t.Fatalf("after delete: %v", err)
+		}
+		if err := s.DeleteWorkspace(ctx, "ws-1"); !errors.Is(err, teleport.ErrNotFound) {
+			t.Fatalf("second delete: %v", err)
+		}
+	})
+}

@@ -1,0 +1,192 @@
+package vm
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+)
+
+// Layout says how a snapshot fills the blob's sections.
+type Layout string
+
+// Snapshot layouts.
+const (
+	// LayoutSingle: one file, the snapshot section only (Apple VZ, a QEMU
+	// migration stream with RAM inside).
+	LayoutSingle Layout = "single"
+	// LayoutSplit: device state in the snapshot section, guest RAM in the
+	// memory section (Firecracker, QEMU with a file-backed RAM).
+	LayoutSplit Layout = "split"
+	// LayoutNone: no VM payload at all (an application checkpoint).
+	LayoutNone Layout = "none"
+)
+
+// SnapshotMetadata describes a snapshot. The first nine fields are Kelpie's
+// KLP1 metadata and keep their JSON names so that blobs written by Kelpie
+// decode here; the rest are this project's additions (omitted when empty).
+type SnapshotMetadata struct {
+	SnapshotID     string       `json:"snapshot_id"`
+	VMID           string       `json:"vm_id"`
+	CreatedAtMs    int64        `json:"created_at_ms"`
+	SizeBytes      uint64       `json:"size_bytes"`
+	Checksum       uint32       `json:"checksum"`
+	Architecture   Architecture `json:"architecture"`
+	VCPUCount      int          `json:"vcpu_count"`
+	MemoryMiB      int          `json:"memory_mib"`
+	IsFullSnapshot bool         `json:"is_full_snapshot"`
+
+	Backend          string `json:"backend,omitempty"`
+	BackendVersion   string `json:"backend_version,omitempty"`
+	HostID           string `json:"host_id,omitempty"`
+	Layout           Layout `json:"layout,omitempty"`
+	BaseImageVersion string `json:"base_image_version,omitempty"`
+	// SHA-256 (hex) and size of each payload section.
+	SnapshotSHA256 string `json:"snapshot_sha256,omitempty"`
+	SnapshotSize   int64  `json:"snapshot_size,omitempty"`
+	MemorySHA256   string `json:"memory_sha256,omitempty"`
+	MemorySize     int64  `json:"memory_size,omitempty"`
+	// Compat holds backend facts a restoring host must match exactly
+	// (see HostInfo.Compat). Keys are sorted when encoded.
+	Compat map[string]string `json:"compat,omitempty"`
+	// HostBound: the payload restores only on the host that wrote it
+	// (Apple VZ save files are encrypted with a host key).
+	HostBound bool `json:"host_bound,omitempty"`
+}
+
+// metadataMaxBytes bounds the metadata section we are willing to parse.
+const metadataMaxBytes = 1 << 20
+
+// Marshal encodes the metadata as the KLP1 metadata section.
+func (m SnapshotMetadata) Marshal() ([]byte, error) {
+	return json.Marshal(m)
+}
+
+// ParseMetadata decodes a metadata section read from r, reading at most
+// 1 MiB whatever the blob claims.
+func ParseMetadata(r io.Reader) (SnapshotMetadata, error) {
+	var m SnapshotMetadata
+	b, err := io.ReadAll(io.LimitReader(r, metadataMaxBytes+1))
+	if err != nil {
+		return m, fmt.Errorf("read snapshot metadata: %w", err)
+	}
+	if len(b) > metadataMaxBytes {
+		return m, fmt.Errorf("snapshot metadata larger than %d bytes: %w", metadataMaxBytes, ErrCorrupt)
+	}
+	if len(bytes.TrimSpace(b)) == 0 {
+		return m, fmt.Errorf("snapshot metadata is empty: %w", ErrCorrupt)
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return m, fmt.Errorf("snapshot metadata is not valid JSON (%v): %w", err, ErrCorrupt)
+	}
+	return m, nil
+}
+
+// FilePayload is a payload backed by a whole file.
+type FilePayload struct {
+	Path string
+	size int64
+}
+
+// NewFilePayload stats path and returns a payload for it.
+func NewFilePayload(path string) (*FilePayload, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	return &FilePayload{Path: path, size: fi.Size()}, nil
+}
+
+// Size is the file's size when the payload was made.
+func (p *FilePayload) Size() int64 { return p.size }
+
+// Open opens the file for reading.
+func (p *FilePayload) Open() (io.ReadCloser, error) { return os.Open(p.Path) }
+
+// SectionPayload is a payload backed by a byte range of a ReaderAt, such as
+// one section of a blob in a package store.
+type SectionPayload struct {
+	R      io.ReaderAt
+	Offset int64
+	N      int64
+}
+
+// Size is the section length.
+func (p *SectionPayload) Size() int64 { return p.N }
+
+// Open returns a reader over the section.
+func (p *SectionPayload) Open() (io.ReadCloser, error) {
+	return io.NopCloser(io.NewSectionReader(p.R, p.Offset, p.N)), nil
+}
+
+// BytesPayload is a payload held in memory; for small sections and the
+// simulation only.
+type BytesPayload []byte
+
+// Size is len(p).
+func (p BytesPayload) Size() int64 { return int64(len(p)) }
+
+// Open returns a reader over p.
+func (p BytesPayload) Open() (io.ReadCloser, error) {
+	return io.NopCloser(bytes.NewReader(p)), nil
+}
+
+// HashPayload returns the SHA-256 (hex) of a payload, streaming it.
+func HashPayload(p Payload) (string, error) {
+	h := sha256.New()
+	if p != nil {
+		rc, err := p.Open()
+		if err != nil {
+			return "", err
+		}
+		defer rc.Close()
+		n, err := io.Copy(h, rc)
+		if err != nil {
+			return "", err
+		}
+		if n != p.Size() {
+			return "", fmt.Errorf("payload has %d bytes, expected %d: %w", n, p.Size(), ErrCorrupt)
+		}
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// VerifyPayloads checks both payloads against the checksums and sizes the
+// metadata records. It reads each payload once, streaming.
+func VerifyPayloads(s *Snapshot) error {
+	md := s.Metadata
+	for _, sec := range []struct {
+		name string
+		p    Payload
+		sum  string
+		size int64
+	}{{"snapshot", s.State, md.SnapshotSHA256, md.SnapshotSize}, {"memory", s.Memory, md.MemorySHA256, md.MemorySize}} {
+		if got := PayloadSize(sec.p); got != sec.size {
+			return fmt.Errorf("snapshot %s: %s section has %d bytes, metadata says %d: %w", md.SnapshotID, sec.name, got, sec.size, ErrCorrupt)
+		}
+		if sec.sum == "" {
+			if sec.size == 0 {
+				continue
+			}
+			return fmt.Errorf("snapshot %s: %s section has no recorded checksum: %w", md.SnapshotID, sec.name, ErrCorrupt)
+		}
+		got, err := HashPayload(sec.p)
+		if err != nil {
+			return fmt.Errorf("snapshot %s: hash %s section: %w", md.SnapshotID, sec.name, err)
+		}
+		if got != sec.sum {
+			return fmt.Errorf("snapshot %s: %s section checksum mismatch (sha256 %s, metadata says %s): %w", md.SnapshotID, sec.name, got[:12], short(sec.sum), ErrCorrupt)
+		}
+	}
+	return nil
+}
+
+func short(s string) string {
+	if len(s) > 12 {
+		return s[:12]
+	}
+	return s
+}

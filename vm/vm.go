@@ -1,0 +1,168 @@
+// Package vm is the contract every hypervisor backend implements: a VM
+// instance with a lifecycle, command execution, snapshot and restore, and a
+// factory that creates instances fresh or from a snapshot.
+//
+// This package holds types and rules only. It must never import a backend,
+// start a process, or touch the wall clock: backends and the simulation both
+// build on it unchanged.
+package vm
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"time"
+)
+
+// State is where a VM is in its lifecycle.
+type State int
+
+// The lifecycle states. A VM starts in Created; Crashed means the hypervisor
+// died underneath us and only Stop or Destroy remain.
+const (
+	StateCreated State = iota
+	StateStarting
+	StateRunning
+	StatePaused
+	StateStopped
+	StateCrashed
+)
+
+var stateNames = [...]string{"created", "starting", "running", "paused", "stopped", "crashed"}
+
+func (s State) String() string {
+	if int(s) >= 0 && int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return fmt.Sprintf("state(%d)", int(s))
+}
+
+// ParseState is the inverse of State.String.
+func ParseState(s string) (State, error) {
+	for i, n := range stateNames {
+		if n == s {
+			return State(i), nil
+		}
+	}
+	return 0, fmt.Errorf("unknown VM state %q: %w", s, ErrInvalidConfig)
+}
+
+// Instance is one VM. Every blocking call takes ctx first and returns when ctx
+// is done. Illegal transitions return an error that matches ErrInvalidState.
+type Instance interface {
+	// ID is stable for the life of the instance and unique on its host.
+	ID() string
+	// State reports the current state. Backends that supervise a process
+	// report StateCrashed once the process is gone unexpectedly.
+	State() State
+	// Config is the configuration the instance was created with.
+	Config() Config
+
+	// Start boots a Created or Stopped VM and returns once its guest is ready.
+	Start(ctx context.Context) error
+	// Stop shuts a VM down. Stopping a Stopped VM is a no-op.
+	Stop(ctx context.Context) error
+	// Pause freezes a Running VM's vCPUs.
+	Pause(ctx context.Context) error
+	// Resume continues a Paused VM.
+	Resume(ctx context.Context) error
+
+	// Exec runs a command in the guest of a Running VM.
+	Exec(ctx context.Context, cmd string, args []string, opts ExecOptions) (ExecResult, error)
+
+	// Snapshot captures a Running or Paused VM. A Running VM is paused for
+	// the capture and resumed afterwards; a Paused VM stays paused. The
+	// caller owns the returned snapshot and must Close it.
+	Snapshot(ctx context.Context) (*Snapshot, error)
+	// Restore loads a snapshot into a Created or Stopped VM, which is Paused
+	// afterwards. The snapshot's payloads are only read, never modified.
+	Restore(ctx context.Context, snap *Snapshot) error
+
+	// Destroy stops the VM if needed and removes everything it owns on the
+	// host. A destroyed instance accepts no further calls.
+	Destroy(ctx context.Context) error
+}
+
+// Factory creates instances of one backend on one host.
+type Factory interface {
+	// Host describes this host and backend, for restore validation.
+	Host() HostInfo
+	// Create makes a new instance in state Created.
+	Create(ctx context.Context, cfg Config) (Instance, error)
+	// CreateFromSnapshot makes an instance and restores snap into it. The
+	// instance is Paused on success; on failure nothing is left behind.
+	CreateFromSnapshot(ctx context.Context, cfg Config, snap *Snapshot) (Instance, error)
+}
+
+// HostInfo says what a factory's snapshots need and what it can restore.
+type HostInfo struct {
+	Arch             Architecture
+	Backend          string
+	BackendVersion   string
+	HostID           string
+	BaseImageVersion string
+	// Compat lists backend facts a full snapshot must match exactly to be
+	// restored here (hypervisor version, machine type, CPU model, ...).
+	Compat map[string]string
+}
+
+// ExecOptions tunes one Exec call. Zero values mean "backend default".
+type ExecOptions struct {
+	Timeout          time.Duration
+	Workdir          string
+	Env              map[string]string
+	Stdin            []byte
+	OutputLimitBytes int
+}
+
+// ExecResult is what a guest command produced.
+type ExecResult struct {
+	ExitCode        int
+	Stdout          []byte
+	Stderr          []byte
+	TimedOut        bool
+	OutputTruncated bool
+}
+
+// Payload is one section of a snapshot: a file or a reader of known size.
+// Open returns a fresh reader positioned at the start each time it is called,
+// so a payload can be read more than once (to verify, then to restore)
+// without ever being held in memory whole.
+type Payload interface {
+	Size() int64
+	Open() (io.ReadCloser, error)
+}
+
+// Snapshot is metadata plus up to two payload sections. Single-file layouts
+// (VZ-like) fill State only; split layouts (Firecracker-like) fill both.
+type Snapshot struct {
+	Metadata SnapshotMetadata
+	State    Payload // the snapshot section; nil when empty
+	Memory   Payload // the memory section; nil when empty
+
+	release func() error
+}
+
+// NewSnapshot builds a snapshot whose Close calls release (may be nil), for
+// backends that own temporary files behind the payloads.
+func NewSnapshot(md SnapshotMetadata, state, memory Payload, release func() error) *Snapshot {
+	return &Snapshot{Metadata: md, State: state, Memory: memory, release: release}
+}
+
+// Close releases whatever backs the payloads. It is safe to call twice.
+func (s *Snapshot) Close() error {
+	if s == nil || s.release == nil {
+		return nil
+	}
+	r := s.release
+	s.release = nil
+	return r()
+}
+
+// PayloadSize is p.Size(), or 0 for a nil payload.
+func PayloadSize(p Payload) int64 {
+	if p == nil {
+		return 0
+	}
+	return p.Size()
+}

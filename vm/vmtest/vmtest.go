@@ -1,0 +1,244 @@
+// Package vmtest is the conformance suite every vm backend passes: the
+// lifecycle table, exec, and snapshot/restore keeping guest state.
+package vmtest
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/kelpie/teleport/vm"
+)
+
+// Harness adapts a backend to the suite. Write and Read store and load a
+// value in guest memory (the sim's key-value machine, a file in a real
+// guest's tmpfs), so the suite can check that restore keeps guest state.
+type Harness struct {
+	NewFactory func(t *testing.T) vm.Factory
+	Config     func(t *testing.T) vm.Config
+	Write      func(ctx context.Context, inst vm.Instance, key, value string) error
+	Read       func(ctx context.Context, inst vm.Instance, key string) (string, error)
+	// Timeout bounds each subtest (real VMs boot slowly under TCG).
+	Timeout time.Duration
+}
+
+// Run runs the suite.
+func Run(t *testing.T, h Harness) {
+	if h.Timeout == 0 {
+		h.Timeout = time.Minute
+	}
+	ctxFor := func(t *testing.T) context.Context {
+		ctx, cancel := context.WithTimeout(context.Background(), h.Timeout)
+		t.Cleanup(cancel)
+		return ctx
+	}
+	newVM := func(t *testing.T, ctx context.Context, f vm.Factory) vm.Instance {
+		inst, err := f.Create(ctx, h.Config(t))
+		if err != nil {
+			t.Fatalf("Create: %v", err)
+		}
+		t.Cleanup(func() { inst.Destroy(context.Background()) })
+		if inst.State() != vm.StateCreated {
+			t.Fatalf("new VM is %s, want created", inst.State())
+		}
+		return inst
+	}
+	wantState := func(t *testing.T, err error) {
+		t.Helper()
+		if !errors.Is(err, vm.ErrInvalidState) {
+			t.Fatalf("got %v, want ErrInvalidState", err)
+		}
+	}
+
+	t.Run("Lifecycle", func(t *testing.T) {
+		ctx := ctxFor(t)
+		inst := newVM(t, ctx, h.NewFactory(t))
+		wantState(t, inst.Pause(ctx))
+		wantState(t, inst.Resume(ctx))
+		_, err := inst.Snapshot(ctx)
+		wantState(t, err)
+		_, err = inst.Exec(ctx, "echo", []string{"x"}, vm.ExecOptions{})
+		wantState(t, err)
+		if err := inst.Start(ctx); err != nil {
+			t.Fatalf("Start: %v", err)
+		}
+		if inst.State() != vm.StateRunning {
+			t.Fatalf("after Start: %s", inst.State())
+		}
+		wantState(t, inst.Start(ctx))
+		wantState(t, inst.Resume(ctx))
+		if err := inst.Pause(ctx); err != nil {
+			t.Fatalf("Pause: %v", err)
+		}
+		if inst.State() != vm.StatePaused {
+			t.Fatalf("after Pause: %s", inst.State())
+		}
+		wantState(t, inst.Pause(ctx))
+		_, err = inst.Exec(ctx, "echo", []string{"x"}, vm.ExecOptions{})
+		wantState(t, err)
+		if err := inst.Resume(ctx); err != nil {
+			t.Fatalf("Resume: %v", err)
+		}
+		if err := inst.Stop(ctx); err != nil {
+			t.Fatalf("Stop: %v", err)
+		}
+		if inst.State() != vm.StateStopped {
+			t.Fatalf("after Stop: %s", inst.State())
+		}
+		if err := inst.Stop(ctx); err != nil {
+			t.Fatalf("second Stop: %v", err)
+		}
+		wantState(t, inst.Pause(ctx))
+	})
+
+	t.Run("Exec", func(t *testing.T) {
+		ctx := ctxFor(t)
+		inst := newVM(t, ctx, h.NewFactory(t))
+		if err := inst.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		res, err := inst.Exec(ctx, "echo", []string{"hello", "world"}, vm.ExecOptions{})
+		if err != nil || res.ExitCode != 0 || string(res.Stdout) != "hello world\n" {
+			t.Fatalf("echo: %+v %v", res, err)
+		}
+		res, err = inst.Exec(ctx, "no-such-command-kelpie", nil, vm.ExecOptions{})
+		if err != nil || res.ExitCode != 127 {
+			t.Fatalf("unknown command: exit %d, err %v; want exit 127", res.ExitCode, err)
+		}
+		if err := h.Write(ctx, inst, "k", "v1"); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := h.Read(ctx, inst, "k"); err != nil || got != "v1" {
+			t.Fatalf("Read = %q, %v", got, err)
+		}
+	})
+
+	t.Run("SnapshotRestore", func(t *testing.T) {
+		ctx := ctxFor(t)
+		f := h.NewFactory(t)
+		src := newVM(t, ctx, f)
+		if err := src.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.Write(ctx, src, "counter", "41"); err != nil {
+			t.Fatal(err)
+		}
+		snap, err := src.Snapshot(ctx)
+		if err != nil {
+			t.Fatalf("Snapshot: %v", err)
+		}
+		defer snap.Close()
+		if src.State() != vm.StateRunning {
+			t.Fatalf("source is %s after snapshot of a running VM", src.State())
+		}
+		md := snap.Metadata
+		if md.Backend == "" || md.Architecture == "" || md.SnapshotID == "" || md.VMID != src.ID() || !md.IsFullSnapshot {
+			t.Fatalf("metadata incomplete: %+v", md)
+		}
+		if err := vm.VerifyPayloads(snap); err != nil {
+			t.Fatalf("fresh snapshot fails its own checksums: %v", err)
+		}
+		// The source moves on; the snapshot must not.
+		if err := h.Write(ctx, src, "counter", "99"); err != nil {
+			t.Fatal(err)
+		}
+		dst, err := f.CreateFromSnapshot(ctx, h.Config(t), snap)
+		if err != nil {
+			t.Fatalf("CreateFromSnapshot: %v", err)
+		}
+		t.Cleanup(func() { dst.Destroy(context.Background()) })
+		if dst.State() != vm.StatePaused {
+			t.Fatalf("restored VM is %s, want paused", dst.State())
+		}
+		if err := dst.Resume(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := h.Read(ctx, dst, "counter"); err != nil || got != "41" {
+			t.Fatalf("restored counter = %q (%v), want 41", got, err)
+		}
+		if got, _ := h.Read(ctx, src, "counter"); got != "99" {
+			t.Fatalf("source counter = %q, want 99", got)
+		}
+		// Restore into a running VM is illegal.
+		wantState(t, src.Restore(ctx, snap))
+		// Restore into a stopped VM works, twice from the same snapshot.
+		if err := src.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := src.Restore(ctx, snap); err != nil {
+			t.Fatalf("Restore into stopped VM: %v", err)
+		}
+		if err := src.Resume(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := h.Read(ctx, src, "counter"); err != nil || got != "41" {
+			t.Fatalf("re-restored counter = %q (%v), want 41", got, err)
+		}
+	})
+
+	t.Run("SnapshotFromPausedStaysPaused", func(t *testing.T) {
+		ctx := ctxFor(t)
+		inst := newVM(t, ctx, h.NewFactory(t))
+		if err := inst.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := inst.Pause(ctx); err != nil {
+			t.Fatal(err)
+		}
+		snap, err := inst.Snapshot(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		snap.Close()
+		if inst.State() != vm.StatePaused {
+			t.Fatalf("after snapshot: %s, want paused", inst.State())
+		}
+	})
+
+	t.Run("CorruptSnapshotRefused", func(t *testing.T) {
+		ctx := ctxFor(t)
+		f := h.NewFactory(t)
+		inst := newVM(t, ctx, f)
+		if err := inst.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		snap, err := inst.Snapshot(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer snap.Close()
+		bad := *snap
+		bad.Metadata.SnapshotSHA256 = "00" + bad.Metadata.SnapshotSHA256[2:]
+		if _, err := f.CreateFromSnapshot(ctx, h.Config(t), &bad); !errors.Is(err, vm.ErrCorrupt) {
+			t.Fatalf("corrupt snapshot: %v, want ErrCorrupt", err)
+		}
+		other := *snap
+		other.Metadata.Backend = "not-" + snap.Metadata.Backend
+		if _, err := f.CreateFromSnapshot(ctx, h.Config(t), &other); !errors.Is(err, vm.ErrIncompatible) {
+			t.Fatalf("foreign backend snapshot: %v, want ErrIncompatible", err)
+		}
+	})
+
+	t.Run("InvalidConfig", func(t *testing.T) {
+		ctx := ctxFor(t)
+		f := h.NewFactory(t)
+		for name, mut := range map[string]func(*vm.Config){
+			"zero vcpus":      func(c *vm.Config) { c.VCPUs = 0 },
+			"absurd memory":   func(c *vm.Config) { c.MemoryMiB = 1 << 30 },
+			"tiny memory":     func(c *vm.Config) { c.MemoryMiB = 1 },
+			"blank kernel":    func(c *vm.Config) { c.Kernel = "  " },
+			"path as name":    func(c *vm.Config) { c.Name = "../evil" },
+			"unknown netmode": func(c *vm.Config) { c.Network = "bridge" },
+		} {
+			cfg := h.Config(t)
+			mut(&cfg)
+			if inst, err := f.Create(ctx, cfg); !errors.Is(err, vm.ErrInvalidConfig) {
+				if inst != nil {
+					inst.Destroy(ctx)
+				}
+				t.Errorf("%s: %v, want ErrInvalidConfig", name, err)
+			}
+		}
+	})
+}
