@@ -1,0 +1,33 @@
+package main
+
+import (
+	"context"
+	"path/filepath"
+	"strings"
+
+	"github.com/kelpie/teleport/store/fs"
+	"github.com/kelpie/teleport/teleport"
+)
+
+// openS3Store is set by the S3 store's file when it is built in.
+var openS3Store func(ctx context.Context, e *env, url string) (teleport.Store, error)
+
+// openStore opens the package store a --store flag names: "" for this
+// host's default ($KELPIE_HOME/packages), a directory, or s3://bucket/prefix.
+func openStore(ctx context.Context, e *env, spec string) (teleport.Store, error) {
+	if spec == "" {
+		spec = filepath.Join(home(e), "packages")
+	}
+	if strings.HasPrefix(spec, "s3://") {
+		if openS3Store == nil {
+			return nil, usagef("--store %s: this build has no S3 support", spec)
+		}
+		return openS3Store(ctx, e, spec)
+	}
+	if strings.Contains(spec, "://") {
+		return nil, usagef("--store %q: want a directory or s3://bucket/prefix", spec)
+	}
+	return fs.Open(spec)
+}
+
+const storeFlagHelp = "package store: a directory or s3://bucket/prefix (default $KELPIE_HOME/packages)"
