@@ -75,7 +75,9 @@ func simDemo(ctx context.Context, e *env) error {
 	}
 	say := func(format string, args ...any) { fmt.Fprintf(e.stdout, format+"\n", args...) }
 	stepper := func(host string) func(string, time.Duration) {
-		return func(step string, d time.Duration) { say("  [%s] %-14s %8.3f ms", host, step, float64(d.Microseconds())/1000) }
+		return func(step string, d time.Duration) {
+			say("  [%s] %-14s %8.3f ms", host, step, float64(d.Microseconds())/1000)
+		}
 	}
 	arch := vm.HostArchitecture()
 	mk := func(host string) (*sim.Factory, *service.Service) {
