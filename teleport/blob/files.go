@@ -76,8 +76,10 @@ func UnpackFile(path, dir string) error {
 	return nil
 }
 
-// writeAtomic creates path by writing a temporary sibling, syncing it and
-// renaming it into place, so a reader never sees a partial file.
+// writeAtomic creates path by writing a temporary sibling and renaming it
+// into place, so a reader never sees a partial file. Like cp it does not
+// fsync: these are working files, and the package stores (which must
+// survive a power cut) sync their own writes.
 func writeAtomic(path string, write func(*os.File) error) (err error) {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
@@ -90,9 +92,6 @@ func writeAtomic(path string, write func(*os.File) error) (err error) {
 		}
 	}()
 	if err = write(tmp); err != nil {
-		return err
-	}
-	if err = tmp.Sync(); err != nil {
 		return err
 	}
 	if err = tmp.Close(); err != nil {

@@ -1,0 +1,77 @@
+package teleport
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestValidateID(t *testing.T) {
+	for _, c := range []struct {
+		id string
+		ok bool
+	}{
+		{"a", true}, {"pkg-1.2_x", true}, {strings.Repeat("x", 128), true}, {"A9", true},
+		{"", false}, {strings.Repeat("x", 129), false}, {"..", false}, {".", false}, {".hidden", false},
+		{"-rf", false}, {"a/b", false}, {`a\b`, false}, {"a b", false}, {"a\x00", false}, {"é", false}, {"a:b", false},
+	} {
+		err := ValidateID(c.id)
+		if (err == nil) != c.ok || (err != nil && !errors.Is(err, ErrInvalidID)) {
+			t.Errorf("ValidateID(%q) = %v, want ok=%v", c.id, err, c.ok)
+		}
+	}
+}
+
+func TestParseVersion(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want Version
+		ok   bool
+	}{
+		{"1.0.0", Version{1, 0, 0}, true}, {"10.20.30", Version{10, 20, 30}, true},
+		{"1.0", Version{}, false}, {"1.0.0.0", Version{}, false}, {"v1.0.0", Version{}, false},
+		{"1.-1.0", Version{}, false}, {"01.0.0", Version{}, false}, {"", Version{}, false}, {"1.x.0", Version{}, false},
+	} {
+		got, err := ParseVersion(c.in)
+		if (err == nil) != c.ok || got != c.want {
+			t.Errorf("ParseVersion(%q) = %v, %v", c.in, got, err)
+		}
+	}
+}
+
+func TestParseKind(t *testing.T) {
+	for _, k := range []string{"suspend", "teleport", "checkpoint"} {
+		if got, err := ParseKind(k); err != nil || string(got) != k {
+			t.Errorf("ParseKind(%q) = %v, %v", k, got, err)
+		}
+	}
+	if _, err := ParseKind("move"); !errors.Is(err, ErrInvalidPackage) {
+		t.Errorf("ParseKind(move) = %v", err)
+	}
+	if !KindSuspend.FullVM() || !KindTeleport.FullVM() || KindCheckpoint.FullVM() {
+		t.Error("FullVM wrong")
+	}
+}
+
+func TestPackageValidate(t *testing.T) {
+	good := func() *Package {
+		return &Package{ID: "p", AgentID: "a", SourceArch: ArchX86_64, Kind: KindCheckpoint, BaseImageVersion: "1.0.0"}
+	}
+	if err := good().Validate(); err != nil {
+		t.Fatal(err)
+	}
+	for name, mut := range map[string]func(*Package){
+		"bad id":              func(p *Package) { p.ID = "../p" },
+		"no agent":            func(p *Package) { p.AgentID = "" },
+		"bad kind":            func(p *Package) { p.Kind = "x" },
+		"bad arch":            func(p *Package) { p.SourceArch = "mips" },
+		"bad version":         func(p *Package) { p.BaseImageVersion = "1" },
+		"teleport without md": func(p *Package) { p.Kind = KindTeleport },
+	} {
+		p := good()
+		mut(p)
+		if err := p.Validate(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
