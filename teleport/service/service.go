@@ -11,10 +11,14 @@ package service
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"log/slog"
+	"reflect"
 	"time"
 
 	"github.com/kelpie/teleport/teleport"
@@ -222,6 +226,7 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, md vm.S
 		}
 	}()
 	var secs [2]blob.Section
+	var sums [2]hash.Hash
 	for i, p := range []vm.Payload{state, memory} {
 		if p == nil {
 			continue
@@ -231,10 +236,20 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, md vm.S
 			return nil, fmt.Errorf("open snapshot payload: %w", err)
 		}
 		defer rc.Close()
-		secs[i] = blob.Section{R: rc, N: p.Size()}
+		sums[i] = sha256.New()
+		secs[i] = blob.Section{R: io.TeeReader(rc, sums[i]), N: p.Size()}
 	}
 	if _, err := blob.Encode(w, blob.Section{R: bytes.NewReader(meta), N: int64(len(meta))}, secs[0], secs[1]); err != nil {
 		return nil, fmt.Errorf("pack package %s: %w", id, err)
+	}
+	// Check the bytes just sent against the snapshot's own checksums before
+	// the commit: past it a move stops the source, and a payload that
+	// changed after its checksum was taken would be the agent's only copy,
+	// refused by every restore.
+	for i, want := range []string{md.SnapshotSHA256, md.MemorySHA256} {
+		if sums[i] != nil && want != "" && hex.EncodeToString(sums[i].Sum(nil)) != want {
+			return nil, fmt.Errorf("pack package %s: %s section differs from its recorded checksum: %w", id, blob.SectionNames[i+1], vm.ErrCorrupt)
+		}
 	}
 	if req.Workspace != nil {
 		wsRef = id + ".workspace"
@@ -259,6 +274,9 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, md vm.S
 		} else if serr != nil && !errors.Is(serr, teleport.ErrNotFound) {
 			// Unknown outcome: make sure it is not visible.
 			if derr := s.Store.Delete(context.WithoutCancel(ctx), id); derr != nil && !errors.Is(derr, teleport.ErrNotFound) {
+				// The package may be committed, and it would need its
+				// workspace: keep it (GC removes it if it is an orphan).
+				wsRef = ""
 				return nil, fmt.Errorf("commit package %s: %w; its state is unknown and removing it failed: %v", id, err, derr)
 			}
 		}
@@ -372,16 +390,30 @@ func (s *Service) snapshotFromBlob(pkg *teleport.Package, r teleport.Reader) (*v
 		return &teleport.RefusalError{PackageID: pkg.ID, Rule: teleport.RuleChecksums,
 			Reason: fmt.Sprintf(format, args...), Err: teleport.ErrChecksumMismatch}
 	}
+	// Only bytes that were read and found wrong make a package corrupt; a
+	// read that failed says nothing about the package (the caller may
+	// retry), so it must not be reported as a checksum refusal.
+	readFailed := func(err error) bool { return !errors.Is(err, vm.ErrCorrupt) && blob.ErrorKind(err) == "" }
 	b, err := blob.Open(r, r.Size())
 	if err != nil {
+		if readFailed(err) {
+			return nil, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)
+		}
 		return nil, refuse("its blob is unreadable: %v", err)
 	}
 	md, err := vm.ParseMetadata(b.Metadata())
 	if err != nil {
+		if readFailed(err) {
+			return nil, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)
+		}
 		return nil, refuse("its snapshot metadata is unreadable: %v", err)
 	}
+	// The whole metadata section must be the manifest's copy: the backend
+	// restores from the blob's metadata (architecture, layout, host...), so
+	// a flipped bit there that left the id and checksums intact would
+	// otherwise reach the hypervisor unverified.
 	want := pkg.Snapshot
-	if md.SnapshotID != want.SnapshotID || md.SnapshotSHA256 != want.SnapshotSHA256 || md.MemorySHA256 != want.MemorySHA256 {
+	if !reflect.DeepEqual(md, *want) {
 		return nil, refuse("the blob's metadata does not match the manifest (snapshot %s vs %s)", md.SnapshotID, want.SnapshotID)
 	}
 	var state, memory vm.Payload
@@ -394,6 +426,9 @@ func (s *Service) snapshotFromBlob(pkg *teleport.Package, r teleport.Reader) (*v
 	snap := vm.NewSnapshot(md, state, memory, nil)
 	if !s.Bugs.SkipChecksums {
 		if err := vm.VerifyPayloads(snap); err != nil {
+			if readFailed(err) {
+				return nil, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)
+			}
 			return nil, refuse("%v", err)
 		}
 	} else {

@@ -1,0 +1,598 @@
+package dst
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/kelpie/teleport/teleport"
+)
+
+// StoreOp names a store call, for the fault hook.
+type StoreOp int
+
+// The store calls.
+const (
+	StoreOpCreate StoreOp = iota
+	StoreOpWrite
+	StoreOpCommit
+	StoreOpOpen
+	StoreOpRead
+	StoreOpStat
+	StoreOpList
+	StoreOpDelete
+	StoreOpPutWorkspace
+	StoreOpGetWorkspace
+	StoreOpDeleteWorkspace
+)
+
+var storeOpNames = [...]string{"create", "write", "commit", "open", "read", "stat", "list", "delete", "put-workspace", "get-workspace", "delete-workspace"}
+
+func (o StoreOp) String() string {
+	if int(o) >= 0 && int(o) < len(storeOpNames) {
+		return storeOpNames[o]
+	}
+	return fmt.Sprintf("store-op(%d)", int(o))
+}
+
+// StoreOutcome is the fault hook's verdict on one store call.
+type StoreOutcome int
+
+// The outcomes. Fail and Timeout happen before the call takes effect;
+// AckLost (commit only) after it; Interrupt (commit only) cuts the
+// transfer part way through.
+const (
+	Proceed StoreOutcome = iota
+	Fail
+	Timeout
+	AckLost
+	Interrupt
+)
+
+// StoreFaults decides the fate of each store call. id is the package or
+// workspace involved ("" for List) and n the bytes moved.
+type StoreFaults interface {
+	StoreFault(op StoreOp, id string, n int64) StoreOutcome
+}
+
+// StoreBugs are test-only switches that break the store on purpose, so the
+// simulation can show its invariants catch them. The zero value is correct.
+type StoreBugs struct {
+	// PublishBeforeComplete makes Commit publish the manifest first and copy
+	// the blob after it, so an interrupted commit leaves a visible package
+	// whose blob is truncated (the classic "write in place" bug).
+	PublishBeforeComplete bool
+}
+
+// StoreOptions configure a Store. The zero value is a correct, fault-free,
+// unlimited store.
+type StoreOptions struct {
+	// Clock dates uploads for GC; nil means GC never finds anything stale.
+	Clock interface{ Now() time.Time }
+	// Faults decides injected failures; nil injects none.
+	Faults StoreFaults
+	// ObjectSizeMaxBytes bounds one blob or workspace (a quota); 0 means
+	// no limit.
+	ObjectSizeMaxBytes int64
+	// UploadTTL is how long an unfinished upload or an unreferenced
+	// workspace may sit idle before GC removes it (default 1 h).
+	UploadTTL time.Duration
+	Bugs      StoreBugs
+}
+
+const uploadTTLDefault = time.Hour
+
+// Store is the simulated package store: a teleport.Store with atomic
+// commit, orphaned uploads that GC removes, injectable faults at every call,
+// and a god's-eye view (Peek, Committed, CorruptAtRest) that the simulator's
+// checker reads without going through faults. Blobs are held in memory, so
+// it is for simulated (small) snapshots only.
+type Store struct {
+	opts StoreOptions
+
+	mu         sync.Mutex
+	pkgs       map[string]*object
+	workspaces map[string]*wsObject
+	uploads    []*writer // unfinished uploads, in creation order
+	version    uint64
+}
+
+type object struct {
+	manifest []byte // JSON, so callers never share our copy
+	blob     []byte
+	wsRef    string
+	version  uint64 // changes whenever the object does (commit, corruption)
+}
+
+type wsObject struct {
+	data []byte
+	at   time.Time
+}
+
+var (
+	_ teleport.Store            = (*Store)(nil)
+	_ teleport.GarbageCollector = (*Store)(nil)
+)
+
+// NewStore returns an empty simulated store.
+func NewStore(o StoreOptions) *Store {
+	if o.UploadTTL <= 0 {
+		o.UploadTTL = uploadTTLDefault
+	}
+	return &Store{opts: o, pkgs: map[string]*object{}, workspaces: map[string]*wsObject{}}
+}
+
+func (s *Store) now() time.Time {
+	if s.opts.Clock == nil {
+		return time.Time{}
+	}
+	return s.opts.Clock.Now()
+}
+
+// fault asks the hook about one call and turns Fail and Timeout into
+// errors; other outcomes are the caller's to act on.
+func (s *Store) fault(op StoreOp, id string, n int64) (StoreOutcome, error) {
+	if s.opts.Faults == nil {
+		return Proceed, nil
+	}
+	switch out := s.opts.Faults.StoreFault(op, id, n); out {
+	case Fail:
+		return out, fmt.Errorf("store %s %s: %w: %w", op, id, ErrInjected, teleport.ErrStore)
+	case Timeout:
+		return out, fmt.Errorf("store %s %s: no answer in time: %w: %w: %w", op, id, ErrInjected, context.DeadlineExceeded, teleport.ErrStore)
+	default:
+		return out, nil
+	}
+}
+
+// Create starts a package upload.
+func (s *Store) Create(ctx context.Context, id string) (teleport.Writer, error) {
+	if err := teleport.ValidateID(id); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if _, err := s.fault(StoreOpCreate, id, 0); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.pkgs[id]; ok {
+		return nil, fmt.Errorf("create package %s: %w", id, teleport.ErrAlreadyExists)
+	}
+	w := &writer{s: s, id: id, last: s.now()}
+	s.uploads = append(s.uploads, w)
+	return w, nil
+}
+
+type writer struct {
+	s       *Store
+	id      string
+	buf     []byte
+	done    bool
+	expired bool // GC removed the upload: nothing more can land
+	last    time.Time
+}
+
+func (w *writer) Write(p []byte) (int, error) {
+	if w.done {
+		return 0, fmt.Errorf("write package %s: %w", w.id, teleport.ErrCommitted)
+	}
+	if _, err := w.s.fault(StoreOpWrite, w.id, int64(len(p))); err != nil {
+		return 0, err
+	}
+	now := w.s.now()
+	w.s.mu.Lock()
+	defer w.s.mu.Unlock()
+	if w.expired {
+		return 0, fmt.Errorf("write package %s: the upload expired: %w", w.id, teleport.ErrStore)
+	}
+	if max := w.s.opts.ObjectSizeMaxBytes; max > 0 && int64(len(w.buf))+int64(len(p)) > max {
+		return 0, fmt.Errorf("write package %s: blob would exceed the %d-byte object limit: %w", w.id, max, teleport.ErrStore)
+	}
+	w.buf = append(w.buf, p...)
+	w.last = now
+	return len(p), nil
+}
+
+// Commit publishes the blob and manifest atomically: the object is built
+// completely, then inserted under the lock in one step.
+func (w *writer) Commit(ctx context.Context, m *teleport.Package) error {
+	if w.done {
+		return fmt.Errorf("commit package %s: %w", w.id, teleport.ErrCommitted)
+	}
+	w.done = true
+	s := w.s
+	s.mu.Lock()
+	expired, blob := w.expired, w.buf
+	s.mu.Unlock()
+	if expired {
+		return fmt.Errorf("commit package %s: the upload expired: %w", w.id, teleport.ErrStore)
+	}
+	if err := ctx.Err(); err != nil {
+		s.drop(w)
+		return fmt.Errorf("commit package %s: %w", w.id, err)
+	}
+	out, err := s.fault(StoreOpCommit, w.id, int64(len(blob)))
+	if err != nil {
+		if out == Fail {
+			s.drop(w) // refused: the store discarded the staged bytes
+		}
+		return err // a timeout leaves the staged upload as an orphan
+	}
+	sum := sha256.Sum256(blob)
+	hexSum := hex.EncodeToString(sum[:])
+	n := int64(len(blob))
+	if m.ID == "" {
+		m.ID = w.id
+	}
+	if m.ID != w.id {
+		s.drop(w)
+		return fmt.Errorf("commit package %s: manifest names %s: %w", w.id, m.ID, teleport.ErrInvalidPackage)
+	}
+	if (m.SizeBytes != 0 && m.SizeBytes != n) || (m.BlobSHA256 != "" && m.BlobSHA256 != hexSum) {
+		s.drop(w)
+		return fmt.Errorf("commit package %s: blob does not match manifest: %w", w.id, teleport.ErrChecksumMismatch)
+	}
+	m.SizeBytes, m.BlobSHA256 = n, hexSum
+	if err := m.Validate(); err != nil {
+		s.drop(w)
+		return err
+	}
+	mb, err := json.Marshal(m)
+	if err != nil {
+		s.drop(w)
+		return fmt.Errorf("commit package %s: %v: %w", w.id, err, teleport.ErrInvalidPackage)
+	}
+	if out == Interrupt {
+		cut := blob[:len(blob)/2]
+		if !s.opts.Bugs.PublishBeforeComplete {
+			// The transfer broke off: what arrived stays staged, invisible,
+			// until GC.
+			s.mu.Lock()
+			w.buf = cut
+			s.mu.Unlock()
+			return fmt.Errorf("commit package %s: transfer cut after %d of %d bytes: %w: %w", w.id, len(cut), n, ErrInjected, teleport.ErrStore)
+		}
+		// The planted bug: the manifest went up first, so the package is
+		// visible with half a blob.
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if _, ok := s.pkgs[w.id]; !ok {
+			s.version++
+			s.pkgs[w.id] = &object{manifest: mb, blob: bytes.Clone(cut), wsRef: m.WorkspaceRef, version: s.version}
+		}
+		s.dropLocked(w)
+		return fmt.Errorf("commit package %s: transfer cut after %d of %d bytes: %w: %w", w.id, len(cut), n, ErrInjected, teleport.ErrStore)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.dropLocked(w)
+	if _, ok := s.pkgs[w.id]; ok {
+		return fmt.Errorf("commit package %s: %w", w.id, teleport.ErrAlreadyExists)
+	}
+	s.version++
+	s.pkgs[w.id] = &object{manifest: mb, blob: blob, wsRef: m.WorkspaceRef, version: s.version}
+	w.buf = nil
+	if out == AckLost {
+		return fmt.Errorf("commit package %s: connection lost before the answer: %w: %w", w.id, ErrInjected, teleport.ErrStore)
+	}
+	return nil
+}
+
+// Abort discards the upload. Abort needs no answer from the store, so it is
+// never a fault point.
+func (w *writer) Abort(ctx context.Context) error {
+	if w.done {
+		return nil
+	}
+	w.done = true
+	w.s.drop(w)
+	return nil
+}
+
+func (s *Store) drop(w *writer) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.dropLocked(w)
+}
+
+func (s *Store) dropLocked(w *writer) {
+	for i, u := range s.uploads {
+		if u == w {
+			s.uploads = append(s.uploads[:i], s.uploads[i+1:]...)
+			w.buf = nil
+			return
+		}
+	}
+}
+
+type reader struct {
+	s    *Store
+	id   string
+	data []byte
+}
+
+func (r *reader) Size() int64  { return int64(len(r.data)) }
+func (r *reader) Close() error { return nil }
+
+func (r *reader) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("read package %s: negative offset %d: %w", r.id, off, teleport.ErrStore)
+	}
+	if _, err := r.s.fault(StoreOpRead, r.id, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if off >= int64(len(r.data)) {
+		return 0, io.EOF
+	}
+	n := copy(p, r.data[off:])
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+func (s *Store) get(op StoreOp, id string) (*object, error) {
+	if err := teleport.ValidateID(id); err != nil {
+		return nil, err
+	}
+	if _, err := s.fault(op, id, 0); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o, ok := s.pkgs[id]
+	if !ok {
+		return nil, fmt.Errorf("%s package %s: %w", op, id, teleport.ErrNotFound)
+	}
+	return o, nil
+}
+
+// Open returns random access to a committed blob.
+func (s *Store) Open(ctx context.Context, id string) (teleport.Reader, error) {
+	o, err := s.get(StoreOpOpen, id)
+	if err != nil {
+		return nil, err
+	}
+	// Objects are replaced, never changed in place, so the reader keeps a
+	// consistent view.
+	return &reader{s: s, id: id, data: o.blob}, nil
+}
+
+// Stat returns a copy of a committed manifest.
+func (s *Store) Stat(ctx context.Context, id string) (*teleport.Package, error) {
+	o, err := s.get(StoreOpStat, id)
+	if err != nil {
+		return nil, err
+	}
+	return decodeManifest(id, o.manifest)
+}
+
+func decodeManifest(id string, b []byte) (*teleport.Package, error) {
+	var m teleport.Package
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("package %s: manifest unreadable: %v: %w", id, err, teleport.ErrStore)
+	}
+	return &m, nil
+}
+
+// List returns every committed manifest, sorted by id.
+func (s *Store) List(ctx context.Context) ([]*teleport.Package, error) {
+	if _, err := s.fault(StoreOpList, "", 0); err != nil {
+		return nil, err
+	}
+	ids := s.Committed()
+	out := []*teleport.Package{}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, id := range ids {
+		m, err := decodeManifest(id, s.pkgs[id].manifest)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+// Delete removes a committed package.
+func (s *Store) Delete(ctx context.Context, id string) error {
+	if _, err := s.get(StoreOpDelete, id); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.pkgs[id]; !ok {
+		return fmt.Errorf("delete package %s: %w", id, teleport.ErrNotFound)
+	}
+	delete(s.pkgs, id)
+	return nil
+}
+
+// PutWorkspace stores a workspace blob of exactly size bytes, atomically.
+func (s *Store) PutWorkspace(ctx context.Context, ref string, r io.Reader, size int64) error {
+	if err := teleport.ValidateID(ref); err != nil {
+		return err
+	}
+	if size < 0 {
+		return fmt.Errorf("put workspace %s: negative size %d: %w", ref, size, teleport.ErrInvalidPackage)
+	}
+	if max := s.opts.ObjectSizeMaxBytes; max > 0 && size > max {
+		return fmt.Errorf("put workspace %s: %d bytes exceed the %d-byte object limit: %w", ref, size, max, teleport.ErrStore)
+	}
+	if _, err := s.fault(StoreOpPutWorkspace, ref, size); err != nil {
+		return err
+	}
+	b, err := io.ReadAll(io.LimitReader(r, size+1))
+	if err != nil {
+		return fmt.Errorf("put workspace %s: %v: %w", ref, err, teleport.ErrStore)
+	}
+	if int64(len(b)) != size {
+		return fmt.Errorf("put workspace %s: got %d bytes, expected %d: %w", ref, len(b), size, teleport.ErrInvalidPackage)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.workspaces[ref] = &wsObject{data: b, at: s.now()}
+	return nil
+}
+
+// GetWorkspace streams a workspace blob.
+func (s *Store) GetWorkspace(ctx context.Context, ref string) (io.ReadCloser, error) {
+	if err := teleport.ValidateID(ref); err != nil {
+		return nil, err
+	}
+	if _, err := s.fault(StoreOpGetWorkspace, ref, 0); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w, ok := s.workspaces[ref]
+	if !ok {
+		return nil, fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
+	}
+	return io.NopCloser(bytes.NewReader(w.data)), nil
+}
+
+// DeleteWorkspace removes a workspace blob.
+func (s *Store) DeleteWorkspace(ctx context.Context, ref string) error {
+	if err := teleport.ValidateID(ref); err != nil {
+		return err
+	}
+	if _, err := s.fault(StoreOpDeleteWorkspace, ref, 0); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.workspaces[ref]; !ok {
+		return fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
+	}
+	delete(s.workspaces, ref)
+	return nil
+}
+
+// GC removes uploads idle for UploadTTL (their writer crashed or walked
+// away) and workspaces that no committed package references and that are
+// at least UploadTTL old. It is the store's own lifecycle rule, so it is
+// never a fault point.
+func (s *Store) GC(ctx context.Context) (int, error) {
+	now := s.now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	removed := 0
+	kept := s.uploads[:0]
+	for _, u := range s.uploads {
+		if !u.last.Add(s.opts.UploadTTL).After(now) {
+			u.buf, u.expired = nil, true
+			removed++
+			continue
+		}
+		kept = append(kept, u)
+	}
+	s.uploads = kept
+	referenced := map[string]bool{}
+	for _, o := range s.pkgs {
+		if o.wsRef != "" {
+			referenced[o.wsRef] = true
+		}
+	}
+	refs := make([]string, 0, len(s.workspaces))
+	for ref := range s.workspaces {
+		refs = append(refs, ref)
+	}
+	sort.Strings(refs)
+	for _, ref := range refs {
+		if !referenced[ref] && !s.workspaces[ref].at.Add(s.opts.UploadTTL).After(now) {
+			delete(s.workspaces, ref)
+			removed++
+		}
+	}
+	return removed, nil
+}
+
+// The god's-eye view: what the checker reads, bypassing faults.
+
+// Committed returns the ids of committed packages, sorted.
+func (s *Store) Committed() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ids := make([]string, 0, len(s.pkgs))
+	for id := range s.pkgs {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return ids
+}
+
+// Object is a committed package as the store holds it.
+type Object struct {
+	Manifest []byte
+	Blob     []byte
+	// Version changes whenever the object does, so checks can be cached.
+	Version uint64
+}
+
+// Peek returns a committed package without faults. The slices must not be
+// modified.
+func (s *Store) Peek(id string) (Object, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o, ok := s.pkgs[id]
+	if !ok {
+		return Object{}, false
+	}
+	return Object{Manifest: o.manifest, Blob: o.blob, Version: o.version}, true
+}
+
+// PeekWorkspace returns a workspace without faults.
+func (s *Store) PeekWorkspace(ref string) ([]byte, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w, ok := s.workspaces[ref]
+	if !ok {
+		return nil, false
+	}
+	return w.data, true
+}
+
+// CorruptAtRest flips one bit of a committed blob (bit is taken modulo the
+// blob's length in bits) and returns the byte offset it hit.
+func (s *Store) CorruptAtRest(id string, bit uint64) (int64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o, ok := s.pkgs[id]
+	if !ok {
+		return 0, fmt.Errorf("corrupt package %s: %w", id, teleport.ErrNotFound)
+	}
+	if len(o.blob) == 0 {
+		return 0, fmt.Errorf("corrupt package %s: empty blob: %w", id, teleport.ErrInvalidPackage)
+	}
+	bit %= uint64(len(o.blob)) * 8
+	b := bytes.Clone(o.blob) // copy on write: open readers keep their view
+	b[bit/8] ^= 1 << (bit % 8)
+	s.version++
+	s.pkgs[id] = &object{manifest: o.manifest, blob: b, wsRef: o.wsRef, version: s.version}
+	return int64(bit / 8), nil
+}
+
+// PendingUploads counts unfinished uploads (in progress or orphaned).
+func (s *Store) PendingUploads() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.uploads)
+}
+
+// Workspaces counts stored workspaces.
+func (s *Store) Workspaces() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.workspaces)
+}
