@@ -105,7 +105,9 @@ func Explain(pkg *Package, t Target) []RuleResult {
 	}
 
 	// Host: Suspend always, and any payload its backend ties to one host.
-	hostBound := pkg.Kind == KindSuspend || (full && md.HostBound)
+	// A host-bound backend's snapshot is host-bound even if its metadata
+	// lost the flag (a VZ save file cannot be decrypted elsewhere).
+	hostBound := pkg.Kind == KindSuspend || (full && (md.HostBound || isHostBoundBackend(md.Backend)))
 	srcHost := pkg.SourceHostID
 	if srcHost == "" && md != nil {
 		srcHost = md.HostID
@@ -189,7 +191,11 @@ func ChooseKind(src, dst Target) (SnapshotKind, string) {
 	probe.Kind = KindTeleport
 	if _, err := Check(probe, dst); err != nil {
 		var re *RefusalError
-		if errors.As(err, &re) && re.Rule == RuleBaseImage {
+		// The base image rule binds checkpoints too, and it may hide
+		// behind an earlier refusal (another architecture as well).
+		cp := &Package{ID: probe.ID, AgentID: probe.AgentID, SourceArch: src.Arch, BaseImageVersion: src.BaseImageVersion,
+			SourceHostID: src.HostID, Kind: KindCheckpoint}
+		if _, cerr := Check(cp, dst); errors.As(cerr, &re) && re.Rule == RuleBaseImage {
 			return KindCheckpoint, "base image versions differ; a checkpoint cannot fix that either: " + re.Reason
 		}
 		reason := err.Error()
