@@ -181,7 +181,7 @@ func Check(pkg *Package, t Target) (warnings []string, err error) {
 func ChooseKind(src, dst Target) (SnapshotKind, string) {
 	probe := &Package{ID: "probe", AgentID: "probe", SourceArch: src.Arch, BaseImageVersion: src.BaseImageVersion,
 		SourceHostID: src.HostID, Kind: KindTeleport,
-		Snapshot: &vm.SnapshotMetadata{Backend: src.Backend, HostID: src.HostID, Compat: src.Compat, HostBound: isHostBoundBackend(src.Backend)}}
+		Snapshot: &vm.SnapshotMetadata{Backend: src.Backend, HostID: src.HostID, Compat: src.Compat, HostBound: src.HostBound || isHostBoundBackend(src.Backend)}}
 	if src.HostID != "" && src.HostID == dst.HostID {
 		probe.Kind = KindSuspend
 		if _, err := Check(probe, dst); err == nil {

@@ -75,3 +75,21 @@ func TestPackageValidate(t *testing.T) {
 		}
 	}
 }
+
+// A backend that declares its snapshots host-bound never gets Teleport to
+// another host, whatever its name.
+func TestChooseKindHonoursHostBound(t *testing.T) {
+	src := Target{Arch: ArchArm64, Backend: "sim", HostID: "mac-1", BaseImageVersion: "1.0.0", HostBound: true}
+	dst := src
+	dst.HostID = "mac-2"
+	if k, why := ChooseKind(src, dst); k != KindCheckpoint || !strings.Contains(why, "host") {
+		t.Fatalf("host-bound source to another host: %s (%s), want checkpoint", k, why)
+	}
+	src.HostBound, dst.HostBound = false, false
+	if k, _ := ChooseKind(src, dst); k != KindTeleport {
+		t.Fatalf("unbound source: %s, want teleport", k)
+	}
+	if k, _ := ChooseKind(src, src); k != KindSuspend {
+		t.Fatalf("same host: %s, want suspend", k)
+	}
+}

@@ -104,6 +104,9 @@ type HostInfo struct {
 	// Compat lists backend facts a full snapshot must match exactly to be
 	// restored here (hypervisor version, machine type, CPU model, ...).
 	Compat map[string]string
+	// HostBound: this backend's snapshots restore only on this host (an
+	// Apple VZ save file is encrypted with a key of the Mac that wrote it).
+	HostBound bool
 }
 
 // ExecOptions tunes one Exec call. Zero values mean "backend default".

@@ -73,7 +73,8 @@ func (systemClock) Now() time.Time { return time.Now() }
 // Host describes this backend on this host.
 func (f *Factory) Host() vm.HostInfo {
 	return vm.HostInfo{Arch: f.spec.Arch, Backend: f.spec.Backend, BackendVersion: f.spec.BackendVersion,
-		HostID: f.spec.HostID, BaseImageVersion: f.spec.BaseImageVersion, Compat: maps.Clone(f.spec.Compat)}
+		HostID: f.spec.HostID, BaseImageVersion: f.spec.BaseImageVersion, Compat: maps.Clone(f.spec.Compat),
+		HostBound: f.spec.HostBound}
 }
 
 // Spec returns the factory's spec.

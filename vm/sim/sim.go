@@ -96,7 +96,7 @@ func NewFactory(o Options) *Factory {
 // Host describes the simulated host.
 func (f *Factory) Host() vm.HostInfo {
 	return vm.HostInfo{Arch: f.opts.Arch, Backend: BackendName, BackendVersion: BackendVersion, HostID: f.opts.HostID,
-		BaseImageVersion: f.opts.BaseImageVersion, Compat: f.compat()}
+		BaseImageVersion: f.opts.BaseImageVersion, Compat: f.compat(), HostBound: f.opts.HostBound}
 }
 
 func (f *Factory) compat() map[string]string {
