@@ -68,6 +68,12 @@ type OutRequest struct {
 	Workspace vm.Payload
 }
 
+// ErrOutcomeUnknown: a commit failed, the store could not say whether it took
+// effect, and removing the package failed too. The source was resumed; the
+// package may still be visible. Check with `kelpie package show` and remove
+// it (or the source) so the agent runs in one place only.
+var ErrOutcomeUnknown = errors.New("package commit outcome unknown")
+
 // ErrSourceNotSettled: the package was committed, but the source VM could not
 // be resumed (copy) or stopped (move) afterwards. The package is valid.
 var ErrSourceNotSettled = errors.New("package committed but the source VM could not be settled")
@@ -277,7 +283,7 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, md vm.S
 				// The package may be committed, and it would need its
 				// workspace: keep it (GC removes it if it is an orphan).
 				wsRef = ""
-				return nil, fmt.Errorf("commit package %s: %w; its state is unknown and removing it failed: %v", id, err, derr)
+				return nil, fmt.Errorf("commit package %s: %v; removing it failed too (%v): %w", id, err, derr, ErrOutcomeUnknown)
 			}
 		}
 		return nil, fmt.Errorf("commit package %s: %w", id, err)

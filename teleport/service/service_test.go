@@ -162,7 +162,21 @@ func TestBackendMismatch(t *testing.T) {
 // reports failure (the lost acknowledgement).
 type faultyStore struct {
 	teleport.Store
-	failCreate, failCommit, loseAck bool
+	failCreate, failCommit, loseAck, failStat, failDelete bool
+}
+
+func (s *faultyStore) Stat(ctx context.Context, id string) (*teleport.Package, error) {
+	if s.failStat {
+		return nil, errInjected
+	}
+	return s.Store.Stat(ctx, id)
+}
+
+func (s *faultyStore) Delete(ctx context.Context, id string) error {
+	if s.failDelete {
+		return errInjected
+	}
+	return s.Store.Delete(ctx, id)
 }
 
 type faultyWriter struct {
@@ -340,5 +354,21 @@ func TestOutValidation(t *testing.T) {
 	stopped.Stop(ctx)
 	if _, err := a.svc.Out(ctx, stopped, service.OutRequest{AgentID: "a", Kind: teleport.KindTeleport}); !errors.Is(err, vm.ErrInvalidState) {
 		t.Errorf("teleport of a stopped VM: %v, want ErrInvalidState", err)
+	}
+}
+
+// A commit whose answer was lost, with the store unable to say or undo what
+// happened, is reported as such and the source keeps running.
+func TestOutUnknownOutcome(t *testing.T) {
+	ctx := context.Background()
+	fs := &faultyStore{Store: mem.New(), loseAck: true, failStat: true, failDelete: true}
+	a := newHost(fs, sim.Options{HostID: "a"})
+	src := running(t, a, map[string]string{"k": "v"})
+	_, err := a.svc.Out(ctx, src, service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport})
+	if !errors.Is(err, service.ErrOutcomeUnknown) {
+		t.Fatalf("Out: %v, want ErrOutcomeUnknown", err)
+	}
+	if src.State() != vm.StateRunning || guest(src)["k"] != "v" {
+		t.Fatalf("source %s after an unknown outcome", src.State())
 	}
 }
