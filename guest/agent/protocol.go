@@ -2,9 +2,10 @@
 // host-side Client and the in-guest Server (cmd/kelpie-agent).
 //
 // Transport: any byte stream; in production a virtio-serial port named
-// PortName, exposed on the host as a QEMU socket chardev. Messages are JSON
-// objects carried in checksummed frames (see frame.go); []byte fields are
-// base64 in JSON.
+// PortName, exposed on the host as a QEMU socket chardev, or connections to
+// AF_VSOCK port VsockPort (Server.Serve), each its own protocol session.
+// Messages are JSON objects carried in checksummed frames (see frame.go);
+// []byte fields are base64 in JSON.
 //
 // Every Request carries an ID; the matching Response echoes it. A client
 // ignores responses whose ID it is not waiting for, which makes responses to
@@ -28,6 +29,11 @@ const ProtocolVersion = 1
 // PortName is the virtio-serial port name the guest agent looks for
 // (-device virtserialport,name=org.kelpie.agent).
 const PortName = "org.kelpie.agent"
+
+// VsockPort is the AF_VSOCK port the guest agent also listens on, for hosts
+// whose channel to the guest is a virtio socket (Firecracker, Apple VZ).
+// It must equal vm/hostvm.AgentVsockPort.
+const VsockPort uint32 = 1024
 
 // Operation names.
 const (

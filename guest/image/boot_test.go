@@ -24,7 +24,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -73,7 +72,7 @@ func startVM(t *testing.T, cfg QEMUConfig) *vm {
 	v := &vm{t: t, cfg: cfg, exit: make(chan error, 1)}
 	v.cmd = exec.Command(cfg.BinaryPath(), args...)
 	v.cmd.Stdout, v.cmd.Stderr = &v.out, &v.out
-	v.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	v.cmd.SysProcAttr = qemuProcAttr()
 	t.Logf("starting %s %s", cfg.BinaryPath(), shellQuote(args))
 	if err := v.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -385,6 +384,24 @@ func TestBootPingExec(t *testing.T) {
 	if err != nil || p3.BootID != p.BootID || p3.AgentUptime > 5*time.Second {
 		t.Fatalf("after agent kill: %+v %v", p3, err)
 	}
+
+	// Each agent also listened on AF_VSOCK port 1024 (the respawned one
+	// after its predecessor's socket was released). This VM has no vsock
+	// device: the agent says so, and the serial port works regardless.
+	vsockLine := fmt.Sprintf("kelpie-agent: serving on vsock:any:%d", agent.VsockPort)
+	var console string
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		b, _ := os.ReadFile(v.cfg.ConsoleLog)
+		console = string(b)
+		if strings.Count(console, vsockLine) >= 2 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if strings.Count(console, vsockLine) != 2 || strings.Count(console, "kelpie-agent: vsock: no vsock device") != 2 ||
+		strings.Contains(console, "not serving on vsock") {
+		v.dumpConsole()
+		t.Errorf("console: want two agent starts, each listening on vsock port %d and reporting no vsock device", agent.VsockPort)
+	}
 	v.quit()
 }
 
@@ -538,8 +555,13 @@ func TestSnapshotRestore(t *testing.T) {
 		if _, err := c2.ReadFile(ctx, "/tmp/partial-frame-ran"); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("the partial request frame was executed (err %v)", err)
 		}
-		if st := c2.Stats(); st.StaleResponses != 1 {
-			t.Errorf("stale responses = %d, want 1 (the in-flight exec)", st.StaleResponses)
+		// The in-flight exec's response is stale. So is the late answer to
+		// any ping WaitReady gave up on (its first try waits 250 ms, which
+		// a restore on a loaded host can exceed).
+		if st := c2.Stats(); st.StaleResponses < 1 {
+			t.Errorf("stale responses = %d, want at least 1 (the in-flight exec)", st.StaleResponses)
+		} else if st.StaleResponses > 1 {
+			t.Logf("stale responses = %d: the in-flight exec and late pings", st.StaleResponses)
 		}
 		if r, err := c2.Exec(ctx, agent.ExecRequest{Cmd: "echo", Args: []string{"moved"}}); err != nil || string(r.Stdout) != "moved\n" {
 			t.Errorf("exec after restore: %+v %v", r, err)

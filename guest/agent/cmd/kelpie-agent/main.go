@@ -1,7 +1,13 @@
 // Command kelpie-agent is the Kelpie guest agent. It runs inside the VM
 // (started and respawned by busybox init, see guest/image/rootfs/etc/inittab)
 // and serves the agent protocol on the virtio-serial port named
-// org.kelpie.agent.
+// org.kelpie.agent (QEMU) and on AF_VSOCK port 1024 (agent.VsockPort) of
+// any CID, for VMs with a vsock device (Firecracker, Apple VZ). Each vsock
+// connection is its own protocol session; several may be served at once,
+// alongside the serial port. If the kernel refuses the vsock listener (no
+// AF_VSOCK), the agent logs that once and serves virtio-serial alone. With
+// the vsock modules loaded but no device, listening succeeds and the
+// listener stays idle; the startup log says which case applies.
 //
 // The port reads EOF while no host is connected (before the host connects,
 // between connections, and right after the VM was restored from a snapshot
@@ -19,6 +25,8 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"math"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -31,6 +39,7 @@ func main() {
 	port := flag.String("port", "", "device to serve on (default: find the virtio-serial port by -name)")
 	name := flag.String("name", agent.PortName, "virtio-serial port name to look for")
 	workdir := flag.String("workdir", "", "default exec working directory")
+	vsockPort := flag.Uint("vsock-port", uint(agent.VsockPort), "AF_VSOCK port to serve on as well (0 = none)")
 	version := flag.Bool("version", false, "print version and exit")
 	flag.Parse()
 	if *version {
@@ -52,6 +61,14 @@ func main() {
 	})
 	ctx := context.Background()
 	log.Printf("version %s starting", agent.Version)
+
+	if *vsockPort > 0 && *vsockPort < math.MaxUint32 {
+		p := uint32(*vsockPort)
+		log.Print(vsockStatus())
+		go serveListener(ctx, srv, "vsock", func() (net.Listener, error) { return listenVsock(p) }, log.Printf)
+	} else if *vsockPort != 0 {
+		log.Printf("-vsock-port %d out of range; not serving on vsock", *vsockPort)
+	}
 
 	for attempt := 0; ; attempt++ {
 		path := *port
@@ -97,6 +114,59 @@ func serve(ctx context.Context, srv *agent.Server, f *os.File) {
 		log.Printf("read %s: %v; reopening", f.Name(), err)
 		time.Sleep(100 * time.Millisecond)
 		return
+	}
+}
+
+// Pauses before listening again after a listener failed.
+const (
+	relistenBackoffMin = 100 * time.Millisecond
+	relistenBackoffMax = 5 * time.Second
+	// A listener that served this long resets the backoff.
+	relistenHealthy = 10 * time.Second
+)
+
+// serveListener serves srv on a listener from listen (what names it in
+// logs) until ctx ends, alongside the virtio-serial port. If the first
+// listen fails (for vsock: the kernel has no AF_VSOCK or no vsock
+// transport), it logs that once and returns the error; the caller carries
+// on without it. A listener that worked and then failed is replaced, with
+// backoff, logging the first failure of a streak.
+func serveListener(ctx context.Context, srv *agent.Server, what string, listen func() (net.Listener, error), logf func(string, ...any)) error {
+	ln, err := listen()
+	if err != nil {
+		logf("not serving on %s: %v", what, err)
+		return err
+	}
+	failures := 0
+	for {
+		logf("serving on %s", ln.Addr())
+		start := time.Now()
+		err := srv.Serve(ctx, ln)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if time.Since(start) > relistenHealthy {
+			failures = 0
+		}
+		if failures == 0 {
+			logf("%s: %v; listening again", what, err)
+		}
+		for {
+			t := time.NewTimer(backoff(failures, relistenBackoffMin, relistenBackoffMax))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return ctx.Err()
+			case <-t.C:
+			}
+			failures++
+			if ln, err = listen(); err == nil {
+				break
+			}
+			if failures == 1 {
+				logf("%s: listen: %v; retrying", what, err)
+			}
+		}
 	}
 }
 
