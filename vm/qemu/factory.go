@@ -1,0 +1,457 @@
+// Package qemu is the QEMU backend of the VM contract: each VM is a QEMU
+// process (microvm, guest RAM in a shared file on tmpfs, the Kelpie guest
+// image, the guest agent on a virtio-serial port) with an instance
+// directory under $KELPIE_HOME/vms/NAME, so separate kelpie invocations can
+// find and drive it. Snapshots are QEMU migration streams: split (device
+// state + sparse guest RAM, the default) or single (RAM inside the stream).
+//
+// It never reads a whole snapshot into memory, never modifies a snapshot's
+// payloads, and never leaves a QEMU process it started without a record of
+// it in the instance directory.
+package qemu
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/kelpie/teleport/guest/image"
+	"github.com/kelpie/teleport/vm"
+)
+
+// Backend identity recorded in snapshots.
+const (
+	BackendName = "qemu"
+	// machineType is the QEMU machine every VM uses.
+	machineType = "microvm"
+	// deviceSet names the devices a VM has; source and destination of a
+	// migration must agree on it. Bump the suffix when the device list in
+	// qemuArgs changes.
+	deviceSet = "kelpie-microvm-1:isa-serial,rtc,virtio-serial-device,virtserialport=" + image.AgentPortName
+	// binaryDefault is the QEMU system emulator for x86_64 guests.
+	binaryDefault = "qemu-system-x86_64"
+	// bootTimeoutDefault bounds a boot when the caller's context has no
+	// deadline: TCG boots take 3-10 s on a busy 2-core host.
+	bootTimeoutDefault = 2 * time.Minute
+)
+
+// Options configure a Factory.
+type Options struct {
+	// Home is $KELPIE_HOME; instances live in Home/vms.
+	Home string
+	// HostID identifies this host in snapshots (Suspend restores only here).
+	HostID string
+	// Binary is the QEMU binary (default qemu-system-x86_64 from PATH).
+	Binary string
+	// ImageDir holds vmlinux, initramfs.cpio.gz and manifest.json
+	// (default: the current image from `kelpie image build`).
+	ImageDir string
+	// Accel is auto (default), kvm or tcg.
+	Accel Accel
+	// Layout of snapshots: split (default) or single.
+	Layout vm.Layout
+	// BaseImageVersion overrides the image manifest's version.
+	BaseImageVersion string
+	// RAMDir holds guest RAM files (default: /dev/shm when it is a
+	// tmpfs, else each instance directory). "-" means the instance
+	// directory.
+	RAMDir string
+}
+
+// ramDirDefault is where guest RAM lives: a tmpfs. Guest RAM in a file on
+// a disk filesystem is written back to the disk every few seconds for
+// nothing, and freeing it when a VM stops costs ~100 ms of filesystem work;
+// on tmpfs it is plain shared memory that is still a file, so split
+// snapshots and restores work the same. The instance directory holds a
+// symlink to it.
+const ramDirDefault = "/dev/shm"
+
+// stagingSuffix names a RAM file being staged for a restore.
+const stagingSuffix = ".staging"
+
+// Factory creates and finds QEMU VMs of one Kelpie home.
+type Factory struct {
+	opts        Options
+	qemuVersion string
+	accel       Accel
+	accelWhy    string
+	cpu         string
+	tscKHz      int
+	imageVer    string
+}
+
+var _ vm.Factory = (*Factory)(nil)
+
+// NewFactory checks QEMU and the guest image, and settles the accelerator
+// (probing KVM once per host when Accel is auto).
+func NewFactory(ctx context.Context, o Options) (*Factory, error) {
+	if o.Home == "" {
+		return nil, fmt.Errorf("qemu: home directory is empty: %w", vm.ErrInvalidConfig)
+	}
+	if o.Binary == "" {
+		o.Binary = binaryDefault
+	}
+	bin, err := exec.LookPath(o.Binary)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: %s not found (run `kelpie image build` or scripts/setup-qemu.sh): %w", o.Binary, vm.ErrUnsupported)
+	}
+	o.Binary = bin
+	if o.ImageDir == "" {
+		dir, err := image.CurrentDir()
+		if err != nil {
+			return nil, fmt.Errorf("qemu: %v (run `kelpie image build`): %w", err, vm.ErrUnsupported)
+		}
+		o.ImageDir = dir
+	}
+	if o.Layout == "" {
+		o.Layout = vm.LayoutSplit
+	}
+	if o.Layout != vm.LayoutSplit && o.Layout != vm.LayoutSingle {
+		return nil, fmt.Errorf("qemu: snapshot layout %q (want split or single): %w", o.Layout, vm.ErrInvalidConfig)
+	}
+	if o.Accel == "" {
+		o.Accel = AccelAuto
+	}
+	switch {
+	case o.RAMDir == "-":
+		o.RAMDir = ""
+	case o.RAMDir == "" && isTmpfs(ramDirDefault):
+		o.RAMDir = ramDirDefault
+	}
+	f := &Factory{opts: o}
+	if f.imageVer = o.BaseImageVersion; f.imageVer == "" {
+		m, err := image.LoadManifest(o.ImageDir)
+		if err != nil {
+			return nil, fmt.Errorf("qemu: guest image %s: %w", o.ImageDir, err)
+		}
+		f.imageVer = m.Version
+	}
+	if f.qemuVersion, err = qemuVersion(ctx, bin); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(o.Home, "vms"), 0o755); err != nil {
+		return nil, fmt.Errorf("qemu: %w", err)
+	}
+	removeOrphanSnapshots(f.tmpDir())
+	f.removeOrphanRAM()
+	in := accelInputs{home: o.Home, binary: bin, qemuVersion: f.qemuVersion,
+		kernel: filepath.Join(o.ImageDir, image.VmlinuxFile), initrd: filepath.Join(o.ImageDir, image.InitramfsFile)}
+	if f.accel, f.accelWhy, err = resolveAccel(ctx, in, o.Accel); err != nil {
+		return nil, err
+	}
+	f.cpu = cpuFor(f.accel)
+	if f.accel == AccelTCG {
+		// microvm under TCG hangs in a third of boots calibrating the TSC
+		// unless told its frequency.
+		if f.tscKHz, err = image.HostTSCKHz(); err != nil {
+			return nil, fmt.Errorf("qemu: host TSC frequency: %w", err)
+		}
+	}
+	return f, nil
+}
+
+// isTmpfs reports whether dir is a writable tmpfs.
+func isTmpfs(dir string) bool {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil || st.Type != tmpfsMagic {
+		return false
+	}
+	return syscall.Access(dir, 2 /* W_OK */) == nil
+}
+
+const tmpfsMagic = 0x01021994
+
+var qemuVersionRE = regexp.MustCompile(`version (\d+\.\d+\.\d+)`)
+
+func qemuVersion(ctx context.Context, bin string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bin, "--version").Output()
+	if err != nil {
+		return "", fmt.Errorf("qemu: %s --version: %v: %w", bin, err, vm.ErrUnsupported)
+	}
+	m := qemuVersionRE.FindSubmatch(out)
+	if m == nil {
+		return "", fmt.Errorf("qemu: cannot read the version from %q: %w", strings.TrimSpace(string(out)), vm.ErrUnsupported)
+	}
+	return string(m[1]), nil
+}
+
+// cpuFor is the CPU model for an accelerator. Under KVM the guest sees the
+// host CPU, so the model name is part of what a restore must match.
+func cpuFor(a Accel) string {
+	if a == AccelKVM {
+		return "host:" + cpuModel()
+	}
+	return "qemu64"
+}
+
+// Accel reports the accelerator this factory uses and why.
+func (f *Factory) Accel() (Accel, string) { return f.accel, f.accelWhy }
+
+// Home is the factory's Kelpie home.
+func (f *Factory) Home() string { return f.opts.Home }
+
+// QEMUVersion is the QEMU version, "7.2.22".
+func (f *Factory) QEMUVersion() string { return f.qemuVersion }
+
+// Host describes this host and backend for restore rules.
+func (f *Factory) Host() vm.HostInfo {
+	return vm.HostInfo{Arch: vm.HostArchitecture(), Backend: BackendName, BackendVersion: f.qemuVersion,
+		HostID: f.opts.HostID, BaseImageVersion: f.imageVer, Compat: compat(f.qemuVersion, f.accel, f.cpu)}
+}
+
+// compat lists the facts a snapshot and the restoring host must share.
+func compat(qemuVersion string, a Accel, cpu string) map[string]string {
+	return map[string]string{
+		"qemu_version":  qemuVersion,
+		"machine":       machineType,
+		"cpu":           cpu,
+		"accel":         string(a),
+		"devices":       deviceSet,
+		"memory_format": memFormat,
+	}
+}
+
+func (f *Factory) vmsDir() string { return filepath.Join(f.opts.Home, "vms") }
+
+// tmpDir holds snapshots' payload files until they are closed: the RAM
+// directory when there is one (writing a memory section to tmpfs is
+// several times faster than to a disk filesystem), else $KELPIE_HOME/tmp.
+func (f *Factory) tmpDir() string {
+	if f.opts.RAMDir != "" {
+		return f.opts.RAMDir
+	}
+	return filepath.Join(f.opts.Home, "tmp")
+}
+
+// snapDirPrefix names snapshot directories; the pid of the kelpie that
+// made one lets a later kelpie remove those whose owner died.
+func snapDirPrefix(pid int) string { return fmt.Sprintf("kelpie-snap-%d-", pid) }
+
+// ramPrefix names this home's RAM files: one name per home and VM, since
+// two homes on one machine are two hosts and may have VMs of one name.
+func (f *Factory) ramPrefix() string {
+	h := sha256.Sum256([]byte(f.opts.Home))
+	return fmt.Sprintf("kelpie-%x-", h[:6])
+}
+
+// removeOrphanRAM deletes this home's RAM files whose instance directory
+// is gone (removed by hand): on tmpfs they would hold memory forever.
+func (f *Factory) removeOrphanRAM() {
+	if f.opts.RAMDir == "" {
+		return
+	}
+	ents, _ := os.ReadDir(f.opts.RAMDir)
+	for _, e := range ents {
+		rest, ok := strings.CutPrefix(e.Name(), f.ramPrefix())
+		if !ok {
+			continue
+		}
+		name, _, _ := strings.Cut(rest, ".mem")
+		if _, err := os.Stat(f.instDir(name)); errors.Is(err, fs.ErrNotExist) {
+			os.Remove(filepath.Join(f.opts.RAMDir, e.Name()))
+		}
+	}
+}
+
+// removeOrphanSnapshots deletes snapshot directories of dead processes:
+// in a RAM directory they hold memory until removed.
+func removeOrphanSnapshots(dir string) {
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		rest, ok := strings.CutPrefix(e.Name(), "kelpie-snap-")
+		if !ok || !e.IsDir() {
+			continue
+		}
+		pidStr, _, _ := strings.Cut(rest, "-")
+		pid, err := strconv.Atoi(pidStr)
+		if err != nil || pid <= 0 || syscall.Kill(pid, 0) == nil || !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
+			continue
+		}
+		os.RemoveAll(filepath.Join(dir, e.Name()))
+	}
+}
+func (f *Factory) instDir(name string) string { return filepath.Join(f.vmsDir(), name) }
+
+// Create makes a new instance (state Created) and its directory.
+func (f *Factory) Create(ctx context.Context, cfg vm.Config) (vm.Instance, error) {
+	return f.create(ctx, cfg)
+}
+
+func (f *Factory) create(ctx context.Context, cfg vm.Config) (*Instance, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if cfg.Name == "" {
+		var b [4]byte
+		rand.Read(b[:])
+		cfg.Name = "vm-" + hex.EncodeToString(b[:])
+	}
+	if err := f.completeConfig(&cfg); err != nil {
+		return nil, err
+	}
+	dir := f.instDir(cfg.Name)
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return nil, fmt.Errorf("vm %s: %w", cfg.Name, vm.ErrAlreadyExists)
+		}
+		return nil, fmt.Errorf("vm %s: create directory: %w", cfg.Name, err)
+	}
+	rec := instanceRecord{Name: cfg.Name, Config: cfg, Accel: f.accel, CPU: f.cpu, Machine: machineType,
+		TSCKHz: f.tscKHz, Binary: f.opts.Binary, Layout: f.opts.Layout, QEMUVersion: f.qemuVersion,
+		HostID: f.opts.HostID, BaseImageVersion: f.imageVer, CreatedAt: time.Now().UTC()}
+	if f.opts.RAMDir != "" {
+		rec.RAMPath = filepath.Join(f.opts.RAMDir, f.ramPrefix()+cfg.Name+".mem")
+		os.Remove(rec.RAMPath) // a leftover of a VM of this name whose directory was deleted by hand
+		os.Symlink(rec.RAMPath, filepath.Join(dir, memFile))
+	}
+	v := &Instance{f: f, dir: dir, rec: rec, run: runRecord{State: vm.StateCreated.String()}}
+	if err := v.saveRecord(); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	if err := v.saveRun(); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	return v, nil
+}
+
+// completeConfig validates cfg and fills in the guest image's kernel and
+// initramfs.
+func (f *Factory) completeConfig(cfg *vm.Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if cfg.Network == vm.NetworkUser {
+		return fmt.Errorf("vm %s: network %q: the Kelpie guest image has no network driver: %w", cfg.Name, cfg.Network, vm.ErrUnsupported)
+	}
+	if cfg.RootDisk != "" {
+		return fmt.Errorf("vm %s: root disks: the qemu backend boots the Kelpie initramfs only: %w", cfg.Name, vm.ErrUnsupported)
+	}
+	if cfg.Kernel == "" {
+		cfg.Kernel = filepath.Join(f.opts.ImageDir, image.VmlinuxFile)
+	}
+	if cfg.Initrd == "" {
+		cfg.Initrd = filepath.Join(f.opts.ImageDir, image.InitramfsFile)
+	}
+	if cfg.BaseImageVersion == "" {
+		cfg.BaseImageVersion = f.imageVer
+	}
+	if err := cfg.RequireBoot(); err != nil {
+		return err
+	}
+	for _, p := range []string{cfg.Kernel, cfg.Initrd} {
+		if _, err := os.Stat(p); err != nil {
+			return fmt.Errorf("vm %s: %v: %w", cfg.Name, err, vm.ErrInvalidConfig)
+		}
+	}
+	return nil
+}
+
+// CreateFromSnapshot makes an instance and restores snap into it; it is
+// Paused on success. Memory size and vCPUs come from the snapshot when cfg
+// leaves them zero. On failure nothing is left behind.
+func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *vm.Snapshot) (vm.Instance, error) {
+	if snap == nil {
+		return nil, fmt.Errorf("restore: no snapshot: %w", vm.ErrInvalidConfig)
+	}
+	if cfg.MemoryMiB == 0 {
+		cfg.MemoryMiB = snap.Metadata.MemoryMiB
+	}
+	if cfg.VCPUs == 0 {
+		cfg.VCPUs = snap.Metadata.VCPUCount
+	}
+	// Refuse a foreign snapshot before anything is created.
+	if err := f.checkSnapshot(snap.Metadata, cfg, compat(f.qemuVersion, f.accel, f.cpu)); err != nil {
+		return nil, err
+	}
+	v, err := f.create(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := v.Restore(ctx, snap); err != nil {
+		v.Destroy(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	return v, nil
+}
+
+// Open finds an existing instance by name.
+func (f *Factory) Open(ctx context.Context, name string) (*Instance, error) {
+	if err := vm.ValidateName(name); err != nil {
+		return nil, err
+	}
+	dir := f.instDir(name)
+	b, err := os.ReadFile(filepath.Join(dir, recordFile))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("vm %s: %w", name, vm.ErrNotFound)
+		}
+		return nil, fmt.Errorf("vm %s: %w", name, err)
+	}
+	v := &Instance{f: f, dir: dir}
+	if err := json.Unmarshal(b, &v.rec); err != nil {
+		return nil, fmt.Errorf("vm %s: %s is unreadable: %v: %w", name, recordFile, err, vm.ErrCorrupt)
+	}
+	if err := v.loadRun(); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// InstanceInfo is one line of `kelpie vm ls`.
+type InstanceInfo struct {
+	Name      string    `json:"name"`
+	State     string    `json:"state"`
+	PID       int       `json:"pid,omitempty"`
+	VCPUs     int       `json:"vcpus"`
+	MemoryMiB int       `json:"memory_mib"`
+	Accel     Accel     `json:"accel"`
+	Dir       string    `json:"dir"`
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// List describes every instance of this home, sorted by name.
+func (f *Factory) List(ctx context.Context) ([]InstanceInfo, error) {
+	ents, err := os.ReadDir(f.vmsDir())
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return []InstanceInfo{}, nil
+		}
+		return nil, err
+	}
+	out := []InstanceInfo{}
+	for _, e := range ents {
+		if !e.IsDir() {
+			continue
+		}
+		v, err := f.Open(ctx, e.Name())
+		if err != nil {
+			continue // a directory being created or removed right now
+		}
+		info := InstanceInfo{Name: v.rec.Name, State: v.State().String(), VCPUs: v.rec.Config.VCPUs,
+			MemoryMiB: v.rec.Config.MemoryMiB, Accel: v.rec.Accel, Dir: v.dir, CreatedAt: v.rec.CreatedAt}
+		if v.run.Proc != nil && v.run.Proc.alive() {
+			info.PID = v.run.Proc.PID
+		}
+		out = append(out, info)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
