@@ -25,7 +25,7 @@ func cmdPackage(ctx context.Context, e *env, args []string) error {
 	}
 	sub := args[0]
 	fs := newFlags(e, "package "+sub)
-	storeSpec := fs.String("store", "", storeFlagHelp)
+	storeF := addStoreFlags(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	var here *bool
 	if sub == "show" {
@@ -35,7 +35,7 @@ func cmdPackage(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	st, err := openStore(ctx, e, *storeSpec)
+	st, err := storeF.open(ctx, e, *asJSON && sub == "verify")
 	if err != nil {
 		return err
 	}

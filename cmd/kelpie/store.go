@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"path/filepath"
 	"strings"
 
@@ -31,3 +32,28 @@ func openStore(ctx context.Context, e *env, spec string) (teleport.Store, error)
 }
 
 const storeFlagHelp = "package store: a directory or s3://bucket/prefix (default $KELPIE_HOME/packages)"
+
+// storeFlags are the flags of every command that takes --store: the store
+// itself and the S3 settings that may go with it.
+type storeFlags struct {
+	spec *string
+	s3   *s3Flags
+}
+
+func addStoreFlags(fs *flag.FlagSet) *storeFlags {
+	return &storeFlags{spec: fs.String("store", "", storeFlagHelp), s3: addS3Flags(fs)}
+}
+
+// open opens the store; with progress, big uploads and downloads report
+// progress on stderr (a bar on a terminal, JSON lines when progressJSON).
+func (f *storeFlags) open(ctx context.Context, e *env, progressJSON bool) (teleport.Store, error) {
+	spec, err := f.s3.storeSpec(*f.spec)
+	if err != nil {
+		return nil, err
+	}
+	st, err := openStore(ctx, e, spec)
+	if err != nil {
+		return nil, err
+	}
+	return withProgress(e, st, progressJSON), nil
+}

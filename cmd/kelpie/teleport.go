@@ -41,7 +41,8 @@ func cmdTeleport(ctx context.Context, e *env, args []string) error {
 // removed once the package is committed, and resumed if anything fails.
 func teleportOut(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "teleport out")
-	storeSpec := fs.String("store", "", storeFlagHelp)
+	storeF := addStoreFlags(fs)
+	progressJSON := fs.Bool("json", false, "report upload progress as JSON lines on stderr")
 	kindFlag := fs.String("kind", "teleport", "teleport, suspend, checkpoint or auto (choose for the target)")
 	keep := fs.Bool("keep-source", false, "copy: keep the source VM running")
 	agentID := fs.String("agent-id", "", "agent id recorded in the package (default: the VM name)")
@@ -67,7 +68,7 @@ func teleportOut(ctx context.Context, e *env, args []string) error {
 			return usagef("--target-* flags only go with --kind auto")
 		}
 	}
-	st, err := openStore(ctx, e, *storeSpec)
+	st, err := storeF.open(ctx, e, *progressJSON)
 	if err != nil {
 		return err
 	}
@@ -178,7 +179,8 @@ func archiveWorkspace(ctx context.Context, e *env, inst *qemu.Instance) (vm.Payl
 // teleportIn restores a package as a new VM of this host.
 func teleportIn(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "teleport in")
-	storeSpec := fs.String("store", "", storeFlagHelp)
+	storeF := addStoreFlags(fs)
+	progressJSON := fs.Bool("json", false, "report download progress as JSON lines on stderr")
 	name := fs.String("name", "", "name of the new VM")
 	accel := fs.String("accel", "", "accelerator: auto, kvm or tcg (default $KELPIE_ACCEL or auto)")
 	mem := fs.Int("memory", 0, "guest memory in MiB (a checkpoint's fresh VM; default 256; full VMs keep theirs)")
@@ -191,7 +193,7 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 1 || *name == "" {
 		return usagef("usage: %s", teleportUsage)
 	}
-	st, err := openStore(ctx, e, *storeSpec)
+	st, err := storeF.open(ctx, e, *progressJSON)
 	if err != nil {
 		return err
 	}
