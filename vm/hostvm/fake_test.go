@@ -8,12 +8,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
 
 	"github.com/kelpie/teleport/vm"
+	"github.com/kelpie/teleport/vm/sim"
 )
 
 // fakeDriver is a hypervisor in memory: its guest is a small key-value
@@ -85,7 +85,10 @@ type fakeState struct {
 // save writes the snapshot files for the driver's layout: split puts the
 // device state and the RAM in two files, single puts both in one.
 func (d *fakeDriver) save(kv map[string]string, f Files) error {
-	mem := encodeKV(kv, d.memBytes)
+	mem, err := sim.EncodeMemory(kv, d.memBytes)
+	if err != nil {
+		return err
+	}
 	state, _ := json.Marshal(fakeState{Magic: fakeStateMagic, Keys: len(kv)})
 	switch d.layout {
 	case vm.LayoutSplit:
@@ -148,62 +151,12 @@ func (d *fakeDriver) load(f Files) (map[string]string, error) {
 	if len(mem) != d.memBytes {
 		return nil, fmt.Errorf("fake: memory is %d bytes, want %d", len(mem), d.memBytes)
 	}
-	kv, err := decodeKV(mem)
+	kv, err := sim.DecodeMemory(mem)
 	if err != nil {
 		return nil, err
 	}
 	if len(kv) != st.Keys {
 		return nil, errors.New("fake: state and memory disagree")
-	}
-	return kv, nil
-}
-
-func encodeKV(kv map[string]string, size int) []byte {
-	keys := make([]string, 0, len(kv))
-	for k := range kv {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	var b bytes.Buffer
-	binary.Write(&b, binary.LittleEndian, uint32(len(keys)))
-	for _, k := range keys {
-		binary.Write(&b, binary.LittleEndian, uint32(len(k)))
-		b.WriteString(k)
-		binary.Write(&b, binary.LittleEndian, uint32(len(kv[k])))
-		b.WriteString(kv[k])
-	}
-	out := make([]byte, size)
-	copy(out, b.Bytes())
-	return out
-}
-
-func decodeKV(mem []byte) (map[string]string, error) {
-	bad := errors.New("fake: memory image malformed")
-	if len(mem) < 4 {
-		return nil, bad
-	}
-	n := binary.LittleEndian.Uint32(mem)
-	p := mem[4:]
-	next := func() (string, bool) {
-		if len(p) < 4 {
-			return "", false
-		}
-		l := binary.LittleEndian.Uint32(p)
-		if uint64(l) > uint64(len(p)-4) {
-			return "", false
-		}
-		s := string(p[4 : 4+l])
-		p = p[4+l:]
-		return s, true
-	}
-	kv := map[string]string{}
-	for i := uint32(0); i < n; i++ {
-		k, ok1 := next()
-		v, ok2 := next()
-		if !ok1 || !ok2 {
-			return nil, bad
-		}
-		kv[k] = v
 	}
 	return kv, nil
 }

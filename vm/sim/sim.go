@@ -363,22 +363,37 @@ func sortedKeys(m map[string]string) []string {
 	return ks
 }
 
-// encodeMemory lays the key-value state out as guest RAM bytes:
-// "SIMM" | u32 count | (u32 len, key, u32 len, value)* | zero padding.
+// encodeMemory is the guest's current RAM image, unpadded.
 func (v *VM) encodeMemory() []byte {
-	var b bytes.Buffer
-	b.WriteString(memMagic)
-	binary.Write(&b, binary.LittleEndian, uint32(len(v.kv)))
-	for _, k := range sortedKeys(v.kv) {
-		binary.Write(&b, binary.LittleEndian, uint32(len(k)))
-		b.WriteString(k)
-		binary.Write(&b, binary.LittleEndian, uint32(len(v.kv[k])))
-		b.WriteString(v.kv[k])
-	}
-	return b.Bytes()
+	b, _ := EncodeMemory(v.kv, 0)
+	return b
 }
 
-func decodeMemory(mem []byte) (map[string]string, error) {
+// EncodeMemory lays a key-value guest state out as RAM bytes:
+// "SIMM" | u32 count | (u32 len, key, u32 len, value)* in key order, zero
+// padded to size bytes (size 0: no padding). It is the memory format of
+// every simulated or fake guest, so they agree on what "guest state" is.
+func EncodeMemory(kv map[string]string, size int) ([]byte, error) {
+	var b bytes.Buffer
+	b.WriteString(memMagic)
+	binary.Write(&b, binary.LittleEndian, uint32(len(kv)))
+	for _, k := range sortedKeys(kv) {
+		binary.Write(&b, binary.LittleEndian, uint32(len(k)))
+		b.WriteString(k)
+		binary.Write(&b, binary.LittleEndian, uint32(len(kv[k])))
+		b.WriteString(kv[k])
+	}
+	if size > 0 {
+		if b.Len() > size {
+			return nil, fmt.Errorf("guest memory image of %d bytes exceeds the %d-byte RAM: %w", b.Len(), size, vm.ErrCrashed)
+		}
+		b.Write(make([]byte, size-b.Len()))
+	}
+	return b.Bytes(), nil
+}
+
+// DecodeMemory parses an EncodeMemory image; anything else is ErrCorrupt.
+func DecodeMemory(mem []byte) (map[string]string, error) {
 	bad := fmt.Errorf("guest memory image is malformed: %w", vm.ErrCorrupt)
 	if len(mem) < 8 || string(mem[:4]) != memMagic {
 		return nil, bad
@@ -426,8 +441,10 @@ func (v *VM) Snapshot(ctx context.Context) (*vm.Snapshot, error) {
 	if err := v.transition(ctx, vm.OpSnapshot); err != nil {
 		return nil, err
 	}
-	mem := make([]byte, v.f.opts.MemoryBytes)
-	copy(mem, v.encodeMemory())
+	mem, err := EncodeMemory(v.kv, v.f.opts.MemoryBytes)
+	if err != nil {
+		return nil, fmt.Errorf("vm %s: snapshot: %w", v.id, err)
+	}
 	cpu, _ := json.Marshal(cpuState{VMID: v.id, Execs: v.execs})
 	var state, memory []byte
 	if v.f.opts.Layout == vm.LayoutSingle {
@@ -522,7 +539,7 @@ func (v *VM) Restore(ctx context.Context, snap *vm.Snapshot) error {
 	if err := json.Unmarshal(cpu, &cs); err != nil {
 		return fmt.Errorf("vm %s: device state unreadable: %w", v.id, vm.ErrCorrupt)
 	}
-	kv, err := decodeMemory(mem)
+	kv, err := DecodeMemory(mem)
 	if err != nil {
 		return fmt.Errorf("vm %s: %w", v.id, err)
 	}

@@ -9,17 +9,15 @@
 package hostvmtest
 
 import (
-	"bytes"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"sort"
 	"strings"
 	"sync"
 
 	"github.com/kelpie/teleport/guest/agent"
+	"github.com/kelpie/teleport/vm/sim"
 )
 
 // KVGuest is a guest: commands set, get, echo and true over a key-value
@@ -68,70 +66,19 @@ func (g *KVGuest) WaitRunning() bool {
 	return !g.stopped
 }
 
-const memoryMagic = "KVMEM001"
-
-// Memory is the guest's RAM image: a header and the sorted key-value
-// pairs, padded with zeros to size bytes (a size of 0 means no padding).
+// Memory is the guest's RAM image (vm/sim's memory format), padded with
+// zeros to size bytes (a size of 0 means no padding).
 func (g *KVGuest) Memory(size int) ([]byte, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	keys := make([]string, 0, len(g.kv))
-	for k := range g.kv {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	var b bytes.Buffer
-	b.WriteString(memoryMagic)
-	binary.Write(&b, binary.LittleEndian, uint32(len(keys)))
-	for _, k := range keys {
-		binary.Write(&b, binary.LittleEndian, uint32(len(k)))
-		b.WriteString(k)
-		binary.Write(&b, binary.LittleEndian, uint32(len(g.kv[k])))
-		b.WriteString(g.kv[k])
-	}
-	if size > 0 {
-		if b.Len() > size {
-			return nil, fmt.Errorf("guest memory image of %d bytes exceeds the %d-byte RAM", b.Len(), size)
-		}
-		b.Write(make([]byte, size-b.Len()))
-	}
-	return b.Bytes(), nil
+	return sim.EncodeMemory(g.kv, size)
 }
 
 // LoadMemory replaces the guest's memory with an image from Memory.
 func (g *KVGuest) LoadMemory(mem []byte) error {
-	bad := errors.New("guest memory image is malformed")
-	if len(mem) < len(memoryMagic)+4 || string(mem[:len(memoryMagic)]) != memoryMagic {
-		return bad
-	}
-	p := mem[len(memoryMagic):]
-	n := binary.LittleEndian.Uint32(p)
-	p = p[4:]
-	next := func() (string, bool) {
-		if len(p) < 4 {
-			return "", false
-		}
-		l := binary.LittleEndian.Uint32(p)
-		if uint64(l) > uint64(len(p)-4) {
-			return "", false
-		}
-		s := string(p[4 : 4+l])
-		p = p[4+l:]
-		return s, true
-	}
-	kv := map[string]string{}
-	for i := uint32(0); i < n; i++ {
-		k, ok1 := next()
-		v, ok2 := next()
-		if !ok1 || !ok2 {
-			return bad
-		}
-		kv[k] = v
-	}
-	for _, c := range p {
-		if c != 0 {
-			return bad
-		}
+	kv, err := sim.DecodeMemory(mem)
+	if err != nil {
+		return err
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()

@@ -27,7 +27,7 @@ func TestMemoryRoundTrip(t *testing.T) {
 		"no magic":      []byte("XXXXXXXX\x00\x00\x00\x00"),
 		"truncated":     mem[:20],
 		"garbage tail":  append(append([]byte{}, mem[:40]...), 1),
-		"length beyond": append([]byte(memoryMagic), 1, 0, 0, 0, 255, 255, 255, 255),
+		"length beyond": append([]byte("SIMM"), 1, 0, 0, 0, 255, 255, 255, 255),
 	} {
 		if err := NewKVGuest().LoadMemory(bad); err == nil {
 			t.Errorf("%s: accepted", name)
