@@ -19,7 +19,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null; }
 fi
 
-go mod download
+# "all" also fetches what only tests on other platforms need (the vz glue type check).
+go mod download all
 bash scripts/setup-qemu.sh
 if [ "${KELPIE_SKIP_S3:-0}" != 1 ]; then
   bash scripts/seaweedfs.sh build >/dev/null
