@@ -434,18 +434,7 @@ func TestWorkspaceMultipart(t *testing.T) {
 	ctx := context.Background()
 	s, f := newFakeStore(t, nil)
 	data := storetest.Payload(18, 4*testPartBytes+5)
-	if err := s.PutWorkspace(ctx, "ws", bytes.NewReader(data), int64(len(data))); err != nil {
-		t.Fatal(err)
-	}
-	rc, err := s.GetWorkspace(ctx, "ws")
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, err := io.ReadAll(rc)
-	rc.Close()
-	if err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("workspace differs (%v)", err)
-	}
+	storetest.WorkspaceRoundTrip(t, s, "ws", data)
 	// Longer than declared: refused, and the old one stays.
 	if err := s.PutWorkspace(ctx, "ws", bytes.NewReader(append(data, 1)), int64(len(data))); err == nil {
 		t.Fatal("accepted more bytes than declared")

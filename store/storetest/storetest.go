@@ -61,6 +61,25 @@ func Put(t testing.TB, s teleport.Store, id string, blob []byte) *teleport.Packa
 	return m
 }
 
+// WorkspaceRoundTrip stores data as workspace ref and checks it reads back
+// byte for byte.
+func WorkspaceRoundTrip(t testing.TB, s teleport.Store, ref string, data []byte) {
+	t.Helper()
+	ctx := context.Background()
+	if err := s.PutWorkspace(ctx, ref, bytes.NewReader(data), int64(len(data))); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := s.GetWorkspace(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("workspace %s differs after a round trip (%v)", ref, err)
+	}
+}
+
 func readAll(t testing.TB, s teleport.Store, id string) []byte {
 	t.Helper()
 	r, err := s.Open(context.Background(), id)
@@ -347,18 +366,7 @@ func Run(t *testing.T, newStore func(t *testing.T) teleport.Store) {
 	t.Run("Workspace", func(t *testing.T) {
 		s := newStore(t)
 		data := Payload(4, 200000)
-		if err := s.PutWorkspace(ctx, "ws-1", bytes.NewReader(data), int64(len(data))); err != nil {
-			t.Fatal(err)
-		}
-		rc, err := s.GetWorkspace(ctx, "ws-1")
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, err := io.ReadAll(rc)
-		rc.Close()
-		if err != nil || !bytes.Equal(got, data) {
-			t.Fatalf("workspace differs (%v)", err)
-		}
+		WorkspaceRoundTrip(t, s, "ws-1", data)
 		if err := s.PutWorkspace(ctx, "ws-short", bytes.NewReader(data[:10]), 11); err == nil {
 			t.Fatal("PutWorkspace accepted fewer bytes than declared")
 		}

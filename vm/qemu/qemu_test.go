@@ -124,6 +124,22 @@ func TestTeleport(t *testing.T) {
 	srcBoot := bootID(t, ctx, src)
 	counter := startCounter(t, ctx, src)
 	mustShell(t, ctx, src, "echo kept-in-tmpfs > /tmp/note")
+	// restoreCheck restores snap on host b and checks the guest counter
+	// carried on from before; it returns the running VM (destroyed at the
+	// end of the subtest).
+	restoreCheck := func(t *testing.T, snap *vm.Snapshot, name string, before int) vm.Instance {
+		t.Helper()
+		dst, err := fb.CreateFromSnapshot(ctx, vm.Config{Name: name}, snap)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { dst.Destroy(context.Background()) })
+		if err := dst.Resume(ctx); err != nil {
+			t.Fatal(err)
+		}
+		counter.checkContinues(t, ctx, dst, before)
+		return dst
+	}
 
 	t.Run("SplitThroughStore", func(t *testing.T) {
 		before := counter.read(t, ctx, src)
@@ -186,15 +202,7 @@ func TestTeleport(t *testing.T) {
 		if src.State() != vm.StateRunning {
 			t.Fatalf("source is %s", src.State())
 		}
-		dst, err := fb.CreateFromSnapshot(ctx, vm.Config{Name: "dst-single"}, snap)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer dst.Destroy(context.Background())
-		if err := dst.Resume(ctx); err != nil {
-			t.Fatal(err)
-		}
-		counter.checkContinues(t, ctx, dst, before)
+		dst := restoreCheck(t, snap, "dst-single", before)
 		if out := mustShell(t, ctx, dst, "cat /tmp/note"); out != "kept-in-tmpfs" {
 			t.Errorf("tmpfs file = %q", out)
 		}
@@ -213,15 +221,7 @@ func TestTeleport(t *testing.T) {
 		if st.LiveRAM != (src.Accel() == AccelKVM) || st.Downtime <= 0 || src.State() != vm.StateRunning {
 			t.Fatalf("live RAM capture %v under %s (%q); source %s", st.LiveRAM, src.Accel(), st.LiveFallback, src.State())
 		}
-		dst, err := fb.CreateFromSnapshot(ctx, vm.Config{Name: "dst-live"}, snap)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer dst.Destroy(context.Background())
-		if err := dst.Resume(ctx); err != nil {
-			t.Fatal(err)
-		}
-		counter.checkContinues(t, ctx, dst, before)
+		dst := restoreCheck(t, snap, "dst-live", before)
 		if out := mustShell(t, ctx, dst, "cat /tmp/note"); out != "kept-in-tmpfs" {
 			t.Errorf("tmpfs file = %q", out)
 		}
@@ -259,18 +259,6 @@ func TestTeleport(t *testing.T) {
 	t.Run("PausedGuestSavedTwice", func(t *testing.T) {
 		// QEMU saves a VM only once until it runs again; a paused guest
 		// is snapshotted from the stream it saved then.
-		restoreCheck := func(t *testing.T, snap *vm.Snapshot, before int) {
-			t.Helper()
-			dst, err := fb.CreateFromSnapshot(ctx, vm.Config{}, snap)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer dst.Destroy(context.Background())
-			if err := dst.Resume(ctx); err != nil {
-				t.Fatal(err)
-			}
-			counter.checkContinues(t, ctx, dst, before)
-		}
 		for _, tc := range []struct {
 			name   string
 			stream bool // first snapshot through the stream splitter
@@ -304,9 +292,9 @@ func TestTeleport(t *testing.T) {
 						t.Fatalf("second snapshot (%s) of a paused guest: %v", l, err)
 					}
 					defer again.Close()
-					restoreCheck(t, again, before)
+					restoreCheck(t, again, "", before).Destroy(context.Background())
 				}
-				restoreCheck(t, first, before)
+				restoreCheck(t, first, "", before).Destroy(context.Background())
 				if tc.refuse != "" {
 					if _, err := src.SnapshotLayout(ctx, tc.refuse); !errors.Is(err, vm.ErrInvalidState) {
 						t.Fatalf("%s snapshot after a stream without RAM: %v, want ErrInvalidState", tc.refuse, err)
