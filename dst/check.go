@@ -7,8 +7,8 @@ import (
 	"fmt"
 	"maps"
 
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/blob"
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
 )
@@ -173,7 +173,7 @@ func (r *run) probeRestore(e *pkgExpect, m *teleport.Package, b []byte) (map[str
 	if err != nil {
 		return nil, err
 	}
-	if md.SnapshotID != m.Snapshot.SnapshotID || md.SnapshotSHA256 != m.Snapshot.SnapshotSHA256 || md.MemorySHA256 != m.Snapshot.MemorySHA256 {
+	if md.SnapshotID != m.Snapshot.SnapshotID || md.DeviceStateSHA256 != m.Snapshot.DeviceStateSHA256 || md.MemorySHA256 != m.Snapshot.MemorySHA256 {
 		return nil, fmt.Errorf("blob metadata differs from the manifest")
 	}
 	var state, mem vm.Payload

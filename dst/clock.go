@@ -10,7 +10,7 @@ var simEpoch = time.UnixMilli(1700000000000).UTC()
 
 // Clock is simulated time: it moves only when the simulator calls Advance
 // (an operation's latency, a timeout), never on its own. It satisfies the
-// Clock interfaces of vm/sim and teleport/service.
+// Clock interfaces of vm/sim and service.
 type Clock struct {
 	mu  sync.Mutex
 	now time.Time

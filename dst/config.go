@@ -6,7 +6,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/kelpie/teleport/teleport/service"
+	"github.com/kelpie/teleport/service"
 )
 
 // Bug names a planted bug: a test-only switch that breaks the service or the

@@ -1,5 +1,5 @@
 // Package dst is the deterministic simulation test of Kelpie Teleport. It
-// runs the production teleport service (teleport/service) unchanged on
+// runs the production teleport service (service/) unchanged on
 // simulated hosts (vm/sim factories), a simulated package store (Store) and
 // a simulated clock (Clock); a scenario generator picks operations from a
 // seed, a fault injector breaks VMs, storage and hosts at named fault points

@@ -10,7 +10,7 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
 )

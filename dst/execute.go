@@ -11,8 +11,8 @@ import (
 	"maps"
 	"strconv"
 
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/service"
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/vm"
 )
 

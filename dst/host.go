@@ -7,8 +7,8 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/service"
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
 )
@@ -209,7 +209,7 @@ func (f *hostFactory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, sna
 	if f.h.r.cfg.harness.lenientBackend {
 		md := snap.Metadata
 		md.Architecture, md.HostBound = f.h.cfg.Arch, false
-		snap = vm.NewSnapshot(md, snap.State, snap.Memory, nil)
+		snap = vm.NewSnapshot(md, snap.DeviceState, snap.Memory, nil)
 	}
 	inst, err := f.h.fac.CreateFromSnapshot(ctx, cfg, snap)
 	var v *hostVM
@@ -325,11 +325,11 @@ func (v *hostVM) Snapshot(ctx context.Context) (*vm.Snapshot, error) {
 		in.fire(VMSnapshotTooLarge, v.inner.ID(), fmt.Sprintf("%d bytes", n))
 		md := snap.Metadata
 		if md.Layout == vm.LayoutSingle {
-			md.SnapshotSize = n
+			md.DeviceStateSize = n
 			snap = vm.NewSnapshot(md, zeroPayload(n), nil, nil)
 		} else {
 			md.MemorySize = n
-			snap = vm.NewSnapshot(md, snap.State, zeroPayload(n), nil)
+			snap = vm.NewSnapshot(md, snap.DeviceState, zeroPayload(n), nil)
 		}
 	}
 	return snap, nil
@@ -340,7 +340,7 @@ func (v *hostVM) Snapshot(ctx context.Context) (*vm.Snapshot, error) {
 func flipPayloadBit(snap *vm.Snapshot, bit uint64) (*vm.Snapshot, int64, error) {
 	target := snap.Memory
 	if target == nil {
-		target = snap.State
+		target = snap.DeviceState
 	}
 	rc, err := target.Open()
 	if err != nil {
@@ -354,7 +354,7 @@ func flipPayloadBit(snap *vm.Snapshot, bit uint64) (*vm.Snapshot, int64, error) 
 	bit %= uint64(len(b)) * 8
 	b[bit/8] ^= 1 << (bit % 8)
 	if snap.Memory != nil {
-		return vm.NewSnapshot(snap.Metadata, snap.State, vm.BytesPayload(b), nil), int64(bit / 8), nil
+		return vm.NewSnapshot(snap.Metadata, snap.DeviceState, vm.BytesPayload(b), nil), int64(bit / 8), nil
 	}
 	return vm.NewSnapshot(snap.Metadata, vm.BytesPayload(b), nil, nil), int64(bit / 8), nil
 }

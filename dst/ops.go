@@ -5,7 +5,7 @@ import (
 	"math/rand/v2"
 	"strings"
 
-	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport"
 )
 
 // OpKind is what one step does.

@@ -3,7 +3,7 @@ package dst
 import (
 	"strings"
 
-	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport"
 )
 
 // packageFacts is what the model knows about a package from the request

@@ -12,7 +12,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport"
 )
 
 // StoreOp names a store call, for the fault hook.

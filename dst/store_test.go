@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/store/storetest"
-	"github.com/kelpie/teleport/teleport"
 )
 
 func TestStoreConformance(t *testing.T) {

@@ -45,8 +45,8 @@ type SnapshotMetadata struct {
 	Layout           Layout `json:"layout,omitempty"`
 	BaseImageVersion string `json:"base_image_version,omitempty"`
 	// SHA-256 (hex) and size of each payload section.
-	SnapshotSHA256 string `json:"snapshot_sha256,omitempty"`
-	SnapshotSize   int64  `json:"snapshot_size,omitempty"`
+	DeviceStateSHA256 string `json:"snapshot_sha256,omitempty"`
+	DeviceStateSize   int64  `json:"snapshot_size,omitempty"`
 	MemorySHA256   string `json:"memory_sha256,omitempty"`
 	MemorySize     int64  `json:"memory_size,omitempty"`
 	// Compat holds backend facts a restoring host must match exactly
@@ -163,7 +163,7 @@ func VerifyPayloads(s *Snapshot) error {
 		p    Payload
 		sum  string
 		size int64
-	}{{"snapshot", s.State, md.SnapshotSHA256, md.SnapshotSize}, {"memory", s.Memory, md.MemorySHA256, md.MemorySize}} {
+	}{{"snapshot", s.DeviceState, md.DeviceStateSHA256, md.DeviceStateSize}, {"memory", s.Memory, md.MemorySHA256, md.MemorySize}} {
 		if got := PayloadSize(sec.p); got != sec.size {
 			return fmt.Errorf("snapshot %s: %s section has %d bytes, metadata says %d: %w", md.SnapshotID, sec.name, got, sec.size, ErrCorrupt)
 		}

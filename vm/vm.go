@@ -140,7 +140,7 @@ type Payload interface {
 // (VZ-like) fill State only; split layouts (Firecracker-like) fill both.
 type Snapshot struct {
 	Metadata SnapshotMetadata
-	State    Payload // the snapshot section; nil when empty
+	DeviceState    Payload // the snapshot section; nil when empty
 	Memory   Payload // the memory section; nil when empty
 
 	release func() error
@@ -149,7 +149,7 @@ type Snapshot struct {
 // NewSnapshot builds a snapshot whose Close calls release (may be nil), for
 // backends that own temporary files behind the payloads.
 func NewSnapshot(md SnapshotMetadata, state, memory Payload, release func() error) *Snapshot {
-	return &Snapshot{Metadata: md, State: state, Memory: memory, release: release}
+	return &Snapshot{Metadata: md, DeviceState: state, Memory: memory, release: release}
 }
 
 // Close releases whatever backs the payloads. It is safe to call twice.

@@ -11,7 +11,6 @@ import (
 	"sort"
 	"strings"
 
-	"github.com/kelpie/teleport/teleport"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
 )
@@ -66,10 +65,10 @@ func openFactory(ctx context.Context, e *env, backend string) (vm.Factory, error
 }
 
 // hostTarget describes this host for restore rules.
-func hostTarget(ctx context.Context, e *env) (teleport.Target, error) {
+func hostTarget(ctx context.Context, e *env) (vm.HostInfo, error) {
 	f, err := openFactory(ctx, e, "")
 	if err != nil {
-		return teleport.Target{}, err
+		return vm.HostInfo{}, err
 	}
 	return f.Host(), nil
 }

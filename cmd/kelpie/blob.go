@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/kelpie/teleport/teleport/blob"
+	"github.com/kelpie/teleport/blob"
 )
 
 func init() {

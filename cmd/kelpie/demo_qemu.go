@@ -11,10 +11,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/guest/image"
+	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/fs"
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/service"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/qemu"
 )

@@ -8,8 +8,8 @@ import (
 	"strings"
 	"text/tabwriter"
 
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/blob"
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/vm"
 )
 
@@ -217,7 +217,7 @@ func explainHere(ctx context.Context, e *env, p *teleport.Package, asJSON bool) 
 		return json.NewEncoder(e.stdout).Encode(struct {
 			ID         string                `json:"id"`
 			CanRestore bool                  `json:"can_restore"`
-			Host       teleport.Target       `json:"host"`
+			Host       vm.HostInfo           `json:"host"`
 			Rules      []teleport.RuleResult `json:"rules"`
 		}{p.ID, ok, target, rules})
 	}

@@ -12,7 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/vm"
 )
 

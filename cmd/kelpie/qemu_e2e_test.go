@@ -13,10 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/guest/image"
+	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/fs"
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/service"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
 )

@@ -6,8 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/store/fs"
-	"github.com/kelpie/teleport/teleport"
 )
 
 // openS3Store is set by the S3 store's file when it is built in.

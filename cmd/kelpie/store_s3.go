@@ -7,8 +7,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/kelpie/teleport"
 	s3store "github.com/kelpie/teleport/store/s3"
-	"github.com/kelpie/teleport/teleport"
 )
 
 // The S3 package store: --store s3://BUCKET/PREFIX works wherever a

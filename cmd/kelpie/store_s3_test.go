@@ -13,9 +13,9 @@ import (
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/service"
 	s3store "github.com/kelpie/teleport/store/s3"
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/service"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
 )

@@ -6,7 +6,7 @@ import (
 	"runtime"
 	"runtime/debug"
 
-	"github.com/kelpie/teleport/teleport/blob"
+	"github.com/kelpie/teleport/blob"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".

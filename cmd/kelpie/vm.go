@@ -13,9 +13,9 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/blob"
-	"github.com/kelpie/teleport/teleport/service"
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
+	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/qemu"
 )
@@ -285,7 +285,7 @@ func writeSnapshotBlob(out string, snap *vm.Snapshot) error {
 		}
 		return ""
 	}
-	return blob.PackFiles(out, mdPath, path(snap.State), path(snap.Memory))
+	return blob.PackFiles(out, mdPath, path(snap.DeviceState), path(snap.Memory))
 }
 
 // suspendedRecord remembers a suspended VM: its package in the local

@@ -26,7 +26,7 @@ import (
 	"sort"
 	"syscall"
 
-	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport"
 )
 
 const (

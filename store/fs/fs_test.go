@@ -6,9 +6,9 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/store/fs"
 	"github.com/kelpie/teleport/store/storetest"
-	"github.com/kelpie/teleport/teleport"
 )
 
 func TestConformance(t *testing.T) {

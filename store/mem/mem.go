@@ -13,7 +13,7 @@ import (
 	"sort"
 	"sync"
 
-	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport"
 )
 
 type entry struct {

@@ -3,9 +3,9 @@ package mem_test
 import (
 	"testing"
 
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/store/mem"
 	"github.com/kelpie/teleport/store/storetest"
-	"github.com/kelpie/teleport/teleport"
 )
 
 func TestConformance(t *testing.T) {

@@ -32,9 +32,9 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/storetest"
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/service"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
 )

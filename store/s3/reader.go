@@ -13,7 +13,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
-	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport"
 )
 
 // reader is random access to one object by ranged GETs.

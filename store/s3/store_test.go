@@ -16,8 +16,8 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/store/storetest"
-	"github.com/kelpie/teleport/teleport"
 )
 
 const fakeBucket = "kelpie-unit"

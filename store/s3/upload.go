@@ -20,7 +20,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 
-	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport"
 )
 
 // unsignedPayload sends bodies as UNSIGNED-PAYLOAD: SigV4 would otherwise

@@ -14,17 +14,17 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/vm"
 )
 
 // Manifest returns a valid manifest for id, for tests.
 func Manifest(id string) *teleport.Package {
 	return &teleport.Package{
-		ID: id, AgentID: "agent-" + id, SourceArch: teleport.ArchX86_64, Kind: teleport.KindTeleport,
+		ID: id, AgentID: "agent-" + id, SourceArch: vm.ArchX86_64, Kind: teleport.KindTeleport,
 		BaseImageVersion: "1.0.0", CreatedAt: time.Unix(1700000000, 0).UTC(), SourceHostID: "host-a", Backend: "sim",
 		AgentState: []byte("state"),
-		Snapshot:   &vm.SnapshotMetadata{SnapshotID: "snap-" + id, Backend: "sim", Architecture: teleport.ArchX86_64},
+		Snapshot:   &vm.SnapshotMetadata{SnapshotID: "snap-" + id, Backend: "sim", Architecture: vm.ArchX86_64},
 	}
 }
 

@@ -124,7 +124,7 @@ func TestSnapshotAndRestoreRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer snap.Close()
-	st, mem := snap.State.(*vm.FilePayload).Path, snap.Memory.(*vm.FilePayload).Path
+	st, mem := snap.DeviceState.(*vm.FilePayload).Path, snap.Memory.(*vm.FilePayload).Path
 	want := []string{
 		`PATCH /vm {"state":"Paused"}`,
 		`PUT /snapshot/create {"snapshot_type":"Full","snapshot_path":"` + st + `","mem_file_path":"` + mem + `"}`,

@@ -13,7 +13,7 @@ import (
 // Restore staging: the core copies each payload into the VM directory and
 // checks its SHA-256 in the same, pipelined pass (stagePayload). The
 // baseline is the obvious two-pass way: vm.VerifyPayloads, then io.Copy.
-// The payload is a section of a file, as teleport/service hands a restore
+// The payload is a section of a file, as the service hands a restore
 // the blob in a store/fs package (a *vm.SectionPayload); the Whole
 // variants read a *vm.FilePayload, where io.Copy can use copy_file_range.
 const benchPayloadBytes = 64 << 20
@@ -35,18 +35,18 @@ func benchPayload(b *testing.B) (*vm.Snapshot, string) {
 		b.Fatal(err)
 	}
 	fp, _ := vm.NewFilePayload(p)
-	md := vm.SnapshotMetadata{SnapshotID: "bench", SnapshotSHA256: sum.sha256, SnapshotSize: sum.size}
+	md := vm.SnapshotMetadata{SnapshotID: "bench", DeviceStateSHA256: sum.sha256, DeviceStateSize: sum.size}
 	return vm.NewSnapshot(md, fp, nil, nil), dir
 }
 
 // sectionOf turns the file payload into a section payload over the file.
 func sectionOf(b *testing.B, snap *vm.Snapshot) *vm.Snapshot {
-	fh, err := os.Open(snap.State.(*vm.FilePayload).Path)
+	fh, err := os.Open(snap.DeviceState.(*vm.FilePayload).Path)
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { fh.Close() })
-	return vm.NewSnapshot(snap.Metadata, &vm.SectionPayload{R: fh, N: snap.State.Size()}, nil, nil)
+	return vm.NewSnapshot(snap.Metadata, &vm.SectionPayload{R: fh, N: snap.DeviceState.Size()}, nil, nil)
 }
 
 func BenchmarkStageSectionOnePass(b *testing.B) {
@@ -76,7 +76,7 @@ func benchOnePass(b *testing.B, snap *vm.Snapshot, dir string) {
 	for i := 0; i < b.N; i++ {
 		os.Remove(out)
 		md := snap.Metadata
-		if err := stagePayload(snap.State, out, "snapshot", md.SnapshotSHA256, md.SnapshotSize, md.SnapshotID); err != nil {
+		if err := stagePayload(snap.DeviceState, out, "snapshot", md.DeviceStateSHA256, md.DeviceStateSize, md.SnapshotID); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -91,7 +91,7 @@ func benchTwoPass(b *testing.B, snap *vm.Snapshot, dir string) {
 		if err := vm.VerifyPayloads(snap); err != nil {
 			b.Fatal(err)
 		}
-		rc, err := snap.State.Open()
+		rc, err := snap.DeviceState.Open()
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -131,17 +131,17 @@ func TestSnapshotMetadataAndFiles(t *testing.T) {
 			if (snap.Memory != nil) != (spec.Layout == vm.LayoutSplit) {
 				t.Fatalf("memory section present=%v for layout %s", snap.Memory != nil, spec.Layout)
 			}
-			if md.SizeBytes != uint64(md.SnapshotSize+md.MemorySize) {
-				t.Fatalf("size %d != %d + %d", md.SizeBytes, md.SnapshotSize, md.MemorySize)
+			if md.SizeBytes != uint64(md.DeviceStateSize+md.MemorySize) {
+				t.Fatalf("size %d != %d + %d", md.SizeBytes, md.DeviceStateSize, md.MemorySize)
 			}
-			state, _ := os.ReadFile(snap.State.(*vm.FilePayload).Path)
+			state, _ := os.ReadFile(snap.DeviceState.(*vm.FilePayload).Path)
 			if md.Checksum != crc32.Checksum(state, castagnoli) {
 				t.Fatalf("checksum %08x is not the CRC-32C of the state file", md.Checksum)
 			}
 			if err := vm.VerifyPayloads(snap); err != nil {
 				t.Fatal(err)
 			}
-			dir := filepath.Dir(snap.State.(*vm.FilePayload).Path)
+			dir := filepath.Dir(snap.DeviceState.(*vm.FilePayload).Path)
 			if err := snap.Close(); err != nil {
 				t.Fatal(err)
 			}
@@ -183,14 +183,14 @@ func TestRestoreRefusals(t *testing.T) {
 			{"fact unknown here", func(s *vm.Snapshot, c *vm.Config) { s.Metadata.Compat["gpu"] = "x" }, vm.ErrIncompatible, "unknown on this host"},
 			{"vcpus differ", func(s *vm.Snapshot, c *vm.Config) { c.VCPUs = 2 }, vm.ErrIncompatible, "1 vCPUs and 64 MiB"},
 			{"memory differs", func(s *vm.Snapshot, c *vm.Config) { c.MemoryMiB = 128 }, vm.ErrIncompatible, "128 MiB"},
-			{"state sha", func(s *vm.Snapshot, c *vm.Config) { s.Metadata.SnapshotSHA256 = strings.Repeat("0", 64) }, vm.ErrCorrupt, "checksum mismatch"},
-			{"state size", func(s *vm.Snapshot, c *vm.Config) { s.Metadata.SnapshotSize++ }, vm.ErrCorrupt, "metadata says"},
-			{"state missing", func(s *vm.Snapshot, c *vm.Config) { s.State = nil }, vm.ErrCorrupt, "snapshot section is empty"},
+			{"state sha", func(s *vm.Snapshot, c *vm.Config) { s.Metadata.DeviceStateSHA256 = strings.Repeat("0", 64) }, vm.ErrCorrupt, "checksum mismatch"},
+			{"state size", func(s *vm.Snapshot, c *vm.Config) { s.Metadata.DeviceStateSize++ }, vm.ErrCorrupt, "metadata says"},
+			{"state missing", func(s *vm.Snapshot, c *vm.Config) { s.DeviceState = nil }, vm.ErrCorrupt, "snapshot section is empty"},
 			{"payload longer than declared", func(s *vm.Snapshot, c *vm.Config) {
-				s.State = lyingPayload{s.State}
-				s.Metadata.SnapshotSize--
+				s.DeviceState = lyingPayload{s.DeviceState}
+				s.Metadata.DeviceStateSize--
 			}, vm.ErrCorrupt, "longer than"},
-			{"no checksum", func(s *vm.Snapshot, c *vm.Config) { s.Metadata.SnapshotSHA256 = "" }, vm.ErrCorrupt, "no recorded checksum"},
+			{"no checksum", func(s *vm.Snapshot, c *vm.Config) { s.Metadata.DeviceStateSHA256 = "" }, vm.ErrCorrupt, "no recorded checksum"},
 		}
 		if base.Layout == vm.LayoutSplit {
 			cases = append(cases,

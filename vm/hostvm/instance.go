@@ -345,7 +345,7 @@ func (v *Instance) describe(snapID, sdir string, now time.Time, files Files) (*v
 		Architecture: s.Arch, VCPUCount: v.cfg.VCPUs, MemoryMiB: v.cfg.MemoryMiB, IsFullSnapshot: true,
 		Backend: s.Backend, BackendVersion: s.BackendVersion, HostID: s.HostID, Layout: s.Layout,
 		BaseImageVersion: v.cfg.BaseImageVersion,
-		SnapshotSHA256:   state.sha256, SnapshotSize: state.size,
+		DeviceStateSHA256:   state.sha256, DeviceStateSize: state.size,
 		Compat: maps.Clone(s.Compat), HostBound: s.HostBound,
 	}
 	statePayload, err := vm.NewFilePayload(files.State)
@@ -368,7 +368,7 @@ func (v *Instance) describe(snapID, sdir string, now time.Time, files Files) (*v
 		}
 		memPayload = p
 	}
-	md.SizeBytes = uint64(md.SnapshotSize + md.MemorySize)
+	md.SizeBytes = uint64(md.DeviceStateSize + md.MemorySize)
 	return vm.NewSnapshot(md, statePayload, memPayload, func() error { return os.RemoveAll(sdir) }), nil
 }
 
@@ -417,7 +417,7 @@ func (v *Instance) stage(snap *vm.Snapshot) (Files, error) {
 		return Files{}, err
 	}
 	files := Files{State: filepath.Join(dir, stateFileName)}
-	err := stagePayload(snap.State, files.State, "snapshot", md.SnapshotSHA256, md.SnapshotSize, md.SnapshotID)
+	err := stagePayload(snap.DeviceState, files.State, "snapshot", md.DeviceStateSHA256, md.DeviceStateSize, md.SnapshotID)
 	if err == nil && v.f.spec.Layout == vm.LayoutSplit {
 		files.Memory = filepath.Join(dir, memoryFileName)
 		err = stagePayload(snap.Memory, files.Memory, "memory", md.MemorySHA256, md.MemorySize, md.SnapshotID)

@@ -47,7 +47,7 @@ func (f *Factory) checkSnapshot(snap *vm.Snapshot, cfg vm.Config) error {
 	corrupt := func(format string, args ...any) error {
 		return fmt.Errorf("snapshot %s: "+format+": %w", append(append([]any{md.SnapshotID}, args...), vm.ErrCorrupt)...)
 	}
-	if vm.PayloadSize(snap.State) == 0 {
+	if vm.PayloadSize(snap.DeviceState) == 0 {
 		return corrupt("the snapshot section is empty")
 	}
 	switch s.Layout {

@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/fs"
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/service"
 	"github.com/kelpie/teleport/vm"
 )
 

@@ -13,10 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
+	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/fs"
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/blob"
-	"github.com/kelpie/teleport/teleport/service"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
 	"github.com/kelpie/teleport/vm/vmtest"
@@ -153,7 +153,7 @@ func TestTeleport(t *testing.T) {
 		md := pkg.Snapshot
 		if md.Layout != vm.LayoutSplit || md.Backend != BackendName || md.Compat["accel"] != "tcg" || md.Compat["qemu_version"] == "" ||
 			md.Compat["machine"] != machineType || md.Compat["cpu"] == "" || md.Compat["devices"] == "" || md.MemoryMiB != 256 ||
-			md.BaseImageVersion == "" || md.MemorySHA256 == "" || md.SnapshotSHA256 == "" {
+			md.BaseImageVersion == "" || md.MemorySHA256 == "" || md.DeviceStateSHA256 == "" {
 			t.Fatalf("metadata incomplete: %+v", md)
 		}
 		// The memory section is sparse: a 256 MiB guest sends far less.
@@ -196,8 +196,8 @@ func TestTeleport(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer snap.Close()
-		if snap.Memory != nil || snap.Metadata.Layout != vm.LayoutSingle || snap.State.Size() < 10<<20 {
-			t.Fatalf("single layout: memory %v, layout %s, state %d bytes", snap.Memory, snap.Metadata.Layout, snap.State.Size())
+		if snap.Memory != nil || snap.Metadata.Layout != vm.LayoutSingle || snap.DeviceState.Size() < 10<<20 {
+			t.Fatalf("single layout: memory %v, layout %s, state %d bytes", snap.Memory, snap.Metadata.Layout, snap.DeviceState.Size())
 		}
 		if src.State() != vm.StateRunning {
 			t.Fatalf("source is %s", src.State())
@@ -321,9 +321,9 @@ func TestTeleport(t *testing.T) {
 		copyFile(t, memPath, bad)
 		flipByte(t, bad, snap.Memory.Size()/2)
 		badMem, _ := vm.NewFilePayload(bad)
-		corrupt := vm.NewSnapshot(snap.Metadata, snap.State, badMem, nil)
+		corrupt := vm.NewSnapshot(snap.Metadata, snap.DeviceState, badMem, nil)
 
-		wrongAccel := vm.NewSnapshot(snap.Metadata, snap.State, snap.Memory, nil)
+		wrongAccel := vm.NewSnapshot(snap.Metadata, snap.DeviceState, snap.Memory, nil)
 		wrongAccel.Metadata.Compat = cloneMap(snap.Metadata.Compat)
 		wrongAccel.Metadata.Compat["accel"] = "kvm"
 

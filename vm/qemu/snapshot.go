@@ -164,7 +164,7 @@ func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (_ *vm.
 		return nil, errors.New("QEMU exited during the snapshot")
 	}
 	md := v.metadata(layout)
-	if md.SnapshotSHA256, md.SnapshotSize, md.Checksum, err = hashFile(c.statePath); err != nil {
+	if md.DeviceStateSHA256, md.DeviceStateSize, md.Checksum, err = hashFile(c.statePath); err != nil {
 		return nil, err
 	}
 	state, err := vm.NewFilePayload(c.statePath)
@@ -183,8 +183,8 @@ func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (_ *vm.
 			return nil, err
 		}
 	}
-	md.SizeBytes = uint64(md.SnapshotSize + md.MemorySize)
-	c.stats.StateBytes, c.stats.MemoryBytes = md.SnapshotSize, md.MemorySize
+	md.SizeBytes = uint64(md.DeviceStateSize + md.MemorySize)
+	c.stats.StateBytes, c.stats.MemoryBytes = md.DeviceStateSize, md.MemorySize
 	c.stats.Total = time.Since(start)
 	v.lastSnap = c.stats
 	return vm.NewSnapshot(md, state, memory, release), nil
@@ -731,7 +731,7 @@ func (v *Instance) Restore(ctx context.Context, snap *vm.Snapshot) (err error) {
 // cores hashing and copying then overlap instead of adding up.
 func (v *Instance) stage(md vm.SnapshotMetadata, snap *vm.Snapshot) (err error) {
 	switch {
-	case snap.State == nil:
+	case snap.DeviceState == nil:
 		return fmt.Errorf("snapshot %s has no device state: %w", md.SnapshotID, vm.ErrCorrupt)
 	case md.Layout == vm.LayoutSplit && snap.Memory == nil:
 		return fmt.Errorf("split snapshot %s has no memory section: %w", md.SnapshotID, vm.ErrCorrupt)
@@ -754,7 +754,7 @@ func (v *Instance) stage(md vm.SnapshotMetadata, snap *vm.Snapshot) (err error) 
 		hashErr  error
 		copyErr  error
 	}
-	secs := []*section{{name: "snapshot", p: snap.State, wantSum: md.SnapshotSHA256, wantSize: md.SnapshotSize,
+	secs := []*section{{name: "snapshot", p: snap.DeviceState, wantSum: md.DeviceStateSHA256, wantSize: md.DeviceStateSize,
 		copy: func(r io.Reader) error { return writeNewFile(v.path(stagedState), r) }}}
 	if md.Layout == vm.LayoutSplit {
 		secs = append(secs, &section{name: "memory", p: snap.Memory, wantSum: md.MemorySHA256, wantSize: md.MemorySize,

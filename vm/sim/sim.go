@@ -468,7 +468,7 @@ func (v *VM) Snapshot(ctx context.Context) (*vm.Snapshot, error) {
 		Architecture: v.f.opts.Arch, VCPUCount: v.cfg.VCPUs, MemoryMiB: v.cfg.MemoryMiB, IsFullSnapshot: true,
 		Backend: BackendName, BackendVersion: BackendVersion, HostID: v.f.opts.HostID, Layout: v.f.opts.Layout,
 		BaseImageVersion: v.f.opts.BaseImageVersion,
-		SnapshotSHA256:   sum(state), SnapshotSize: int64(len(state)),
+		DeviceStateSHA256:   sum(state), DeviceStateSize: int64(len(state)),
 		Compat: v.f.compat(), HostBound: v.f.opts.HostBound,
 	}
 	if memory != nil {
@@ -507,12 +507,12 @@ func (v *VM) Restore(ctx context.Context, snap *vm.Snapshot) error {
 	// Checksums are verified when recorded; the simulation's planted
 	// "skip checksums" bug clears them to show what restoring unverified
 	// payloads does.
-	if md.SnapshotSHA256 != "" || md.MemorySHA256 != "" {
+	if md.DeviceStateSHA256 != "" || md.MemorySHA256 != "" {
 		if err := vm.VerifyPayloads(snap); err != nil {
 			return err
 		}
 	}
-	state, err := readPayload(snap.State, 1<<30)
+	state, err := readPayload(snap.DeviceState, 1<<30)
 	if err != nil {
 		return err
 	}

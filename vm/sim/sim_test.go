@@ -60,7 +60,7 @@ func TestExecIsDeterministic(t *testing.T) {
 			inst.Exec(ctx, "incr", []string{fmt.Sprintf("k%d", i%7)}, vm.ExecOptions{})
 		}
 		snap, _ := inst.Snapshot(ctx)
-		return snap.Metadata.SnapshotSHA256 + snap.Metadata.MemorySHA256 + fmt.Sprint(snap.Metadata.CreatedAtMs)
+		return snap.Metadata.DeviceStateSHA256 + snap.Metadata.MemorySHA256 + fmt.Sprint(snap.Metadata.CreatedAtMs)
 	}
 	if a, b := run(), run(); a != b {
 		t.Fatalf("two identical runs differ: %s vs %s", a, b)

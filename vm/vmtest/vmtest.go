@@ -209,7 +209,7 @@ func Run(t *testing.T, h Harness) {
 		}
 		defer snap.Close()
 		bad := *snap
-		bad.Metadata.SnapshotSHA256 = "00" + bad.Metadata.SnapshotSHA256[2:]
+		bad.Metadata.DeviceStateSHA256 = "00" + bad.Metadata.DeviceStateSHA256[2:]
 		if _, err := f.CreateFromSnapshot(ctx, h.Config(t), &bad); !errors.Is(err, vm.ErrCorrupt) {
 			t.Fatalf("corrupt snapshot: %v, want ErrCorrupt", err)
 		}

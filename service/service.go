@@ -21,8 +21,8 @@ import (
 	"reflect"
 	"time"
 
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/blob"
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/vm"
 )
 
@@ -146,7 +146,7 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (_ 
 		}
 		defer snap.Close()
 		s.step("snapshot", t)
-		md, state, memory = snap.Metadata, snap.State, snap.Memory
+		md, state, memory = snap.Metadata, snap.DeviceState, snap.Memory
 		if req.Kind == teleport.KindSuspend && md.HostID == "" {
 			md.HostID = host.HostID
 		}
@@ -252,7 +252,7 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, md vm.S
 	// the commit: past it a move stops the source, and a payload that
 	// changed after its checksum was taken would be the agent's only copy,
 	// refused by every restore.
-	for i, want := range []string{md.SnapshotSHA256, md.MemorySHA256} {
+	for i, want := range []string{md.DeviceStateSHA256, md.MemorySHA256} {
 		if sums[i] != nil && want != "" && hex.EncodeToString(sums[i].Sum(nil)) != want {
 			return nil, fmt.Errorf("pack package %s: %s section differs from its recorded checksum: %w", id, blob.SectionNames[i+1], vm.ErrCorrupt)
 		}
@@ -439,8 +439,8 @@ func (s *Service) snapshotFromBlob(pkg *teleport.Package, r teleport.Reader) (*v
 		}
 	} else {
 		// The planted bug: restore whatever is there, claiming it verified.
-		snap.Metadata.SnapshotSHA256, snap.Metadata.MemorySHA256 = "", ""
-		snap.Metadata.SnapshotSize, snap.Metadata.MemorySize = vm.PayloadSize(state), vm.PayloadSize(memory)
+		snap.Metadata.DeviceStateSHA256, snap.Metadata.MemorySHA256 = "", ""
+		snap.Metadata.DeviceStateSize, snap.Metadata.MemorySize = vm.PayloadSize(state), vm.PayloadSize(memory)
 	}
 	return snap, nil
 }

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kelpie/teleport/teleport"
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/vm"
 )
 
@@ -64,14 +64,14 @@ func facts(backend, variant string) map[string]string {
 	return map[string]string{"sim_version": "1" + variant, "memory_bytes": "16384"}
 }
 
-func hostInfo(id string, arch vm.Architecture, backend, version, factVariant string) teleport.Target {
-	return teleport.Target{Arch: arch, Backend: backend, BackendVersion: "x", HostID: id,
+func hostInfo(id string, arch vm.Architecture, backend, version, factVariant string) vm.HostInfo {
+	return vm.HostInfo{Arch: arch, Backend: backend, BackendVersion: "x", HostID: id,
 		BaseImageVersion: version, Compat: facts(backend, factVariant)}
 }
 
 // packageFrom builds the manifest teleport/service writes for a package of
 // kind made on src.
-func packageFrom(src teleport.Target, kind teleport.SnapshotKind) *teleport.Package {
+func packageFrom(src vm.HostInfo, kind teleport.SnapshotKind) *teleport.Package {
 	p := &teleport.Package{ID: "pkg-1", AgentID: "agent-1", SourceArch: src.Arch, Kind: kind,
 		BaseImageVersion: src.BaseImageVersion, CreatedAt: time.Unix(1700000000, 0).UTC(), SourceHostID: src.HostID,
 		Backend: src.Backend}
@@ -84,7 +84,7 @@ func packageFrom(src teleport.Target, kind teleport.SnapshotKind) *teleport.Pack
 }
 
 // expected is the documented verdict: the first rule that refuses, or "".
-func expected(kind teleport.SnapshotKind, src, dst teleport.Target) (rule string, category error) {
+func expected(kind teleport.SnapshotKind, src, dst vm.HostInfo) (rule string, category error) {
 	full := kind.FullVM()
 	sv, _ := teleport.ParseVersion(src.BaseImageVersion)
 	dv, _ := teleport.ParseVersion(dst.BaseImageVersion)
@@ -104,7 +104,7 @@ func expected(kind teleport.SnapshotKind, src, dst teleport.Target) (rule string
 }
 
 type matrixCase struct {
-	src, dst teleport.Target
+	src, dst vm.HostInfo
 	name     string
 	patchDif bool
 }
@@ -250,7 +250,7 @@ func TestChooseKindMatrix(t *testing.T) {
 	}
 }
 
-func ruleOK(kind teleport.SnapshotKind, src, dst teleport.Target) bool {
+func ruleOK(kind teleport.SnapshotKind, src, dst vm.HostInfo) bool {
 	r, _ := expected(kind, src, dst)
 	return r == ""
 }
@@ -269,14 +269,14 @@ func reasonMentions(reason, rule string) bool {
 
 // Named cases pin what a user reads.
 func TestRestoreRulesReasons(t *testing.T) {
-	fc := func(id string, arch vm.Architecture, v string) teleport.Target {
+	fc := func(id string, arch vm.Architecture, v string) vm.HostInfo {
 		return hostInfo(id, arch, "firecracker", v, "")
 	}
-	mac := func(id string) teleport.Target { return hostInfo(id, vm.ArchArm64, "vz", srcVersion, "") }
+	mac := func(id string) vm.HostInfo { return hostInfo(id, vm.ArchArm64, "vz", srcVersion, "") }
 	for _, c := range []struct {
 		name     string
 		pkg      *teleport.Package
-		dst      teleport.Target
+		dst      vm.HostInfo
 		rule     string // "" = restorable
 		category error
 		reason   string // substring of the failing rule's (or the OK verdict's) reason
@@ -310,7 +310,7 @@ func TestRestoreRulesReasons(t *testing.T) {
 		{"target without a usable version", packageFrom(fc("a", vm.ArchX86_64, srcVersion), teleport.KindCheckpoint),
 			fc("b", vm.ArchX86_64, "latest"), teleport.RuleBaseImage, teleport.ErrVersionMismatch, `base image version "latest" is unusable`, ""},
 		{"target does not know a fact", packageFrom(fc("a", vm.ArchX86_64, srcVersion), teleport.KindTeleport),
-			func() teleport.Target {
+			func() vm.HostInfo {
 				h := fc("b", vm.ArchX86_64, srcVersion)
 				delete(h.Compat, "cpu_model")
 				return h
@@ -375,7 +375,7 @@ func ruleOf(re *teleport.RefusalError) string {
 	return re.Rule
 }
 
-func explained(pkg *teleport.Package, dst teleport.Target, s string) bool {
+func explained(pkg *teleport.Package, dst vm.HostInfo, s string) bool {
 	for _, r := range teleport.Explain(pkg, dst) {
 		if strings.Contains(r.Reason, s) {
 			return true
@@ -385,12 +385,12 @@ func explained(pkg *teleport.Package, dst teleport.Target, s string) bool {
 }
 
 func TestChooseKindReasons(t *testing.T) {
-	fc := func(id string, arch vm.Architecture, v, variant string) teleport.Target {
+	fc := func(id string, arch vm.Architecture, v, variant string) vm.HostInfo {
 		return hostInfo(id, arch, "firecracker", v, variant)
 	}
 	for _, c := range []struct {
 		name     string
-		src, dst teleport.Target
+		src, dst vm.HostInfo
 		want     teleport.SnapshotKind
 		reason   string
 	}{

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"github.com/kelpie/teleport/vm"
 )
 
 func TestValidateID(t *testing.T) {
@@ -55,7 +57,7 @@ func TestParseKind(t *testing.T) {
 
 func TestPackageValidate(t *testing.T) {
 	good := func() *Package {
-		return &Package{ID: "p", AgentID: "a", SourceArch: ArchX86_64, Kind: KindCheckpoint, BaseImageVersion: "1.0.0"}
+		return &Package{ID: "p", AgentID: "a", SourceArch: vm.ArchX86_64, Kind: KindCheckpoint, BaseImageVersion: "1.0.0"}
 	}
 	if err := good().Validate(); err != nil {
 		t.Fatal(err)
@@ -79,7 +81,7 @@ func TestPackageValidate(t *testing.T) {
 // A backend that declares its snapshots host-bound never gets Teleport to
 // another host, whatever its name.
 func TestChooseKindHonoursHostBound(t *testing.T) {
-	src := Target{Arch: ArchArm64, Backend: "sim", HostID: "mac-1", BaseImageVersion: "1.0.0", HostBound: true}
+	src := vm.HostInfo{Arch: vm.ArchArm64, Backend: "sim", HostID: "mac-1", BaseImageVersion: "1.0.0", HostBound: true}
 	dst := src
 	dst.HostID = "mac-2"
 	if k, why := ChooseKind(src, dst); k != KindCheckpoint || !strings.Contains(why, "host") {

@@ -18,9 +18,6 @@ var (
 	ErrChecksumMismatch = errors.New("checksum mismatch")
 )
 
-// Target is the host a package would be restored on.
-type Target = vm.HostInfo
-
 // Rule names, as printed by `kelpie package show --can-restore-here`.
 const (
 	RuleManifest     = "manifest"
@@ -61,7 +58,7 @@ type RuleResult struct {
 
 // Explain evaluates every restore rule for pkg on target, in a fixed order,
 // and says why each passes or fails.
-func Explain(pkg *Package, t Target) []RuleResult {
+func Explain(pkg *Package, t vm.HostInfo) []RuleResult {
 	var out []RuleResult
 	add := func(rule string, err error, okReason string) {
 		r := RuleResult{Rule: rule, OK: err == nil, Reason: okReason, err: err}
@@ -163,7 +160,7 @@ func Explain(pkg *Package, t Target) []RuleResult {
 // Check returns nil when pkg may be restored on t, or the first refusal as
 // a *RefusalError. Warnings (a PATCH difference) are returned separately
 // so the caller can log them.
-func Check(pkg *Package, t Target) (warnings []string, err error) {
+func Check(pkg *Package, t vm.HostInfo) (warnings []string, err error) {
 	for _, r := range Explain(pkg, t) {
 		if r.Warning != "" {
 			warnings = append(warnings, r.Warning)
@@ -178,7 +175,7 @@ func Check(pkg *Package, t Target) (warnings []string, err error) {
 // ChooseKind picks the kind to send from a VM on src to dst: Teleport when
 // a full snapshot taken on src can be restored on dst, Suspend when dst is
 // src itself, and Checkpoint otherwise; the reason says why.
-func ChooseKind(src, dst Target) (SnapshotKind, string) {
+func ChooseKind(src, dst vm.HostInfo) (SnapshotKind, string) {
 	probe := &Package{ID: "probe", AgentID: "probe", SourceArch: src.Arch, BaseImageVersion: src.BaseImageVersion,
 		SourceHostID: src.HostID, Kind: KindTeleport,
 		Snapshot: &vm.SnapshotMetadata{Backend: src.Backend, HostID: src.HostID, Compat: src.Compat, HostBound: src.HostBound || isHostBoundBackend(src.Backend)}}

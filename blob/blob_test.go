@@ -29,7 +29,7 @@ type expect struct {
 func sum(b []byte) string { s := sha256.Sum256(b); return hex.EncodeToString(s[:]) }
 
 func vectors(t testing.TB) []string {
-	dirs, err := filepath.Glob("../../testdata/klp1/*")
+	dirs, err := filepath.Glob("../testdata/klp1/*")
 	if err != nil || len(dirs) == 0 {
 		t.Fatalf("no KLP1 vectors found: %v", err)
 	}

@@ -7,9 +7,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/mem"
-	"github.com/kelpie/teleport/teleport"
-	"github.com/kelpie/teleport/teleport/service"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
 )

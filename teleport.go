@@ -15,15 +15,6 @@ import (
 	"github.com/kelpie/teleport/vm"
 )
 
-// Architecture is a CPU architecture (x86_64, arm64).
-type Architecture = vm.Architecture
-
-// The architectures.
-const (
-	ArchX86_64 = vm.ArchX86_64
-	ArchArm64  = vm.ArchArm64
-)
-
 // SnapshotKind says what a package carries and so where it may go.
 type SnapshotKind string
 
@@ -57,7 +48,7 @@ func (k SnapshotKind) FullVM() bool { return k == KindSuspend || k == KindTelepo
 type Package struct {
 	ID               string            `json:"id"`
 	AgentID          string            `json:"agent_id"`
-	SourceArch       Architecture      `json:"source_arch"`
+	SourceArch       vm.Architecture   `json:"source_arch"`
 	Kind             SnapshotKind      `json:"kind"`
 	BaseImageVersion string            `json:"base_image_version"`
 	CreatedAt        time.Time         `json:"created_at"`

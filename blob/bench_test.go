@@ -39,7 +39,7 @@ func benchInput(b *testing.B) (dir, mem string, size int64) {
 }
 
 // BenchmarkCp is the baseline: cp of the same bytes on the same disk.
-// Compare with: go test -bench 'Cp|PackFiles|UnpackFile' ./teleport/blob/
+// Compare with: go test -bench 'Cp|PackFiles|UnpackFile' ./blob/
 func BenchmarkCp(b *testing.B) {
 	dir, mem, size := benchInput(b)
 	b.SetBytes(size)
