@@ -47,8 +47,8 @@ type SnapshotMetadata struct {
 	// SHA-256 (hex) and size of each payload section.
 	DeviceStateSHA256 string `json:"snapshot_sha256,omitempty"`
 	DeviceStateSize   int64  `json:"snapshot_size,omitempty"`
-	MemorySHA256   string `json:"memory_sha256,omitempty"`
-	MemorySize     int64  `json:"memory_size,omitempty"`
+	MemorySHA256      string `json:"memory_sha256,omitempty"`
+	MemorySize        int64  `json:"memory_size,omitempty"`
 	// Compat holds backend facts a restoring host must match exactly
 	// (see HostInfo.Compat). Keys are sorted when encoded.
 	Compat map[string]string `json:"compat,omitempty"`

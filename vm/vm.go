@@ -139,9 +139,9 @@ type Payload interface {
 // Snapshot is metadata plus up to two payload sections. Single-file layouts
 // (VZ-like) fill State only; split layouts (Firecracker-like) fill both.
 type Snapshot struct {
-	Metadata SnapshotMetadata
-	DeviceState    Payload // the snapshot section; nil when empty
-	Memory   Payload // the memory section; nil when empty
+	Metadata    SnapshotMetadata
+	DeviceState Payload // the snapshot section; nil when empty
+	Memory      Payload // the memory section; nil when empty
 
 	release func() error
 }

@@ -344,8 +344,8 @@ func (v *Instance) describe(snapID, sdir string, now time.Time, files Files) (*v
 		Checksum:     state.crc32c,
 		Architecture: s.Arch, VCPUCount: v.cfg.VCPUs, MemoryMiB: v.cfg.MemoryMiB, IsFullSnapshot: true,
 		Backend: s.Backend, BackendVersion: s.BackendVersion, HostID: s.HostID, Layout: s.Layout,
-		BaseImageVersion: v.cfg.BaseImageVersion,
-		DeviceStateSHA256:   state.sha256, DeviceStateSize: state.size,
+		BaseImageVersion:  v.cfg.BaseImageVersion,
+		DeviceStateSHA256: state.sha256, DeviceStateSize: state.size,
 		Compat: maps.Clone(s.Compat), HostBound: s.HostBound,
 	}
 	statePayload, err := vm.NewFilePayload(files.State)

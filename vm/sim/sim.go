@@ -467,8 +467,8 @@ func (v *VM) Snapshot(ctx context.Context) (*vm.Snapshot, error) {
 		// Kelpie's field names.
 		Architecture: v.f.opts.Arch, VCPUCount: v.cfg.VCPUs, MemoryMiB: v.cfg.MemoryMiB, IsFullSnapshot: true,
 		Backend: BackendName, BackendVersion: BackendVersion, HostID: v.f.opts.HostID, Layout: v.f.opts.Layout,
-		BaseImageVersion: v.f.opts.BaseImageVersion,
-		DeviceStateSHA256:   sum(state), DeviceStateSize: int64(len(state)),
+		BaseImageVersion:  v.f.opts.BaseImageVersion,
+		DeviceStateSHA256: sum(state), DeviceStateSize: int64(len(state)),
 		Compat: v.f.compat(), HostBound: v.f.opts.HostBound,
 	}
 	if memory != nil {
