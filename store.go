@@ -6,9 +6,11 @@ import (
 )
 
 // Store keeps teleport packages. It is modelled on a content store: a
-// package's blob is streamed into a Writer and becomes visible, together
-// with its manifest, only when Commit returns nil. A crash or error before
-// that leaves nothing visible (at most orphans that GC removes).
+// package's body (its sections: the KLP1 blob, a checkpoint's workspace) is
+// streamed into a Writer and becomes visible, together with its manifest,
+// only when Commit returns nil. A crash or error before that leaves nothing
+// visible (at most orphans that GC removes); a package and everything in it
+// go with one Delete.
 //
 // Implementations: store/fs (the default), store/mem (unit tests), store/s3,
 // and the simulation's store. All pass store/storetest.
@@ -16,7 +18,7 @@ type Store interface {
 	// Create starts a package upload. It fails with ErrInvalidID for a bad
 	// id and ErrAlreadyExists when a committed package has that id.
 	Create(ctx context.Context, id string) (Writer, error)
-	// Open returns random access to a committed package's blob.
+	// Open returns random access to a committed package's body.
 	Open(ctx context.Context, id string) (Reader, error)
 	// Stat returns a committed package's manifest, or ErrNotFound.
 	Stat(ctx context.Context, id string) (*Package, error)
@@ -24,20 +26,13 @@ type Store interface {
 	List(ctx context.Context) ([]*Package, error)
 	// Delete removes a committed package; ErrNotFound if there is none.
 	Delete(ctx context.Context, id string) error
-
-	// PutWorkspace stores a workspace blob of exactly size bytes under ref
-	// (an id-like name), atomically.
-	PutWorkspace(ctx context.Context, ref string, r io.Reader, size int64) error
-	// GetWorkspace streams a workspace blob.
-	GetWorkspace(ctx context.Context, ref string) (io.ReadCloser, error)
-	// DeleteWorkspace removes a workspace blob; ErrNotFound if none.
-	DeleteWorkspace(ctx context.Context, ref string) error
 }
 
-// Writer receives one package's blob.
+// Writer receives one package's body.
 type Writer interface {
 	io.Writer
-	// Commit publishes the blob with manifest m atomically. The store sets
+	// Commit publishes the body with manifest m atomically: it returns nil
+	// exactly when the package is visible. The store sets
 	// m.SizeBytes and m.BlobSHA256 from the bytes written (when m already
 	// carries them, a mismatch fails the commit) and fills m.ID. After
 	// Commit, the writer is done whatever the result.
@@ -46,7 +41,7 @@ type Writer interface {
 	Abort(ctx context.Context) error
 }
 
-// Reader is random access to a committed blob.
+// Reader is random access to a committed package's body.
 type Reader interface {
 	io.ReaderAt
 	io.Closer
@@ -54,7 +49,9 @@ type Reader interface {
 }
 
 // GarbageCollector is implemented by stores that can leave orphans behind
-// (an interrupted upload); GC removes them and reports how many.
+// (an upload whose writer died); GC removes them and reports how many. It
+// never removes what a live writer holds, a committed package, or anything
+// a concurrent Create, Commit or Delete relies on.
 type GarbageCollector interface {
 	GC(ctx context.Context) (removed int, err error)
 }

@@ -10,6 +10,7 @@ package teleport
 import (
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/kelpie/teleport/vm"
@@ -43,8 +44,9 @@ func ParseKind(s string) (SnapshotKind, error) {
 // FullVM reports whether the kind carries a VM snapshot.
 func (k SnapshotKind) FullVM() bool { return k == KindSuspend || k == KindTeleport }
 
-// Package is a teleport package's manifest. The VM snapshot itself is the
-// package's blob (KLP1), stored beside the manifest in a Store.
+// Package is a teleport package's manifest. The package's body, stored
+// beside the manifest in a Store, is its sections back to back: first the
+// VM snapshot as a KLP1 blob, then (a checkpoint's) workspace archive.
 type Package struct {
 	ID               string            `json:"id"`
 	AgentID          string            `json:"agent_id"`
@@ -54,19 +56,52 @@ type Package struct {
 	CreatedAt        time.Time         `json:"created_at"`
 	SourceHostID     string            `json:"source_host_id,omitempty"`
 	Backend          string            `json:"backend,omitempty"`
-	WorkspaceRef     string            `json:"workspace_ref,omitempty"`
 	AgentState       []byte            `json:"agent_state,omitempty"`
 	Env              map[string]string `json:"env,omitempty"`
+	// UploadID is unique to the upload that made the package, so a writer
+	// whose commit went unanswered can tell its own package from another
+	// writer's of the same id.
+	UploadID string `json:"upload_id,omitempty"`
 	// Snapshot is the blob's metadata section, repeated here so that rules
 	// can be checked without reading the blob. Nil for a checkpoint.
 	Snapshot *vm.SnapshotMetadata `json:"snapshot,omitempty"`
-	// Set by the store on commit: the blob's size and SHA-256 (hex).
+	// Sections locate the parts of the body, in order and back to back
+	// from offset 0: SectionBlob always, SectionWorkspace for a checkpoint
+	// that carries one. Each has its own size and SHA-256, verified before
+	// it is used. The store checks that they add up to the body.
+	Sections []Section `json:"sections,omitempty"`
+	// Set by the store on commit: the whole body's size and SHA-256 (hex).
 	SizeBytes  int64  `json:"size_bytes"`
 	BlobSHA256 string `json:"blob_sha256"`
 }
 
+// Section names.
+const (
+	SectionBlob      = "blob"      // the KLP1 snapshot blob
+	SectionWorkspace = "workspace" // a checkpoint's workspace archive
+)
+
+// Section is one part of a package's body.
+type Section struct {
+	Name   string `json:"name"`
+	Offset int64  `json:"offset"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"`
+}
+
+// Section returns the section called name, if the package has one.
+func (p *Package) Section(name string) (Section, bool) {
+	for _, s := range p.Sections {
+		if s.Name == name {
+			return s, true
+		}
+	}
+	return Section{}, false
+}
+
 // Validate checks a manifest's own consistency (not whether it can be
-// restored somewhere: see Check).
+// restored somewhere: see Check). Once the store has set SizeBytes and
+// BlobSHA256, the sections must exactly fill the body.
 func (p *Package) Validate() error {
 	if err := ValidateID(p.ID); err != nil {
 		return err
@@ -78,13 +113,44 @@ func (p *Package) Validate() error {
 		return fmt.Errorf("package %s: %w", p.ID, err)
 	}
 	if _, err := vm.ParseArchitecture(string(p.SourceArch)); err != nil {
-		return fmt.Errorf("package %s: %v: %w", p.ID, err, ErrInvalidPackage)
+		return fmt.Errorf("package %s: %w: %w", p.ID, err, ErrInvalidPackage)
 	}
 	if _, err := ParseVersion(p.BaseImageVersion); err != nil {
 		return fmt.Errorf("package %s: %w", p.ID, err)
 	}
-	if p.Kind.FullVM() && p.Snapshot == nil {
-		return fmt.Errorf("package %s: a %s package needs VM snapshot metadata: %w", p.ID, p.Kind, ErrInvalidPackage)
+	if p.Kind.FullVM() {
+		if p.Snapshot == nil {
+			return fmt.Errorf("package %s: a %s package needs VM snapshot metadata: %w", p.ID, p.Kind, ErrInvalidPackage)
+		}
+		if p.Snapshot.Architecture != p.SourceArch {
+			return fmt.Errorf("package %s: the manifest says %s, its snapshot %s: %w", p.ID, p.SourceArch, p.Snapshot.Architecture, ErrInvalidPackage)
+		}
+	}
+	return p.validateSections()
+}
+
+func (p *Package) validateSections() error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("package %s: "+format+": %w", append(append([]any{p.ID}, args...), ErrInvalidPackage)...)
+	}
+	var end int64
+	for i, s := range p.Sections {
+		switch {
+		case s.Name != SectionBlob && s.Name != SectionWorkspace:
+			return bad("unknown section %q", s.Name)
+		case (i == 0) != (s.Name == SectionBlob):
+			return bad("the %s section must come first, once", SectionBlob)
+		case i > 1 || (i == 1 && p.Kind != KindCheckpoint):
+			return bad("only a checkpoint carries a %s section", SectionWorkspace)
+		case s.Offset != end || s.Size < 0 || s.Offset > math.MaxInt64-s.Size:
+			return bad("section %s at %d+%d does not follow the previous one (which ends at %d)", s.Name, s.Offset, s.Size, end)
+		case len(s.SHA256) != 64:
+			return bad("section %s has no SHA-256", s.Name)
+		}
+		end = s.Offset + s.Size
+	}
+	if p.BlobSHA256 != "" && len(p.Sections) > 0 && end != p.SizeBytes {
+		return bad("its sections cover %d bytes, its body has %d", end, p.SizeBytes)
 	}
 	return nil
 }
