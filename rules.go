@@ -3,7 +3,6 @@ package teleport
 import (
 	"errors"
 	"fmt"
-	"sort"
 
 	"github.com/kelpie/teleport/vm"
 )
@@ -75,15 +74,22 @@ func Explain(pkg *Package, t vm.HostInfo) []RuleResult {
 
 	full := pkg.Kind.FullVM()
 	md := pkg.Snapshot
+	// The rules a VM snapshot must pass are the backends' own comparison
+	// (vm.CheckSnapshot), one aspect per rule, so that a verdict here is
+	// what the backend will decide.
+	vmRule := func(rule string, category error, err error, okReason string) {
+		var ie *vm.IncompatibleError
+		if errors.As(err, &ie) {
+			err = fmt.Errorf("%s: %w", ie.Reason, category)
+		}
+		add(rule, err, okReason)
+	}
 
 	// Architecture.
-	switch {
-	case !full:
+	if full {
+		vmRule(RuleArchitecture, ErrArchMismatch, hint(vm.CheckArchitecture(*md, t), " (use a checkpoint to cross)"), fmt.Sprintf("same architecture (%s)", t.Arch))
+	} else {
 		add(RuleArchitecture, nil, fmt.Sprintf("a checkpoint may cross architectures (%s -> %s)", pkg.SourceArch, t.Arch))
-	case pkg.SourceArch != t.Arch:
-		add(RuleArchitecture, fmt.Errorf("a %s snapshot was taken on %s and this host is %s; full-memory snapshots restore only on the same architecture (use a checkpoint to cross): %w", pkg.Kind, pkg.SourceArch, t.Arch, ErrArchMismatch), "")
-	default:
-		add(RuleArchitecture, nil, fmt.Sprintf("same architecture (%s)", t.Arch))
 	}
 
 	// Base image MAJOR.MINOR.
@@ -101,60 +107,47 @@ func Explain(pkg *Package, t vm.HostInfo) []RuleResult {
 		}
 	}
 
-	// Host: Suspend always, and any payload its backend ties to one host.
-	// A host-bound backend's snapshot is host-bound even if its metadata
-	// lost the flag (a VZ save file cannot be decrypted elsewhere).
-	hostBound := pkg.Kind == KindSuspend || (full && (md.HostBound || isHostBoundBackend(md.Backend)))
-	srcHost := pkg.SourceHostID
-	if srcHost == "" && md != nil {
-		srcHost = md.HostID
-	}
+	// Host: a suspend always; a VM snapshot when its metadata or its
+	// backend on this host says it is host-bound.
 	switch {
-	case !hostBound:
-		add(RuleHost, nil, "not tied to a host")
-	case srcHost == "":
-		add(RuleHost, fmt.Errorf("a host-bound %s package does not record its host: %w", pkg.Kind, ErrHostMismatch), "")
-	case srcHost != t.HostID:
-		why := "a suspend restores only on the host that made it"
-		if pkg.Kind != KindSuspend {
-			why = fmt.Sprintf("%s snapshots restore only on the host that wrote them (use a checkpoint to move)", md.Backend)
-		}
-		add(RuleHost, fmt.Errorf("package was made on host %s and this is host %s; %s: %w", srcHost, t.HostID, why, ErrHostMismatch), "")
-	default:
+	case pkg.Kind == KindSuspend && pkg.SourceHostID == "":
+		add(RuleHost, fmt.Errorf("a suspend package does not record its host: %w", ErrHostMismatch), "")
+	case pkg.Kind == KindSuspend && pkg.SourceHostID != t.HostID:
+		add(RuleHost, fmt.Errorf("package was made on host %s and this is host %s; a suspend restores only on the host that made it: %w", pkg.SourceHostID, t.HostID, ErrHostMismatch), "")
+	case pkg.Kind == KindSuspend:
 		add(RuleHost, nil, fmt.Sprintf("same host (%s)", t.HostID))
+	case full:
+		vmRule(RuleHost, ErrHostMismatch, hint(vm.CheckHost(*md, t), " (use a checkpoint to move)"), "not tied to another host")
+	default:
+		add(RuleHost, nil, "not tied to a host")
 	}
 
 	// Backend kind and the facts the backend says must match.
-	switch {
-	case !full:
+	if !full {
 		add(RuleBackend, nil, "a checkpoint boots a fresh VM on any backend")
-	case md.Backend == "":
-		add(RuleBackend, fmt.Errorf("the snapshot does not record which backend wrote it: %w", ErrBackendMismatch), "")
-	case md.Backend != t.Backend:
-		add(RuleBackend, fmt.Errorf("the snapshot was written by %s and this host runs %s; a VM snapshot restores only on the backend that wrote it: %w", md.Backend, t.Backend, ErrBackendMismatch), "")
-	default:
-		add(RuleBackend, nil, fmt.Sprintf("same backend (%s)", t.Backend))
+		return out
 	}
-	if full && md.Backend == t.Backend {
-		keys := make([]string, 0, len(md.Compat))
-		for k := range md.Compat {
-			keys = append(keys, k)
+	berr := vm.CheckBackend(*md, t)
+	vmRule(RuleBackend, ErrBackendMismatch, berr, fmt.Sprintf("same backend (%s)", t.Backend))
+	if berr == nil {
+		ferr := vm.CheckLayout(*md, t)
+		if ferr == nil {
+			ferr = vm.CheckFacts(*md, t)
 		}
-		sort.Strings(keys)
-		var bad error
-		for _, k := range keys {
-			want, have := md.Compat[k], t.Compat[k]
-			if want != have {
-				if have == "" {
-					have = "(unknown)"
-				}
-				bad = fmt.Errorf("%s %s: snapshot has %q, this host has %q: %w", t.Backend, k, want, have, ErrBackendMismatch)
-				break
-			}
-		}
-		add(RuleBackendFacts, bad, fmt.Sprintf("%d backend facts match", len(keys)))
+		vmRule(RuleBackendFacts, ErrBackendMismatch, ferr, fmt.Sprintf("layout %s and %d backend facts match", md.Layout, len(md.Compat)))
 	}
 	return out
+}
+
+// hint appends advice to an incompatibility's reason.
+func hint(err error, advice string) error {
+	var ie *vm.IncompatibleError
+	if errors.As(err, &ie) {
+		c := *ie
+		c.Reason += advice
+		return &c
+	}
+	return err
 }
 
 // Check returns nil when pkg may be restored on t, or the first refusal as
@@ -178,7 +171,8 @@ func Check(pkg *Package, t vm.HostInfo) (warnings []string, err error) {
 func ChooseKind(src, dst vm.HostInfo) (SnapshotKind, string) {
 	probe := &Package{ID: "probe", AgentID: "probe", SourceArch: src.Arch, BaseImageVersion: src.BaseImageVersion,
 		SourceHostID: src.HostID, Kind: KindTeleport,
-		Snapshot: &vm.SnapshotMetadata{Backend: src.Backend, HostID: src.HostID, Compat: src.Compat, HostBound: src.HostBound || isHostBoundBackend(src.Backend)}}
+		Snapshot: &vm.SnapshotMetadata{Architecture: src.Arch, Backend: src.Backend, HostID: src.HostID, Compat: src.Compat,
+			HostBound: src.HostBound, IsFullSnapshot: true, Layout: probeLayout(src)}}
 	if src.HostID != "" && src.HostID == dst.HostID {
 		probe.Kind = KindSuspend
 		if _, err := Check(probe, dst); err == nil {
@@ -204,14 +198,10 @@ func ChooseKind(src, dst vm.HostInfo) (SnapshotKind, string) {
 	return KindTeleport, fmt.Sprintf("the target runs %s on %s with matching backend facts: the full VM can move", dst.Backend, dst.Arch)
 }
 
-// HostBoundBackends lists backends whose snapshots never leave their host.
-var hostBoundBackends = []string{"vz"}
-
-func isHostBoundBackend(b string) bool {
-	for _, x := range hostBoundBackends {
-		if x == b {
-			return true
-		}
+// probeLayout is the layout a full snapshot taken on src would have.
+func probeLayout(src vm.HostInfo) vm.Layout {
+	if len(src.Layouts) > 0 {
+		return src.Layouts[0]
 	}
-	return false
+	return vm.LayoutSplit
 }

@@ -64,9 +64,21 @@ func facts(backend, variant string) map[string]string {
 	return map[string]string{"sim_version": "1" + variant, "memory_bytes": "16384"}
 }
 
+// layouts are the snapshot layouts each backend writes and restores.
+func layouts(backend string) []vm.Layout {
+	switch backend {
+	case "firecracker":
+		return []vm.Layout{vm.LayoutSplit}
+	case "vz":
+		return []vm.Layout{vm.LayoutSingle}
+	}
+	return []vm.Layout{vm.LayoutSplit, vm.LayoutSingle}
+}
+
 func hostInfo(id string, arch vm.Architecture, backend, version, factVariant string) vm.HostInfo {
 	return vm.HostInfo{Arch: arch, Backend: backend, BackendVersion: "x", HostID: id,
-		BaseImageVersion: version, Compat: facts(backend, factVariant)}
+		BaseImageVersion: version, Compat: facts(backend, factVariant), HostBound: hostBoundBackend(backend),
+		Layouts: layouts(backend)}
 }
 
 // packageFrom builds the manifest teleport/service writes for a package of
@@ -78,7 +90,7 @@ func packageFrom(src vm.HostInfo, kind teleport.SnapshotKind) *teleport.Package 
 	if kind.FullVM() {
 		p.Snapshot = &vm.SnapshotMetadata{SnapshotID: "snap-1", VMID: "vm-1", Architecture: src.Arch, IsFullSnapshot: true,
 			Backend: src.Backend, BackendVersion: src.BackendVersion, HostID: src.HostID, BaseImageVersion: src.BaseImageVersion,
-			Compat: maps.Clone(src.Compat), HostBound: hostBoundBackend(src.Backend)}
+			Compat: maps.Clone(src.Compat), HostBound: src.HostBound, Layout: src.Layouts[0]}
 	}
 	return p
 }
@@ -286,7 +298,7 @@ func TestRestoreRulesReasons(t *testing.T) {
 			fc("b", vm.ArchX86_64, srcVersion), "", nil, "", ""},
 		{"teleport across architectures", packageFrom(fc("a", vm.ArchX86_64, srcVersion), teleport.KindTeleport),
 			fc("b", vm.ArchArm64, srcVersion), teleport.RuleArchitecture, teleport.ErrArchMismatch,
-			"a teleport snapshot was taken on x86_64 and this host is arm64; full-memory snapshots restore only on the same architecture (use a checkpoint to cross)", ""},
+			"taken on x86_64, and this host is arm64; full-memory snapshots restore only on the same architecture (use a checkpoint to cross)", ""},
 		{"checkpoint across architectures", packageFrom(fc("a", vm.ArchX86_64, srcVersion), teleport.KindCheckpoint),
 			fc("b", vm.ArchArm64, srcVersion), "", nil, "a checkpoint may cross architectures (x86_64 -> arm64)", ""},
 		{"suspend to another host", packageFrom(fc("a", vm.ArchX86_64, srcVersion), teleport.KindSuspend),
@@ -298,10 +310,10 @@ func TestRestoreRulesReasons(t *testing.T) {
 		{"vz suspend on its Mac", packageFrom(mac("mac-a"), teleport.KindSuspend), mac("mac-a"), "", nil, "same host (mac-a)", ""},
 		{"firecracker upgraded", packageFrom(fc("a", vm.ArchX86_64, srcVersion), teleport.KindTeleport),
 			hostInfo("b", vm.ArchX86_64, "firecracker", srcVersion, "-other"), teleport.RuleBackendFacts, teleport.ErrBackendMismatch,
-			`firecracker firecracker_version: snapshot has "1.7.0", this host has "1.7.0-other"`, ""},
+			`firecracker firecracker_version: the snapshot has "1.7.0", this host has "1.7.0-other"`, ""},
 		{"another backend", packageFrom(fc("a", vm.ArchX86_64, srcVersion), teleport.KindTeleport),
 			hostInfo("b", vm.ArchX86_64, "sim", srcVersion, ""), teleport.RuleBackend, teleport.ErrBackendMismatch,
-			"the snapshot was written by firecracker and this host runs sim", ""},
+			"written by firecracker, and this host runs sim", ""},
 		{"base image patch", packageFrom(fc("a", vm.ArchX86_64, srcVersion), teleport.KindTeleport),
 			fc("b", vm.ArchX86_64, "1.2.9"), "", nil, "", "base image patch differs (1.2.3 vs 1.2.9); allowed"},
 		{"base image minor", packageFrom(fc("a", vm.ArchX86_64, srcVersion), teleport.KindCheckpoint),
@@ -314,14 +326,15 @@ func TestRestoreRulesReasons(t *testing.T) {
 				h := fc("b", vm.ArchX86_64, srcVersion)
 				delete(h.Compat, "cpu_model")
 				return h
-			}(), teleport.RuleBackendFacts, teleport.ErrBackendMismatch, `this host has "(unknown)"`, ""},
+			}(), teleport.RuleBackendFacts, teleport.ErrBackendMismatch, `cpu_model: the snapshot has "AMD EPYC (family 25 model 1)", this host does not know it`, ""},
 		{"host-bound package without its host", func() *teleport.Package {
 			p := packageFrom(mac("mac-a"), teleport.KindTeleport)
 			p.SourceHostID, p.Snapshot.HostID = "", ""
 			return p
 		}(), mac("mac-b"), teleport.RuleHost, teleport.ErrHostMismatch, "does not record its host", ""},
-		// VZ save files are host-bound whatever the metadata says: a
-		// manifest that lost the flag must not pass.
+		// VZ save files are host-bound whatever the metadata says (the
+		// target's HostInfo says so): a manifest that lost the flag must
+		// not pass.
 		{"vz package without the host-bound flag", func() *teleport.Package {
 			p := packageFrom(mac("mac-a"), teleport.KindTeleport)
 			p.Snapshot.HostBound = false
@@ -405,7 +418,7 @@ func TestChooseKindReasons(t *testing.T) {
 		{"same Mac", hostInfo("mac-a", vm.ArchArm64, "vz", srcVersion, ""), hostInfo("mac-a", vm.ArchArm64, "vz", srcVersion, ""),
 			teleport.KindSuspend, "the target is this host"},
 		{"this host after a hypervisor upgrade", fc("a", vm.ArchX86_64, srcVersion, ""), fc("a", vm.ArchX86_64, srcVersion, "-other"),
-			teleport.KindCheckpoint, `firecracker_version: snapshot has "1.7.0", this host has "1.7.0-other"`},
+			teleport.KindCheckpoint, `firecracker_version: the snapshot has "1.7.0", this host has "1.7.0-other"`},
 		{"other backend", fc("a", vm.ArchX86_64, srcVersion, ""), hostInfo("b", vm.ArchX86_64, "sim", srcVersion, ""),
 			teleport.KindCheckpoint, "a VM snapshot restores only on the backend that wrote it"},
 		{"base image minor", fc("a", vm.ArchX86_64, srcVersion, ""), fc("b", vm.ArchX86_64, "1.3.0", ""),

@@ -81,7 +81,7 @@ func TestPackageValidate(t *testing.T) {
 // A backend that declares its snapshots host-bound never gets Teleport to
 // another host, whatever its name.
 func TestChooseKindHonoursHostBound(t *testing.T) {
-	src := vm.HostInfo{Arch: vm.ArchArm64, Backend: "sim", HostID: "mac-1", BaseImageVersion: "1.0.0", HostBound: true}
+	src := vm.HostInfo{Arch: vm.ArchArm64, Backend: "sim", HostID: "mac-1", BaseImageVersion: "1.0.0", HostBound: true, Layouts: []vm.Layout{vm.LayoutSingle}}
 	dst := src
 	dst.HostID = "mac-2"
 	if k, why := ChooseKind(src, dst); k != KindCheckpoint || !strings.Contains(why, "host") {

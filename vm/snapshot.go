@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"os"
 )
@@ -134,6 +135,30 @@ func (p BytesPayload) Open() (io.ReadCloser, error) {
 	return io.NopCloser(bytes.NewReader(p)), nil
 }
 
+// FileDigest is what a snapshot records of one payload file.
+type FileDigest struct {
+	Size   int64
+	SHA256 string // hex
+	CRC32C uint32 // Kelpie's checksum field (of the device state)
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// HashFile reads a file once and returns its size, SHA-256 and CRC-32C.
+func HashFile(path string) (FileDigest, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return FileDigest{}, err
+	}
+	defer f.Close()
+	sh, cr := sha256.New(), crc32.New(castagnoli)
+	n, err := io.Copy(io.MultiWriter(sh, cr), f)
+	if err != nil {
+		return FileDigest{}, err
+	}
+	return FileDigest{Size: n, SHA256: hex.EncodeToString(sh.Sum(nil)), CRC32C: cr.Sum32()}, nil
+}
+
 // HashPayload returns the SHA-256 (hex) of a payload, streaming it.
 func HashPayload(p Payload) (string, error) {
 	h := sha256.New()
@@ -152,41 +177,4 @@ func HashPayload(p Payload) (string, error) {
 		}
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-// VerifyPayloads checks both payloads against the checksums and sizes the
-// metadata records. It reads each payload once, streaming.
-func VerifyPayloads(s *Snapshot) error {
-	md := s.Metadata
-	for _, sec := range []struct {
-		name string
-		p    Payload
-		sum  string
-		size int64
-	}{{"snapshot", s.DeviceState, md.DeviceStateSHA256, md.DeviceStateSize}, {"memory", s.Memory, md.MemorySHA256, md.MemorySize}} {
-		if got := PayloadSize(sec.p); got != sec.size {
-			return fmt.Errorf("snapshot %s: %s section has %d bytes, metadata says %d: %w", md.SnapshotID, sec.name, got, sec.size, ErrCorrupt)
-		}
-		if sec.sum == "" {
-			if sec.size == 0 {
-				continue
-			}
-			return fmt.Errorf("snapshot %s: %s section has no recorded checksum: %w", md.SnapshotID, sec.name, ErrCorrupt)
-		}
-		got, err := HashPayload(sec.p)
-		if err != nil {
-			return fmt.Errorf("snapshot %s: hash %s section: %w", md.SnapshotID, sec.name, err)
-		}
-		if got != sec.sum {
-			return fmt.Errorf("snapshot %s: %s section checksum mismatch (sha256 %s, metadata says %s): %w", md.SnapshotID, sec.name, got[:12], short(sec.sum), ErrCorrupt)
-		}
-	}
-	return nil
-}
-
-func short(s string) string {
-	if len(s) > 12 {
-		return s[:12]
-	}
-	return s
 }

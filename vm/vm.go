@@ -49,6 +49,7 @@ func ParseState(s string) (State, error) {
 
 // Instance is one VM. Every blocking call takes ctx first and returns when ctx
 // is done. Illegal transitions return an error that matches ErrInvalidState.
+// Abilities only some backends have are role interfaces (roles.go).
 type Instance interface {
 	// ID is stable for the life of the instance and unique on its host.
 	ID() string
@@ -74,9 +75,6 @@ type Instance interface {
 	// the capture and resumed afterwards; a Paused VM stays paused. The
 	// caller owns the returned snapshot and must Close it.
 	Snapshot(ctx context.Context) (*Snapshot, error)
-	// Restore loads a snapshot into a Created or Stopped VM, which is Paused
-	// afterwards. The snapshot's payloads are only read, never modified.
-	Restore(ctx context.Context, snap *Snapshot) error
 
 	// Destroy stops the VM if needed and removes everything it owns on the
 	// host. A destroyed instance accepts no further calls.
@@ -89,8 +87,11 @@ type Factory interface {
 	Host() HostInfo
 	// Create makes a new instance in state Created.
 	Create(ctx context.Context, cfg Config) (Instance, error)
-	// CreateFromSnapshot makes an instance and restores snap into it. The
-	// instance is Paused on success; on failure nothing is left behind.
+	// CreateFromSnapshot makes an instance and restores snap into it. It
+	// refuses a snapshot this host cannot restore (CheckSnapshot) before
+	// making anything, and verifies the payloads (Stage) before the
+	// hypervisor starts. The instance is Paused on success; on failure
+	// nothing is left behind. The snapshot's payloads are only read.
 	CreateFromSnapshot(ctx context.Context, cfg Config, snap *Snapshot) (Instance, error)
 }
 
@@ -107,6 +108,8 @@ type HostInfo struct {
 	// HostBound: this backend's snapshots restore only on this host (an
 	// Apple VZ save file is encrypted with a key of the Mac that wrote it).
 	HostBound bool
+	// Layouts are the snapshot layouts this backend restores.
+	Layouts []Layout
 }
 
 // ExecOptions tunes one Exec call. Zero values mean "backend default".
@@ -129,27 +132,29 @@ type ExecResult struct {
 
 // Payload is one section of a snapshot: a file or a reader of known size.
 // Open returns a fresh reader positioned at the start each time it is called,
-// so a payload can be read more than once (to verify, then to restore)
-// without ever being held in memory whole.
+// so a payload can be read more than once without ever being held in
+// memory whole.
 type Payload interface {
 	Size() int64
 	Open() (io.ReadCloser, error)
 }
 
-// Snapshot is metadata plus up to two payload sections. Single-file layouts
-// (VZ-like) fill State only; split layouts (Firecracker-like) fill both.
+// Snapshot is metadata plus up to two payloads: the device state (KLP1's
+// "snapshot" section) and the guest memory (its "memory" section).
+// Single-file layouts (VZ-like, a QEMU stream with RAM inside) fill
+// DeviceState only; split layouts (Firecracker-like) fill both.
 type Snapshot struct {
 	Metadata    SnapshotMetadata
-	DeviceState Payload // the snapshot section; nil when empty
-	Memory      Payload // the memory section; nil when empty
+	DeviceState Payload // nil when empty
+	Memory      Payload // nil when empty
 
 	release func() error
 }
 
 // NewSnapshot builds a snapshot whose Close calls release (may be nil), for
 // backends that own temporary files behind the payloads.
-func NewSnapshot(md SnapshotMetadata, state, memory Payload, release func() error) *Snapshot {
-	return &Snapshot{Metadata: md, DeviceState: state, Memory: memory, release: release}
+func NewSnapshot(md SnapshotMetadata, deviceState, memory Payload, release func() error) *Snapshot {
+	return &Snapshot{Metadata: md, DeviceState: deviceState, Memory: memory, release: release}
 }
 
 // Close releases whatever backs the payloads. It is safe to call twice.

@@ -208,10 +208,10 @@ func TestIncompatibleHostRefusedBeforeLaunch(t *testing.T) {
 		mut  func(h *hostFacts)
 		want string
 	}{
-		{"firecracker version", func(h *hostFacts) { h.Version = "1.8.0" }, `firecracker_version is "1.7.0" in the snapshot and "1.8.0"`},
+		{"firecracker version", func(h *hostFacts) { h.Version = "1.8.0" }, `firecracker_version: the snapshot has "1.7.0", this host has "1.8.0"`},
 		{"cpu model", func(h *hostFacts) { h.CPUModel = "AMD EPYC (family 25 model 17)" }, "cpu_model"},
 		{"cpu vendor", func(h *hostFacts) { h.CPUVendor = "GenuineIntel" }, "cpu_vendor"},
-		{"host kernel", func(h *hostFacts) { h.KernelClass = "5.10" }, `host_kernel is "6.1" in the snapshot and "5.10"`},
+		{"host kernel", func(h *hostFacts) { h.KernelClass = "5.10" }, `host_kernel: the snapshot has "6.1", this host has "5.10"`},
 		{"architecture", func(h *hostFacts) { h.Arch = vm.ArchArm64 }, "this host is arm64"},
 	} {
 		t.Run(c.name, func(t *testing.T) {

@@ -74,7 +74,7 @@ func (systemClock) Now() time.Time { return time.Now() }
 func (f *Factory) Host() vm.HostInfo {
 	return vm.HostInfo{Arch: f.spec.Arch, Backend: f.spec.Backend, BackendVersion: f.spec.BackendVersion,
 		HostID: f.spec.HostID, BaseImageVersion: f.spec.BaseImageVersion, Compat: maps.Clone(f.spec.Compat),
-		HostBound: f.spec.HostBound}
+		HostBound: f.spec.HostBound, Layouts: []vm.Layout{f.spec.Layout}}
 }
 
 // Spec returns the factory's spec.
@@ -186,7 +186,7 @@ func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *v
 	if err != nil {
 		return nil, err
 	}
-	if err := v.Restore(ctx, snap); err != nil {
+	if err := v.restore(ctx, snap); err != nil {
 		sctx, cancel := settleContext(ctx)
 		defer cancel()
 		if derr := v.Destroy(sctx); derr != nil {

@@ -332,20 +332,20 @@ func (v *Instance) Snapshot(ctx context.Context) (_ *vm.Snapshot, err error) {
 // describe hashes the saved files and builds the snapshot over them.
 func (v *Instance) describe(snapID, sdir string, now time.Time, files Files) (*vm.Snapshot, error) {
 	s := v.f.spec
-	state, err := hashFile(files.State)
+	state, err := vm.HashFile(files.State)
 	if err != nil {
 		return nil, fmt.Errorf("vm %s: snapshot: read state file: %w", v.id, err)
 	}
-	if state.size == 0 {
+	if state.Size == 0 {
 		return nil, fmt.Errorf("vm %s: snapshot: the %s driver wrote an empty state file: %w", v.id, s.Backend, vm.ErrCorrupt)
 	}
 	md := vm.SnapshotMetadata{
 		SnapshotID: snapID, VMID: v.id, CreatedAtMs: now.UnixMilli(),
-		Checksum:     state.crc32c,
+		Checksum:     state.CRC32C,
 		Architecture: s.Arch, VCPUCount: v.cfg.VCPUs, MemoryMiB: v.cfg.MemoryMiB, IsFullSnapshot: true,
 		Backend: s.Backend, BackendVersion: s.BackendVersion, HostID: s.HostID, Layout: s.Layout,
 		BaseImageVersion:  v.cfg.BaseImageVersion,
-		DeviceStateSHA256: state.sha256, DeviceStateSize: state.size,
+		DeviceStateSHA256: state.SHA256, DeviceStateSize: state.Size,
 		Compat: maps.Clone(s.Compat), HostBound: s.HostBound,
 	}
 	statePayload, err := vm.NewFilePayload(files.State)
@@ -354,14 +354,14 @@ func (v *Instance) describe(snapID, sdir string, now time.Time, files Files) (*v
 	}
 	var memPayload vm.Payload
 	if files.Memory != "" {
-		mem, err := hashFile(files.Memory)
+		mem, err := vm.HashFile(files.Memory)
 		if err != nil {
 			return nil, fmt.Errorf("vm %s: snapshot: read memory file: %w", v.id, err)
 		}
-		if mem.size == 0 {
+		if mem.Size == 0 {
 			return nil, fmt.Errorf("vm %s: snapshot: the %s driver wrote an empty memory file: %w", v.id, s.Backend, vm.ErrCorrupt)
 		}
-		md.MemorySHA256, md.MemorySize = mem.sha256, mem.size
+		md.MemorySHA256, md.MemorySize = mem.SHA256, mem.Size
 		p, err := vm.NewFilePayload(files.Memory)
 		if err != nil {
 			return nil, fmt.Errorf("vm %s: snapshot: %w", v.id, err)
@@ -372,23 +372,17 @@ func (v *Instance) describe(snapID, sdir string, now time.Time, files Files) (*v
 	return vm.NewSnapshot(md, statePayload, memPayload, func() error { return os.RemoveAll(sdir) }), nil
 }
 
-// Restore loads snap into a Created or Stopped VM, which is Paused
-// afterwards. The snapshot is checked against this host first, then its
-// payloads are copied into the VM directory and verified in one pass; the
-// driver never sees bytes that failed their checksum. snap is only read.
-func (v *Instance) Restore(ctx context.Context, snap *vm.Snapshot) error {
+// restore loads snap, which the factory has checked against this host,
+// into a Created VM, which is Paused afterwards. Its payloads are copied
+// into the VM directory and verified in one pass; the driver never sees
+// bytes that failed their checksum. snap is only read.
+func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) error {
 	if err := v.lock(ctx, vm.OpRestore); err != nil {
 		return err
 	}
 	defer v.unlock()
 	if _, _, err := v.begin(ctx, vm.OpRestore); err != nil {
 		return err
-	}
-	if snap == nil {
-		return fmt.Errorf("vm %s: restore: no snapshot: %w", v.id, vm.ErrInvalidConfig)
-	}
-	if err := v.f.checkSnapshot(snap, v.cfg); err != nil {
-		return fmt.Errorf("vm %s: restore: %w", v.id, err)
 	}
 	files, err := v.stage(snap)
 	if err != nil {
@@ -405,10 +399,9 @@ func (v *Instance) Restore(ctx context.Context, snap *vm.Snapshot) error {
 	return nil
 }
 
-// stage copies snap's payloads into a fresh restore directory, verifying
-// sizes and checksums on the way.
+// stage copies snap's payloads into a fresh restore directory through
+// vm.Stage, which verifies sizes and checksums in the same pass.
 func (v *Instance) stage(snap *vm.Snapshot) (Files, error) {
-	md := snap.Metadata
 	dir := filepath.Join(v.dir, restoreDirName)
 	if err := os.RemoveAll(dir); err != nil {
 		return Files{}, err
@@ -417,12 +410,12 @@ func (v *Instance) stage(snap *vm.Snapshot) (Files, error) {
 		return Files{}, err
 	}
 	files := Files{State: filepath.Join(dir, stateFileName)}
-	err := stagePayload(snap.DeviceState, files.State, "snapshot", md.DeviceStateSHA256, md.DeviceStateSize, md.SnapshotID)
-	if err == nil && v.f.spec.Layout == vm.LayoutSplit {
+	var memory vm.Sink
+	if v.f.spec.Layout == vm.LayoutSplit {
 		files.Memory = filepath.Join(dir, memoryFileName)
-		err = stagePayload(snap.Memory, files.Memory, "memory", md.MemorySHA256, md.MemorySize, md.SnapshotID)
+		memory = fileSink(files.Memory)
 	}
-	if err != nil {
+	if err := vm.Stage(snap, fileSink(files.State), memory); err != nil {
 		os.RemoveAll(dir)
 		return Files{}, err
 	}

@@ -93,10 +93,11 @@ func NewFactory(o Options) *Factory {
 	return &Factory{opts: o}
 }
 
-// Host describes the simulated host.
+// Host describes the simulated host. It restores both layouts.
 func (f *Factory) Host() vm.HostInfo {
 	return vm.HostInfo{Arch: f.opts.Arch, Backend: BackendName, BackendVersion: BackendVersion, HostID: f.opts.HostID,
-		BaseImageVersion: f.opts.BaseImageVersion, Compat: f.compat(), HostBound: f.opts.HostBound}
+		BaseImageVersion: f.opts.BaseImageVersion, Compat: f.compat(), HostBound: f.opts.HostBound,
+		Layouts: []vm.Layout{vm.LayoutSplit, vm.LayoutSingle}}
 }
 
 func (f *Factory) compat() map[string]string {
@@ -128,14 +129,23 @@ func (f *Factory) create(ctx context.Context, cfg vm.Config) (*VM, error) {
 	return &VM{f: f, id: id, cfg: cfg, state: vm.StateCreated, kv: map[string]string{}}, nil
 }
 
-// CreateFromSnapshot makes a VM and restores snap into it (Paused).
+// CreateFromSnapshot makes a VM and restores snap into it (Paused). A
+// snapshot this host cannot restore is refused before anything is made.
 func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *vm.Snapshot) (vm.Instance, error) {
+	if snap == nil {
+		return nil, fmt.Errorf("restore: no snapshot: %w", vm.ErrInvalidConfig)
+	}
+	if err := vm.CheckSnapshot(snap.Metadata, f.Host()); err != nil {
+		return nil, err
+	}
 	v, err := f.create(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
-	if err := v.Restore(ctx, snap); err != nil {
-		v.Destroy(ctx)
+	if err := v.restore(ctx, snap); err != nil {
+		if derr := v.Destroy(context.WithoutCancel(ctx)); derr != nil {
+			return nil, fmt.Errorf("%w (and removing the half-restored VM failed: %v)", err, derr)
+		}
 		return nil, err
 	}
 	return v, nil
@@ -150,6 +160,8 @@ type VM struct {
 	state vm.State
 	kv    map[string]string
 	execs uint64
+	// destroyed: Destroy succeeded; the VM accepts nothing more.
+	destroyed bool
 }
 
 // ID returns the VM id.
@@ -176,6 +188,9 @@ func (v *VM) fault(point string) error {
 func (v *VM) transition(ctx context.Context, op string) error {
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if v.destroyed {
+		return fmt.Errorf("vm %s: %s: destroyed: %w", v.id, op, vm.ErrNotFound)
 	}
 	if v.state == vm.StateCrashed && op != vm.OpStop {
 		return fmt.Errorf("vm %s: %s: %w", v.id, op, vm.ErrCrashed)
@@ -247,11 +262,21 @@ func (v *VM) Crash() {
 	v.kv = map[string]string{}
 }
 
-// Destroy removes the VM.
+// OpDestroy is the fault point of Destroy.
+const OpDestroy = "destroy"
+
+// Destroy removes the VM. An injected fault fails it and leaves the VM as
+// it was, as a hypervisor that will not die would.
 func (v *VM) Destroy(ctx context.Context) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	v.state = vm.StateStopped
+	if v.destroyed {
+		return nil
+	}
+	if err := v.fault(OpDestroy); err != nil {
+		return fmt.Errorf("vm %s: destroy: %w", v.id, err)
+	}
+	v.state, v.destroyed = vm.StateStopped, true
 	v.kv = map[string]string{}
 	return nil
 }
@@ -486,37 +511,25 @@ func sum(b []byte) string {
 	return hex.EncodeToString(s[:])
 }
 
-// Restore loads a snapshot into a Created or Stopped VM, leaving it Paused.
-// It refuses snapshots of another backend or architecture and payloads that
-// fail their checksums.
-func (v *VM) Restore(ctx context.Context, snap *vm.Snapshot) error {
+// restore loads a snapshot into a Created VM, leaving it Paused. The
+// payloads go through vm.Stage, the one stage-and-verify path: nothing is
+// decoded from bytes that failed their checksum.
+func (v *VM) restore(ctx context.Context, snap *vm.Snapshot) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if err := v.transition(ctx, vm.OpRestore); err != nil {
 		return err
 	}
 	md := snap.Metadata
-	switch {
-	case md.Backend != BackendName:
-		return fmt.Errorf("vm %s: snapshot %s was written by backend %q, not sim: %w", v.id, md.SnapshotID, md.Backend, vm.ErrIncompatible)
-	case md.Architecture != v.f.opts.Arch:
-		return fmt.Errorf("vm %s: snapshot %s is %s, this host is %s: %w", v.id, md.SnapshotID, md.Architecture, v.f.opts.Arch, vm.ErrIncompatible)
-	case md.HostBound && md.HostID != v.f.opts.HostID:
-		return fmt.Errorf("vm %s: snapshot %s is bound to host %s: %w", v.id, md.SnapshotID, md.HostID, vm.ErrIncompatible)
+	var state, mem []byte
+	memSink := vm.Sink(func(r io.Reader) (err error) { mem, err = readBounded(r, payloadMaxBytes); return err })
+	if md.Layout == vm.LayoutSingle {
+		memSink = nil
 	}
-	// Checksums are verified when recorded; the simulation's planted
-	// "skip checksums" bug clears them to show what restoring unverified
-	// payloads does.
-	if md.DeviceStateSHA256 != "" || md.MemorySHA256 != "" {
-		if err := vm.VerifyPayloads(snap); err != nil {
-			return err
-		}
+	if err := vm.Stage(snap, func(r io.Reader) (err error) { state, err = readBounded(r, payloadMaxBytes); return err }, memSink); err != nil {
+		return fmt.Errorf("vm %s: restore: %w", v.id, err)
 	}
-	state, err := readPayload(snap.DeviceState, 1<<30)
-	if err != nil {
-		return err
-	}
-	var cpu, mem []byte
+	var cpu []byte
 	if md.Layout == vm.LayoutSingle {
 		if len(state) < 8 || string(state[:4]) != singleMagic {
 			return fmt.Errorf("vm %s: single-file snapshot is malformed: %w", v.id, vm.ErrCorrupt)
@@ -528,12 +541,9 @@ func (v *VM) Restore(ctx context.Context, snap *vm.Snapshot) error {
 		cpu, mem = state[8:8+n], state[8+n:]
 	} else {
 		cpu = state
-		if mem, err = readPayload(snap.Memory, 1<<30); err != nil {
-			return err
-		}
 	}
 	if len(mem) != v.f.opts.MemoryBytes {
-		return fmt.Errorf("vm %s: snapshot has %d bytes of guest memory, this host gives %d: %w", v.id, len(mem), v.f.opts.MemoryBytes, vm.ErrIncompatible)
+		return fmt.Errorf("vm %s: snapshot has %d bytes of guest memory, this host gives %d: %w", v.id, len(mem), v.f.opts.MemoryBytes, vm.ErrCorrupt)
 	}
 	var cs cpuState
 	if err := json.Unmarshal(cpu, &cs); err != nil {
@@ -547,19 +557,18 @@ func (v *VM) Restore(ctx context.Context, snap *vm.Snapshot) error {
 	return nil
 }
 
-func readPayload(p vm.Payload, limit int64) ([]byte, error) {
-	if p == nil {
-		return nil, nil
-	}
-	if p.Size() > limit {
-		return nil, fmt.Errorf("payload of %d bytes is too large for the simulator: %w", p.Size(), vm.ErrCorrupt)
-	}
-	rc, err := p.Open()
+// payloadMaxBytes bounds what the simulator reads into memory.
+const payloadMaxBytes = 1 << 30
+
+func readBounded(r io.Reader, limit int64) ([]byte, error) {
+	b, err := io.ReadAll(io.LimitReader(r, limit+1))
 	if err != nil {
 		return nil, err
 	}
-	defer rc.Close()
-	return io.ReadAll(io.LimitReader(rc, limit))
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("payload larger than the simulator's %d bytes: %w", limit, vm.ErrCorrupt)
+	}
+	return b, nil
 }
 
 // StepClock is a deterministic clock: each reading advances it by Step.

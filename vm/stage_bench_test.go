@@ -1,4 +1,4 @@
-package hostvm
+package vm_test
 
 import (
 	"crypto/rand"
@@ -10,9 +10,9 @@ import (
 	"github.com/kelpie/teleport/vm"
 )
 
-// Restore staging: the core copies each payload into the VM directory and
-// checks its SHA-256 in the same, pipelined pass (stagePayload). The
-// baseline is the obvious two-pass way: vm.VerifyPayloads, then io.Copy.
+// Restore staging: a backend copies each payload to its staging file and
+// checks its SHA-256 in the same, pipelined pass (vm.Stage). The baseline
+// is the obvious two-pass way: vm.VerifyPayloads, then io.Copy.
 // The payload is a section of a file, as the service hands a restore
 // the blob in a store/fs package (a *vm.SectionPayload); the Whole
 // variants read a *vm.FilePayload, where io.Copy can use copy_file_range.
@@ -30,12 +30,12 @@ func benchPayload(b *testing.B) (*vm.Snapshot, string) {
 		b.Fatal(err)
 	}
 	fh.Close()
-	sum, err := hashFile(p)
+	sum, err := vm.HashFile(p)
 	if err != nil {
 		b.Fatal(err)
 	}
 	fp, _ := vm.NewFilePayload(p)
-	md := vm.SnapshotMetadata{SnapshotID: "bench", DeviceStateSHA256: sum.sha256, DeviceStateSize: sum.size}
+	md := vm.SnapshotMetadata{SnapshotID: "bench", DeviceStateSHA256: sum.SHA256, DeviceStateSize: sum.Size}
 	return vm.NewSnapshot(md, fp, nil, nil), dir
 }
 
@@ -75,8 +75,18 @@ func benchOnePass(b *testing.B, snap *vm.Snapshot, dir string) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		os.Remove(out)
-		md := snap.Metadata
-		if err := stagePayload(snap.DeviceState, out, "snapshot", md.DeviceStateSHA256, md.DeviceStateSize, md.SnapshotID); err != nil {
+		err := vm.Stage(snap, func(r io.Reader) error {
+			fh, err := os.Create(out)
+			if err != nil {
+				return err
+			}
+			_, err = io.Copy(fh, r)
+			if cerr := fh.Close(); err == nil {
+				err = cerr
+			}
+			return err
+		}, nil)
+		if err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -1,0 +1,187 @@
+package vm
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"maps"
+	"time"
+)
+
+// Roles: abilities only some backends have. Callers find them by type
+// assertion, through the helpers below, never by casting to a backend's
+// concrete type; a backend that gains a role works everywhere at once.
+// Each role has a sentinel that a caller gets when the backend lacks it;
+// every sentinel also matches ErrUnsupported.
+
+// Attacher is a Factory whose VMs outlive the process that made them:
+// Attach returns a handle on an existing VM by name (ErrNotFound if none).
+type Attacher interface {
+	Attach(ctx context.Context, name string) (Instance, error)
+}
+
+// Lister is a Factory that can list the VMs it has on this host.
+type Lister interface {
+	List(ctx context.Context) ([]Info, error)
+}
+
+// Info describes one VM in a listing.
+type Info struct {
+	Name      string
+	Backend   string
+	State     State
+	PID       int // the hypervisor process, 0 if none runs
+	VCPUs     int
+	MemoryMiB int
+	Accel     string // the accelerator, where the backend has a choice
+	Dir       string // where the VM's files live on this host
+	CreatedAt time.Time
+}
+
+// Detacher is an Instance handle that holds connections other processes
+// need (a QEMU socket serves one client at a time): Detach releases them
+// and the VM keeps running. The handle may be used again afterwards.
+type Detacher interface {
+	Detach() error
+}
+
+// ReadyWaiter is an Instance whose guest may need a moment after Resume to
+// answer commands again (after a restore, the first answer is the moment
+// it is usable): WaitReady returns once it does.
+type ReadyWaiter interface {
+	WaitReady(ctx context.Context) error
+}
+
+// WorkspaceArchiver is an Instance that can carry its guest's workspace
+// (/workspace) as one archive: what a checkpoint takes along when it
+// leaves the VM behind.
+type WorkspaceArchiver interface {
+	ArchiveWorkspace(ctx context.Context, w io.Writer) (int64, error)
+	RestoreWorkspace(ctx context.Context, r io.Reader) error
+}
+
+// LayoutSnapshotter is an Instance that can snapshot in more than one
+// layout.
+type LayoutSnapshotter interface {
+	SnapshotLayout(ctx context.Context, layout Layout) (*Snapshot, error)
+}
+
+// FactsReporter is an Instance whose snapshots record backend facts of
+// their own rather than its factory's (a QEMU VM keeps the accelerator it
+// was created with).
+type FactsReporter interface {
+	Compat() map[string]string
+}
+
+// DowntimeReporter is an Instance that measures how long its last
+// Snapshot kept a running guest stopped.
+type DowntimeReporter interface {
+	LastSnapshotDowntime() time.Duration
+}
+
+// The sentinels of the roles.
+var (
+	ErrNoAttach    = &roleError{"re-attach a VM made by another process"}
+	ErrNoList      = &roleError{"list its VMs"}
+	ErrNoWorkspace = &roleError{"archive a guest workspace"}
+	ErrNoLayout    = &roleError{"choose a snapshot layout"}
+)
+
+type roleError struct{ what string }
+
+func (e *roleError) Error() string { return "backend cannot " + e.what }
+
+// Is makes every role sentinel match ErrUnsupported.
+func (e *roleError) Is(target error) bool { return target == ErrUnsupported }
+
+func lacks(backend string, sentinel *roleError) error {
+	return fmt.Errorf("backend %s cannot %s: %w", backend, sentinel.what, sentinel)
+}
+
+// Attach returns a handle on VM name of f, or ErrNoAttach when f's VMs do
+// not outlive the process that made them.
+func Attach(ctx context.Context, f Factory, name string) (Instance, error) {
+	a, ok := f.(Attacher)
+	if !ok {
+		return nil, lacks(f.Host().Backend, ErrNoAttach)
+	}
+	return a.Attach(ctx, name)
+}
+
+// List lists f's VMs, or fails with ErrNoList.
+func List(ctx context.Context, f Factory) ([]Info, error) {
+	l, ok := f.(Lister)
+	if !ok {
+		return nil, lacks(f.Host().Backend, ErrNoList)
+	}
+	return l.List(ctx)
+}
+
+// Detach releases inst's connections if it holds any; the VM keeps
+// running. A backend without the role holds none.
+func Detach(inst Instance) error {
+	if d, ok := inst.(Detacher); ok {
+		return d.Detach()
+	}
+	return nil
+}
+
+// WaitReady returns once inst's guest answers. A backend without the role
+// is ready when Resume returns.
+func WaitReady(ctx context.Context, inst Instance) error {
+	if w, ok := inst.(ReadyWaiter); ok {
+		return w.WaitReady(ctx)
+	}
+	return nil
+}
+
+// ArchiveWorkspace writes inst's guest workspace to w, or fails with
+// ErrNoWorkspace.
+func ArchiveWorkspace(ctx context.Context, f Factory, inst Instance, w io.Writer) (int64, error) {
+	a, ok := inst.(WorkspaceArchiver)
+	if !ok {
+		return 0, lacks(f.Host().Backend, ErrNoWorkspace)
+	}
+	return a.ArchiveWorkspace(ctx, w)
+}
+
+// RestoreWorkspace unpacks a workspace archive into inst's guest, or fails
+// with ErrNoWorkspace.
+func RestoreWorkspace(ctx context.Context, f Factory, inst Instance, r io.Reader) error {
+	a, ok := inst.(WorkspaceArchiver)
+	if !ok {
+		return lacks(f.Host().Backend, ErrNoWorkspace)
+	}
+	return a.RestoreWorkspace(ctx, r)
+}
+
+// SnapshotLayout snapshots inst in layout; "" is the backend's own
+// layout. Another layout from a backend without the role is ErrNoLayout.
+func SnapshotLayout(ctx context.Context, f Factory, inst Instance, layout Layout) (*Snapshot, error) {
+	if layout == "" {
+		return inst.Snapshot(ctx)
+	}
+	if l, ok := inst.(LayoutSnapshotter); ok {
+		return l.SnapshotLayout(ctx, layout)
+	}
+	return nil, lacks(f.Host().Backend, ErrNoLayout)
+}
+
+// SnapshotHost is what a snapshot of inst would record about its host:
+// f's host, with inst's own backend facts where it has them.
+func SnapshotHost(f Factory, inst Instance) HostInfo {
+	h := f.Host()
+	if r, ok := inst.(FactsReporter); ok {
+		h.Compat = maps.Clone(r.Compat())
+	}
+	return h
+}
+
+// LastSnapshotDowntime is how long inst's last snapshot stopped its guest,
+// and whether the backend measures it.
+func LastSnapshotDowntime(inst Instance) (time.Duration, bool) {
+	if r, ok := inst.(DowntimeReporter); ok {
+		return r.LastSnapshotDowntime(), true
+	}
+	return 0, false
+}

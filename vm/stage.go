@@ -1,0 +1,192 @@
+package vm
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+)
+
+// Section names as errors and users see them.
+const (
+	SectionDeviceState = "device-state"
+	SectionMemory      = "memory"
+)
+
+// A Sink consumes one payload section (writes it to a staging file,
+// decodes it into guest RAM, ...). It must read r to its end or fail.
+type Sink func(r io.Reader) error
+
+// Stage is the one stage-and-verify path of every backend: it hands each
+// payload of snap to its sink exactly once, and in that same pass checks
+// that the payload has the size and SHA-256 its metadata records. Nothing a
+// sink produced may be used unless Stage returns nil.
+//
+// A nil sink means the section must be empty. A non-empty section without
+// a recorded checksum, a payload shorter or longer than recorded, and a
+// checksum mismatch are ErrCorrupt, reported as such even when the damage
+// also made the sink fail (the rest of the payload is then read and hashed
+// so the two can be told apart). A payload that could not be read is
+// reported as the read error it is: it says nothing about the snapshot.
+func Stage(snap *Snapshot, deviceState, memory Sink) error {
+	md := snap.Metadata
+	if err := stageSection(md.SnapshotID, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState); err != nil {
+		return err
+	}
+	return stageSection(md.SnapshotID, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
+}
+
+// VerifyPayloads checks both payloads of s against the sizes and checksums
+// its metadata records, reading each once.
+func VerifyPayloads(s *Snapshot) error {
+	return Stage(s, drain, drain)
+}
+
+func drain(r io.Reader) error {
+	_, err := io.Copy(io.Discard, r)
+	return err
+}
+
+func stageSection(snapID, section string, p Payload, size int64, sum string, sink Sink) error {
+	corrupt := func(format string, args ...any) error {
+		return fmt.Errorf("snapshot %s: %s section "+format+": %w", append(append([]any{snapID, section}, args...), ErrCorrupt)...)
+	}
+	if got := PayloadSize(p); got != size {
+		return corrupt("has %d bytes, metadata says %d", got, size)
+	}
+	if size == 0 {
+		return nil
+	}
+	switch {
+	case sum == "":
+		return corrupt("has no recorded checksum")
+	case sink == nil:
+		return corrupt("has %d bytes where this layout has none", size)
+	}
+	rc, err := p.Open()
+	if err != nil {
+		return fmt.Errorf("snapshot %s: open %s section: %w", snapID, section, err)
+	}
+	defer rc.Close()
+	vr := &verifyingReader{r: rc, left: size, h: NewAsyncHash(sha256.New())}
+	serr := sink(vr)
+	unread := vr.left
+	// Whatever the sink did, hash the rest: only the checksum can say
+	// whether the bytes were wrong.
+	if vr.left > 0 && vr.readErr == nil && !vr.short {
+		io.Copy(io.Discard, vr)
+	}
+	got := hex.EncodeToString(vr.h.Sum())
+	switch {
+	case vr.readErr != nil:
+		return fmt.Errorf("snapshot %s: read %s section: %w", snapID, section, vr.readErr)
+	case vr.short:
+		return corrupt("ended after %d of %d bytes", size-vr.left, size)
+	}
+	var one [1]byte
+	if n, err := io.ReadFull(rc, one[:]); n > 0 {
+		return corrupt("has more than the %d bytes recorded", size)
+	} else if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("snapshot %s: read %s section: %w", snapID, section, err)
+	}
+	if got != sum {
+		return corrupt("checksum mismatch (sha256 %.12s, metadata says %.12s)", got, sum)
+	}
+	if serr == nil && unread > 0 {
+		serr = fmt.Errorf("the sink stopped %d bytes before the end", unread)
+	}
+	if serr != nil {
+		return fmt.Errorf("snapshot %s: stage %s section: %w", snapID, section, serr)
+	}
+	return nil
+}
+
+// verifyingReader yields at most left bytes of r and hashes what it
+// yields. It tells a payload that ended early (short) apart from one whose
+// reads failed (readErr).
+type verifyingReader struct {
+	r       io.Reader
+	left    int64
+	h       *AsyncHash
+	short   bool
+	readErr error
+}
+
+func (v *verifyingReader) Read(p []byte) (int, error) {
+	if v.left == 0 {
+		return 0, io.EOF
+	}
+	if v.readErr != nil {
+		return 0, v.readErr
+	}
+	if v.short {
+		return 0, io.ErrUnexpectedEOF
+	}
+	if int64(len(p)) > v.left {
+		p = p[:v.left]
+	}
+	n, err := v.r.Read(p)
+	if n > 0 {
+		v.h.Write(p[:n])
+		v.left -= int64(n)
+	}
+	switch {
+	case errors.Is(err, io.EOF):
+		if v.left > 0 {
+			v.short = true
+			return n, io.ErrUnexpectedEOF
+		}
+		return n, io.EOF
+	case err != nil:
+		v.readErr = err
+	}
+	return n, err
+}
+
+// AsyncHash hashes what is written to it on a goroutine of its own, so
+// that hashing overlaps with the work of the writer (on two cores SHA-256
+// costs about as much as copying or decoding the bytes). Memory is
+// bounded: a few copies of recent writes.
+type AsyncHash struct {
+	h    hash.Hash
+	ch   chan []byte
+	free chan []byte
+	done chan struct{}
+}
+
+// NewAsyncHash starts hashing with h.
+func NewAsyncHash(h hash.Hash) *AsyncHash {
+	a := &AsyncHash{h: h, ch: make(chan []byte, 4), free: make(chan []byte, 6), done: make(chan struct{})}
+	go func() {
+		for b := range a.ch {
+			a.h.Write(b)
+			select {
+			case a.free <- b[:0]:
+			default:
+			}
+		}
+		close(a.done)
+	}()
+	return a
+}
+
+// Write queues a copy of p for hashing.
+func (a *AsyncHash) Write(p []byte) (int, error) {
+	var b []byte
+	select {
+	case b = <-a.free:
+	default:
+	}
+	b = append(b, p...)
+	a.ch <- b
+	return len(p), nil
+}
+
+// Sum waits for everything written and returns the hash. Call it once.
+func (a *AsyncHash) Sum() []byte {
+	close(a.ch)
+	<-a.done
+	return a.h.Sum(nil)
+}
