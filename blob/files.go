@@ -39,7 +39,7 @@ func PackFiles(out, metadata, snapshot, memory string) (err error) {
 
 // UnpackFile decodes the blob at path into dir/metadata, dir/snapshot and
 // dir/memory. On error, files already written are removed.
-func UnpackFile(path, dir string) error {
+func UnpackFile(path, dir string) (err error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -58,6 +58,14 @@ func UnpackFile(path, dir string) error {
 	}
 	offs := [3]int64{b.MetadataOffset(), b.SnapshotOffset(), b.MemoryOffset()}
 	lens := [3]uint64{b.Header.MetadataLen, b.Header.SnapshotLen, b.Header.MemoryLen}
+	var written []string
+	defer func() {
+		if err != nil {
+			for _, p := range written {
+				os.Remove(p)
+			}
+		}
+	}()
 	for i, name := range SectionNames {
 		// Seek + CopyN lets the kernel copy file to file (copy_file_range).
 		if _, err := f.Seek(offs[i], io.SeekStart); err != nil {
@@ -72,6 +80,7 @@ func UnpackFile(path, dir string) error {
 		}); err != nil {
 			return fmt.Errorf("unpack %s section: %w", name, err)
 		}
+		written = append(written, filepath.Join(dir, name))
 	}
 	return nil
 }

@@ -3,14 +3,16 @@
 // source) and In (fetch, validate, create, restore, resume).
 //
 // The same code runs in production and in the simulation; it must never read
-// the wall clock or global randomness itself (Clock and NewID are injected).
-// Its promise: a failed Out leaves the source VM as it was and no package
-// visible; a failed In leaves no VM and no temporary files behind.
+// the wall clock or global randomness itself when the caller gives it a
+// clock and an id source (the defaults, for programs that embed it, are the
+// system's). Its promise: a failed Out leaves the source VM as it was and no
+// package visible, or says exactly what it could not undo; a failed In
+// leaves no VM behind, or says it could not remove it (vm.ErrLeftBehind).
 package service
 
 import (
-	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -23,34 +25,81 @@ import (
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/blob"
+	"github.com/kelpie/teleport/internal/plant"
 	"github.com/kelpie/teleport/vm"
 )
 
 // Clock tells time; production passes the real clock, the simulation its own.
 type Clock interface{ Now() time.Time }
 
-// Service is the teleport service of one host.
+// Service is the teleport service of one host. Make it with New.
 type Service struct {
-	Store   teleport.Store
-	Factory vm.Factory
-	Clock   Clock
-	// NewID returns a fresh package id.
-	NewID func() string
-	// Log receives warnings (a base image PATCH difference); nil discards.
-	Log *slog.Logger
-	// OnStep, when set, is told each step's name and duration (by Clock).
-	OnStep func(step string, d time.Duration)
-	// Bugs plants known bugs so the simulation can prove its checkers fire.
-	// Never set outside tests; the zero value is the correct service.
-	Bugs Bugs
+	store   teleport.Store
+	factory vm.Factory
+	clock   Clock
+	newID   func() string
+	log     *slog.Logger
+	onStep  func(step string, d time.Duration)
+	settle  time.Duration
+	bugs    plant.ServiceBugs
 }
 
-// Bugs are test-only switches that break the service on purpose.
-type Bugs struct {
-	SkipRestoreRules      bool // restore without checking architecture/host/version rules
-	SkipChecksums         bool // restore payloads without verifying their checksums
-	ResumeSourceAfterMove bool // leave the source running after a move
+// An Option configures a Service.
+type Option func(*Service)
+
+// WithClock sets the clock that dates packages and times steps (default:
+// the system clock).
+func WithClock(c Clock) Option { return func(s *Service) { s.clock = c } }
+
+// WithIDs sets the source of fresh package and upload ids (default: random
+// "pkg-" ids).
+func WithIDs(newID func() string) Option { return func(s *Service) { s.newID = newID } }
+
+// WithLogger sets where warnings go (a base image PATCH difference;
+// default: discarded).
+func WithLogger(l *slog.Logger) Option { return func(s *Service) { s.log = l } }
+
+// WithStepObserver is told each step's name and duration, by the clock.
+func WithStepObserver(f func(step string, d time.Duration)) Option {
+	return func(s *Service) { s.onStep = f }
 }
+
+// WithSettleTimeout bounds the work that runs after the caller's context
+// ended or failed: resuming a source whose teleport failed, removing a
+// half-restored VM (default 30 s).
+func WithSettleTimeout(d time.Duration) Option { return func(s *Service) { s.settle = d } }
+
+const settleTimeoutDefault = 30 * time.Second
+
+// New returns the teleport service of a host over store and factory.
+func New(store teleport.Store, factory vm.Factory, opts ...Option) *Service {
+	s := &Service{store: store, factory: factory, clock: systemClock{}, newID: randomID,
+		log: slog.New(slog.DiscardHandler), settle: settleTimeoutDefault}
+	for _, o := range opts {
+		o(s)
+	}
+	return s
+}
+
+func init() {
+	plant.SetServiceBugs = func(svc any, b plant.ServiceBugs) { svc.(*Service).bugs = b }
+}
+
+type systemClock struct{}
+
+func (systemClock) Now() time.Time { return time.Now() }
+
+func randomID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return "pkg-" + hex.EncodeToString(b[:])
+}
+
+// Store is the service's package store.
+func (s *Service) Store() teleport.Store { return s.store }
+
+// Factory is the service's VM factory.
+func (s *Service) Factory() vm.Factory { return s.factory }
 
 // OutRequest says what to send.
 type OutRequest struct {
@@ -60,40 +109,58 @@ type OutRequest struct {
 	// KeepSource makes a copy: the source resumes afterwards. Otherwise the
 	// source is stopped once the package is committed (a move).
 	KeepSource bool
-	// PackageID is optional; NewID is used when empty.
+	// PackageID is optional; a fresh id is used when empty.
 	PackageID string
 	Env       map[string]string
-	// Workspace, when set, is stored beside the package (a checkpoint's
-	// /workspace archive).
+	// Workspace, when set, becomes the package's workspace section (a
+	// checkpoint's /workspace archive).
 	Workspace vm.Payload
 }
 
-// ErrOutcomeUnknown: a commit failed, the store could not say whether it took
-// effect, and removing the package failed too. The source was resumed; the
-// package may still be visible. Check with `kelpie package show` and remove
-// it (or the source) so the agent runs in one place only.
-var ErrOutcomeUnknown = errors.New("package commit outcome unknown")
+// Errors that say what a failed flow could not undo.
+var (
+	// ErrOutcomeUnknown: a commit failed and the store could not say
+	// whether it took effect. Nothing was removed: the package may be
+	// visible. A move's source stays paused so the agent cannot run twice;
+	// check with `kelpie package show` and then resume the source or
+	// restore the package, not both.
+	ErrOutcomeUnknown = errors.New("package commit outcome unknown")
+	// ErrSourceNotSettled: the package was committed, but the source VM
+	// could not be resumed (copy) or stopped (move) afterwards. The package
+	// is valid.
+	ErrSourceNotSettled = errors.New("package committed but the source VM could not be settled")
+	// ErrSourcePaused: a teleport out failed and resuming its source
+	// failed too: the source VM is paused.
+	ErrSourcePaused = errors.New("the source VM could not be resumed and is paused")
+	// errNotConfigured: a Service that was not made by New.
+	errNotConfigured = errors.New("service: no store or factory (make it with service.New)")
+)
 
-// ErrSourceNotSettled: the package was committed, but the source VM could not
-// be resumed (copy) or stopped (move) afterwards. The package is valid.
-var ErrSourceNotSettled = errors.New("package committed but the source VM could not be settled")
+func (s *Service) ready() error {
+	if s == nil || s.store == nil || s.factory == nil || s.clock == nil || s.newID == nil {
+		return errNotConfigured
+	}
+	return nil
+}
 
 func (s *Service) step(name string, start time.Time) {
-	if s.OnStep != nil {
-		s.OnStep(name, s.Clock.Now().Sub(start))
+	if s.onStep != nil {
+		s.onStep(name, s.clock.Now().Sub(start))
 	}
 }
 
-func (s *Service) log() *slog.Logger {
-	if s.Log == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return s.Log
+// settleContext is for work that must run after ctx ended: it keeps ctx's
+// values, not its cancellation, and has a deadline of its own.
+func (s *Service) settleContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), s.settle)
 }
 
 // Out sends inst's agent to the store as a package of req.Kind. inst may be
 // nil for a checkpoint that carries agent state only.
-func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (_ *teleport.Package, err error) {
+func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*teleport.Package, error) {
+	if err := s.ready(); err != nil {
+		return nil, err
+	}
 	if _, err := teleport.ParseKind(string(req.Kind)); err != nil {
 		return nil, err
 	}
@@ -106,31 +173,34 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (_ 
 	}
 	id := req.PackageID
 	if id == "" {
-		id = s.NewID()
+		id = s.newID()
 	}
 	if err := teleport.ValidateID(id); err != nil {
 		return nil, err
 	}
-	host := s.Factory.Host()
+	host := s.factory.Host()
 
-	// Rollback returns the source to where it was. It must run even when
-	// ctx is canceled, so it gets a context of its own.
+	// rollback returns a source that was running to running, and says so
+	// when it cannot. It runs even when ctx has ended.
 	wasRunning := false
-	rollback := func() {
-		if wasRunning && inst.State() == vm.StatePaused {
-			if rerr := inst.Resume(context.WithoutCancel(ctx)); rerr != nil {
-				err = fmt.Errorf("%w (and resuming the source failed: %v)", err, rerr)
-			}
+	rollback := func(cause error) error {
+		if !wasRunning || inst.State() != vm.StatePaused {
+			return cause
 		}
+		rctx, cancel := s.settleContext(ctx)
+		defer cancel()
+		if rerr := inst.Resume(rctx); rerr != nil {
+			return fmt.Errorf("%w; resuming source VM %s failed too (%w): %w", cause, inst.ID(), rerr, ErrSourcePaused)
+		}
+		return cause
 	}
 
-	var md vm.SnapshotMetadata
-	var state, memory vm.Payload
+	var snap *vm.Snapshot
 	if full {
 		if err := vm.CheckTransition(inst.ID(), vm.OpSnapshot, inst.State()); err != nil {
 			return nil, fmt.Errorf("teleport out: %w", err)
 		}
-		t := s.Clock.Now()
+		t := s.clock.Now()
 		if inst.State() == vm.StateRunning {
 			if err := inst.Pause(ctx); err != nil {
 				return nil, fmt.Errorf("teleport out: pause: %w", err)
@@ -138,71 +208,76 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (_ 
 			wasRunning = true
 		}
 		s.step("pause", t)
-		t = s.Clock.Now()
-		snap, err := inst.Snapshot(ctx)
-		if err != nil {
-			rollback()
-			return nil, fmt.Errorf("teleport out: snapshot: %w", err)
+		t = s.clock.Now()
+		var err error
+		if snap, err = inst.Snapshot(ctx); err != nil {
+			return nil, rollback(fmt.Errorf("teleport out: snapshot: %w", err))
 		}
 		defer snap.Close()
 		s.step("snapshot", t)
-		md, state, memory = snap.Metadata, snap.DeviceState, snap.Memory
-		if req.Kind == teleport.KindSuspend && md.HostID == "" {
-			md.HostID = host.HostID
+		if req.Kind == teleport.KindSuspend && snap.Metadata.HostID == "" {
+			snap.Metadata.HostID = host.HostID
 		}
+		snap.Metadata.IsFullSnapshot = true
 	} else {
-		now := s.Clock.Now()
-		md = vm.SnapshotMetadata{SnapshotID: id + "-checkpoint", CreatedAtMs: now.UnixMilli(), Architecture: host.Arch,
+		md := vm.SnapshotMetadata{SnapshotID: id + "-checkpoint", CreatedAtMs: s.clock.Now().UnixMilli(), Architecture: host.Arch,
 			Layout: vm.LayoutNone, Backend: host.Backend, BackendVersion: host.BackendVersion, HostID: host.HostID,
 			BaseImageVersion: host.BaseImageVersion}
 		if inst != nil {
 			md.VMID = inst.ID()
 			md.VCPUCount, md.MemoryMiB = inst.Config().VCPUs, inst.Config().MemoryMiB
 		}
+		snap = vm.NewSnapshot(md, nil, nil, nil)
 	}
 
-	t := s.Clock.Now()
-	pkg, err := s.upload(ctx, id, req, md, state, memory)
+	t := s.clock.Now()
+	pkg, err := s.upload(ctx, id, req, snap)
 	if err != nil {
-		if inst != nil {
-			rollback()
+		err = fmt.Errorf("teleport out: %w", err)
+		if inst == nil {
+			return nil, err
 		}
-		return nil, fmt.Errorf("teleport out: %w", err)
+		if errors.Is(err, ErrOutcomeUnknown) && !req.KeepSource {
+			// The package may be committed: resuming the source could
+			// make the agent run twice.
+			return nil, fmt.Errorf("%w; source VM %s left paused", err, inst.ID())
+		}
+		return nil, rollback(err)
 	}
 	s.step("upload", t)
 
 	if inst == nil {
 		return pkg, nil
 	}
-	t = s.Clock.Now()
-	settle := context.WithoutCancel(ctx)
-	if req.KeepSource || s.Bugs.ResumeSourceAfterMove {
+	t = s.clock.Now()
+	sctx, cancel := s.settleContext(ctx)
+	defer cancel()
+	if req.KeepSource || s.bugs.ResumeSourceAfterMove {
 		if wasRunning {
-			if err := inst.Resume(settle); err != nil {
-				return pkg, fmt.Errorf("package %s: resume source: %v: %w", pkg.ID, err, ErrSourceNotSettled)
+			if err := inst.Resume(sctx); err != nil {
+				return pkg, fmt.Errorf("package %s: resume source: %w: %w", pkg.ID, err, ErrSourceNotSettled)
 			}
 		}
 		s.step("resume-source", t)
 		return pkg, nil
 	}
-	if err := inst.Stop(settle); err != nil {
-		return pkg, fmt.Errorf("package %s: stop source: %v: %w", pkg.ID, err, ErrSourceNotSettled)
+	if err := inst.Stop(sctx); err != nil {
+		return pkg, fmt.Errorf("package %s: stop source: %w: %w", pkg.ID, err, ErrSourceNotSettled)
 	}
 	s.step("stop-source", t)
 	return pkg, nil
 }
 
-// upload packs and commits the package. On failure nothing is visible.
-func (s *Service) upload(ctx context.Context, id string, req OutRequest, md vm.SnapshotMetadata, state, memory vm.Payload) (*teleport.Package, error) {
-	host := s.Factory.Host()
-	md.IsFullSnapshot = req.Kind.FullVM()
-	meta, err := md.Marshal()
-	if err != nil {
-		return nil, err
-	}
+// upload packs and commits the package: the snapshot as a KLP1 blob, then
+// the workspace, each a section with its own size and SHA-256. On failure
+// nothing is visible, or ErrOutcomeUnknown says the store could not tell.
+func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *vm.Snapshot) (*teleport.Package, error) {
+	host := s.factory.Host()
+	md := snap.Metadata
 	pkg := &teleport.Package{
 		ID: id, AgentID: req.AgentID, SourceArch: host.Arch, Kind: req.Kind, BaseImageVersion: host.BaseImageVersion,
-		CreatedAt: s.Clock.Now(), SourceHostID: host.HostID, Backend: host.Backend, AgentState: req.AgentState, Env: req.Env,
+		CreatedAt: s.clock.Now(), SourceHostID: host.HostID, Backend: host.Backend, AgentState: req.AgentState, Env: req.Env,
+		UploadID: s.newID(),
 	}
 	if md.BaseImageVersion != "" {
 		pkg.BaseImageVersion = md.BaseImageVersion
@@ -217,74 +292,50 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, md vm.S
 		return nil, err
 	}
 
-	w, err := s.Store.Create(ctx, id)
+	w, err := s.store.Create(ctx, id)
 	if err != nil {
 		return nil, err
 	}
 	committed := false
-	wsRef := ""
 	defer func() {
 		if !committed {
-			w.Abort(context.WithoutCancel(ctx))
-			if wsRef != "" {
-				s.Store.DeleteWorkspace(context.WithoutCancel(ctx), wsRef)
-			}
+			actx, cancel := s.settleContext(ctx)
+			defer cancel()
+			w.Abort(actx)
 		}
 	}()
-	var secs [2]blob.Section
-	var sums [2]hash.Hash
-	for i, p := range []vm.Payload{state, memory} {
-		if p == nil {
-			continue
-		}
-		rc, err := p.Open()
-		if err != nil {
-			return nil, fmt.Errorf("open snapshot payload: %w", err)
-		}
-		defer rc.Close()
-		sums[i] = sha256.New()
-		secs[i] = blob.Section{R: io.TeeReader(rc, sums[i]), N: p.Size()}
-	}
-	if _, err := blob.Encode(w, blob.Section{R: bytes.NewReader(meta), N: int64(len(meta))}, secs[0], secs[1]); err != nil {
+	sw := &sectionWriter{w: w}
+	if _, err := blob.EncodeSnapshot(sw.begin(teleport.SectionBlob), snap); err != nil {
 		return nil, fmt.Errorf("pack package %s: %w", id, err)
 	}
-	// Check the bytes just sent against the snapshot's own checksums before
-	// the commit: past it a move stops the source, and a payload that
-	// changed after its checksum was taken would be the agent's only copy,
-	// refused by every restore.
-	for i, want := range []string{md.DeviceStateSHA256, md.MemorySHA256} {
-		if sums[i] != nil && want != "" && hex.EncodeToString(sums[i].Sum(nil)) != want {
-			return nil, fmt.Errorf("pack package %s: %s section differs from its recorded checksum: %w", id, blob.SectionNames[i+1], vm.ErrCorrupt)
-		}
-	}
-	if req.Workspace != nil {
-		wsRef = id + ".workspace"
-		rc, err := req.Workspace.Open()
+	sw.end()
+	if ws := req.Workspace; ws != nil {
+		rc, err := ws.Open()
 		if err != nil {
-			return nil, fmt.Errorf("open workspace: %w", err)
+			return nil, fmt.Errorf("open workspace of %s: %w", id, err)
 		}
-		err = s.Store.PutWorkspace(ctx, wsRef, rc, req.Workspace.Size())
+		n, err := io.Copy(sw.begin(teleport.SectionWorkspace), io.LimitReader(rc, ws.Size()+1))
 		rc.Close()
-		if err != nil {
-			return nil, fmt.Errorf("store workspace of %s: %w", id, err)
+		if err == nil && n != ws.Size() {
+			err = fmt.Errorf("workspace has %d bytes, expected %d: %w", n, ws.Size(), vm.ErrCorrupt)
 		}
-		pkg.WorkspaceRef = wsRef
+		if err != nil {
+			return nil, fmt.Errorf("pack workspace of %s: %w", id, err)
+		}
+		sw.end()
 	}
+	pkg.Sections = sw.sections
 	if err := w.Commit(ctx, pkg); err != nil {
 		// The commit may have taken effect with its answer lost: ask the
 		// store before declaring failure, or the agent could end up both
 		// resumed here and restorable there.
-		if got, serr := s.Store.Stat(context.WithoutCancel(ctx), id); serr == nil && sameUpload(got, pkg) {
+		got, outcome, serr := s.whose(ctx, pkg)
+		switch outcome {
+		case uploadOurs:
 			committed = true
 			return got, nil
-		} else if serr != nil && !errors.Is(serr, teleport.ErrNotFound) {
-			// Unknown outcome: make sure it is not visible.
-			if derr := s.Store.Delete(context.WithoutCancel(ctx), id); derr != nil && !errors.Is(derr, teleport.ErrNotFound) {
-				// The package may be committed, and it would need its
-				// workspace: keep it (GC removes it if it is an orphan).
-				wsRef = ""
-				return nil, fmt.Errorf("commit package %s: %v; removing it failed too (%v): %w", id, err, derr, ErrOutcomeUnknown)
-			}
+		case uploadUnknown:
+			return nil, fmt.Errorf("commit package %s: %v; asking the store whether it took effect failed too (%v): %w", id, err, serr, ErrOutcomeUnknown)
 		}
 		return nil, fmt.Errorf("commit package %s: %w", id, err)
 	}
@@ -292,42 +343,115 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, md vm.S
 	return pkg, nil
 }
 
+type uploadOutcome int
+
+const (
+	uploadAbsent  uploadOutcome = iota // no package of that id
+	uploadTheirs                       // another writer's package holds the id
+	uploadOurs                         // our commit took effect
+	uploadUnknown                      // the store did not answer
+)
+
+// statAttempts is how often whose asks a store that does not answer.
+const statAttempts = 3
+
+// whose finds out whether the committed package id, if any, is this
+// upload's: only the upload id tells, never the package id alone.
+func (s *Service) whose(ctx context.Context, pkg *teleport.Package) (*teleport.Package, uploadOutcome, error) {
+	sctx, cancel := s.settleContext(ctx)
+	defer cancel()
+	var err error
+	for i := 0; i < statAttempts; i++ {
+		var got *teleport.Package
+		got, err = s.store.Stat(sctx, pkg.ID)
+		switch {
+		case err == nil && sameUpload(got, pkg):
+			return got, uploadOurs, nil
+		case err == nil:
+			return nil, uploadTheirs, nil
+		case errors.Is(err, teleport.ErrNotFound):
+			return nil, uploadAbsent, nil
+		case sctx.Err() != nil:
+			return nil, uploadUnknown, err
+		}
+	}
+	return nil, uploadUnknown, err
+}
+
+// sameUpload: b is the manifest of the very upload that made a.
 func sameUpload(a, b *teleport.Package) bool {
-	return a.ID == b.ID && a.AgentID == b.AgentID && a.Kind == b.Kind && a.CreatedAt.Equal(b.CreatedAt) &&
-		a.SourceHostID == b.SourceHostID
+	return a.ID == b.ID && a.UploadID != "" && a.UploadID == b.UploadID
+}
+
+// sectionWriter writes a package's body section by section, recording
+// each one's offset, size and SHA-256 (hashed on its own goroutine).
+type sectionWriter struct {
+	w        io.Writer
+	off      int64
+	cur      teleport.Section
+	h        *vm.AsyncHash
+	sections []teleport.Section
+}
+
+func (sw *sectionWriter) begin(name string) io.Writer {
+	sw.cur = teleport.Section{Name: name, Offset: sw.off}
+	sw.h = vm.NewAsyncHash(sha256.New())
+	return sw
+}
+
+func (sw *sectionWriter) Write(p []byte) (int, error) {
+	n, err := sw.w.Write(p)
+	sw.h.Write(p[:n])
+	sw.off += int64(n)
+	return n, err
+}
+
+func (sw *sectionWriter) end() {
+	sw.cur.Size = sw.off - sw.cur.Offset
+	sw.cur.SHA256 = hex.EncodeToString(sw.h.Sum())
+	sw.sections = append(sw.sections, sw.cur)
 }
 
 // InOptions tunes In.
 type InOptions struct {
 	// RestoreWorkspace, when set and the package has a workspace, is given
-	// the workspace archive once the VM runs.
+	// the workspace archive, verified, once the VM runs.
 	RestoreWorkspace func(ctx context.Context, inst vm.Instance, r io.Reader) error
 }
 
 // In fetches package id, validates it against this host, and returns a
-// running VM restored from it. On failure no VM is left behind.
+// running VM restored from it whose guest answers (vm.WaitReady). On
+// failure no VM is left behind, or vm.ErrLeftBehind says which one is.
 func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptions) (_ vm.Instance, _ *teleport.Package, err error) {
-	t := s.Clock.Now()
-	pkg, err := s.Store.Stat(ctx, id)
+	if err := s.ready(); err != nil {
+		return nil, nil, err
+	}
+	t := s.clock.Now()
+	pkg, err := s.store.Stat(ctx, id)
 	if err != nil {
 		return nil, nil, fmt.Errorf("teleport in: %w", err)
 	}
-	host := s.Factory.Host()
-	if !s.Bugs.SkipRestoreRules {
+	host := s.factory.Host()
+	if !s.bugs.SkipRestoreRules {
 		warnings, err := teleport.Check(pkg, host)
 		if err != nil {
 			return nil, pkg, err
 		}
 		for _, w := range warnings {
-			s.log().Warn("restoring with a caveat", "package", id, "warning", w)
+			s.log.Warn("restoring with a caveat", "package", id, "warning", w)
 		}
 	}
 	s.step("validate", t)
 
 	var inst vm.Instance
 	defer func() {
-		if err != nil && inst != nil {
-			inst.Destroy(context.WithoutCancel(ctx))
+		if err == nil || inst == nil {
+			return
+		}
+		dctx, cancel := s.settleContext(ctx)
+		defer cancel()
+		if derr := inst.Destroy(dctx); derr != nil {
+			err = fmt.Errorf("%w; removing VM %s failed too (%v): %w", err, inst.ID(), derr, vm.ErrLeftBehind)
 		}
 	}()
 	if cfg.VCPUs == 0 && pkg.Snapshot != nil {
@@ -336,34 +460,40 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 	if cfg.MemoryMiB == 0 && pkg.Snapshot != nil {
 		cfg.MemoryMiB = pkg.Snapshot.MemoryMiB
 	}
+	r, err := s.store.Open(ctx, id)
+	if err != nil {
+		return nil, pkg, fmt.Errorf("teleport in: %w", err)
+	}
+	defer r.Close()
 
 	if pkg.Kind.FullVM() {
-		t = s.Clock.Now()
-		r, err := s.Store.Open(ctx, id)
-		if err != nil {
-			return nil, pkg, fmt.Errorf("teleport in: %w", err)
-		}
-		defer r.Close()
+		t = s.clock.Now()
 		snap, err := s.snapshotFromBlob(pkg, r)
 		if err != nil {
 			return nil, pkg, err
 		}
-		s.step("fetch-verify", t)
-		t = s.Clock.Now()
-		inst, err = s.Factory.CreateFromSnapshot(ctx, cfg, snap)
+		inst, err = s.factory.CreateFromSnapshot(ctx, cfg, snap)
 		if err != nil {
-			inst = nil // the factory cleaned up
+			inst = nil // the factory cleaned up, or said it could not
+			if errors.Is(err, vm.ErrCorrupt) {
+				return nil, pkg, refuse(pkg, "%v", err)
+			}
 			return nil, pkg, fmt.Errorf("teleport in: restore: %w", err)
 		}
 		s.step("restore", t)
-		t = s.Clock.Now()
+		t = s.clock.Now()
 		if err := inst.Resume(ctx); err != nil {
 			return nil, pkg, fmt.Errorf("teleport in: resume: %w", err)
 		}
 		s.step("resume", t)
+		t = s.clock.Now()
+		if err := vm.WaitReady(ctx, inst); err != nil {
+			return nil, pkg, fmt.Errorf("teleport in: the restored guest did not answer: %w", err)
+		}
+		s.step("ready", t)
 	} else {
-		t = s.Clock.Now()
-		inst, err = s.Factory.Create(ctx, cfg)
+		t = s.clock.Now()
+		inst, err = s.factory.Create(ctx, cfg)
 		if err != nil {
 			inst = nil
 			return nil, pkg, fmt.Errorf("teleport in: create: %w", err)
@@ -373,74 +503,98 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 		}
 		s.step("boot", t)
 	}
-	if pkg.WorkspaceRef != "" && opts.RestoreWorkspace != nil {
-		t = s.Clock.Now()
-		rc, err := s.Store.GetWorkspace(ctx, pkg.WorkspaceRef)
-		if err != nil {
-			return nil, pkg, fmt.Errorf("teleport in: workspace: %w", err)
-		}
-		err = opts.RestoreWorkspace(ctx, inst, rc)
-		rc.Close()
-		if err != nil {
-			return nil, pkg, fmt.Errorf("teleport in: restore workspace: %w", err)
+	if ws, ok := pkg.Section(teleport.SectionWorkspace); ok && opts.RestoreWorkspace != nil {
+		t = s.clock.Now()
+		if err := s.restoreWorkspace(ctx, pkg, r, ws, inst, opts.RestoreWorkspace); err != nil {
+			return nil, pkg, err
 		}
 		s.step("workspace", t)
 	}
 	return inst, pkg, nil
 }
 
-// snapshotFromBlob decodes a package's blob into a snapshot whose payloads
-// read straight from the store, after checking them against the manifest.
+func refuse(pkg *teleport.Package, format string, args ...any) error {
+	return &teleport.RefusalError{PackageID: pkg.ID, Rule: teleport.RuleChecksums,
+		Reason: fmt.Sprintf(format, args...), Err: teleport.ErrChecksumMismatch}
+}
+
+// readFailed: err is a read that failed, not bytes found wrong. Only bytes
+// that were read and found wrong make a package corrupt; a failed read
+// says nothing about the package (the caller may retry), so it must not be
+// reported as a checksum refusal.
+func readFailed(err error) bool { return !errors.Is(err, vm.ErrCorrupt) && blob.ErrorKind(err) == "" }
+
+// blobSection locates the KLP1 blob in a package's body; a package from
+// before sections existed is all blob.
+func blobSection(pkg *teleport.Package, bodySize int64) teleport.Section {
+	if sec, ok := pkg.Section(teleport.SectionBlob); ok {
+		return sec
+	}
+	return teleport.Section{Name: teleport.SectionBlob, Size: bodySize}
+}
+
+// snapshotFromBlob maps a package's blob onto a snapshot whose payloads
+// read straight from the store (blob.OpenSnapshot), after checking its
+// metadata against the manifest. The payloads' checksums are verified by
+// the backend while it stages them (vm.Stage), in the same single read.
 func (s *Service) snapshotFromBlob(pkg *teleport.Package, r teleport.Reader) (*vm.Snapshot, error) {
-	refuse := func(format string, args ...any) error {
-		return &teleport.RefusalError{PackageID: pkg.ID, Rule: teleport.RuleChecksums,
-			Reason: fmt.Sprintf(format, args...), Err: teleport.ErrChecksumMismatch}
+	sec := blobSection(pkg, r.Size())
+	if sec.Offset+sec.Size > r.Size() {
+		return nil, refuse(pkg, "its body has %d bytes, its blob section ends at %d", r.Size(), sec.Offset+sec.Size)
 	}
-	// Only bytes that were read and found wrong make a package corrupt; a
-	// read that failed says nothing about the package (the caller may
-	// retry), so it must not be reported as a checksum refusal.
-	readFailed := func(err error) bool { return !errors.Is(err, vm.ErrCorrupt) && blob.ErrorKind(err) == "" }
-	b, err := blob.Open(r, r.Size())
+	snap, err := blob.OpenSnapshot(io.NewSectionReader(r, sec.Offset, sec.Size), sec.Size)
 	if err != nil {
 		if readFailed(err) {
 			return nil, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)
 		}
-		return nil, refuse("its blob is unreadable: %v", err)
-	}
-	md, err := vm.ParseMetadata(b.Metadata())
-	if err != nil {
-		if readFailed(err) {
-			return nil, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)
-		}
-		return nil, refuse("its snapshot metadata is unreadable: %v", err)
+		return nil, refuse(pkg, "its blob is unreadable: %v", err)
 	}
 	// The whole metadata section must be the manifest's copy: the backend
 	// restores from the blob's metadata (architecture, layout, host...), so
 	// a flipped bit there that left the id and checksums intact would
 	// otherwise reach the hypervisor unverified.
-	want := pkg.Snapshot
-	if !reflect.DeepEqual(md, *want) {
-		return nil, refuse("the blob's metadata does not match the manifest (snapshot %s vs %s)", md.SnapshotID, want.SnapshotID)
+	if !reflect.DeepEqual(snap.Metadata, *pkg.Snapshot) {
+		return nil, refuse(pkg, "the blob's metadata does not match the manifest (snapshot %s vs %s)", snap.Metadata.SnapshotID, pkg.Snapshot.SnapshotID)
 	}
-	var state, memory vm.Payload
-	if n := int64(b.Header.SnapshotLen); n > 0 {
-		state = &vm.SectionPayload{R: r, Offset: b.SnapshotOffset(), N: n}
-	}
-	if n := int64(b.Header.MemoryLen); n > 0 {
-		memory = &vm.SectionPayload{R: r, Offset: b.MemoryOffset(), N: n}
-	}
-	snap := vm.NewSnapshot(md, state, memory, nil)
-	if !s.Bugs.SkipChecksums {
-		if err := vm.VerifyPayloads(snap); err != nil {
-			if readFailed(err) {
-				return nil, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)
+	if s.bugs.SkipChecksums {
+		// The planted bug: trust whatever bytes are there by re-hashing
+		// them instead of verifying them.
+		md := &snap.Metadata
+		for _, p := range []struct {
+			payload vm.Payload
+			sum     *string
+		}{{snap.DeviceState, &md.DeviceStateSHA256}, {snap.Memory, &md.MemorySHA256}} {
+			if p.payload != nil {
+				if *p.sum, err = vm.HashPayload(p.payload); err != nil {
+					return nil, err
+				}
 			}
-			return nil, refuse("%v", err)
 		}
-	} else {
-		// The planted bug: restore whatever is there, claiming it verified.
-		snap.Metadata.DeviceStateSHA256, snap.Metadata.MemorySHA256 = "", ""
-		snap.Metadata.DeviceStateSize, snap.Metadata.MemorySize = vm.PayloadSize(state), vm.PayloadSize(memory)
 	}
 	return snap, nil
+}
+
+// restoreWorkspace verifies the workspace section, then hands it to the
+// restorer: nothing unverified reaches the guest.
+func (s *Service) restoreWorkspace(ctx context.Context, pkg *teleport.Package, r teleport.Reader, ws teleport.Section, inst vm.Instance,
+	restore func(context.Context, vm.Instance, io.Reader) error) error {
+	if ws.Offset+ws.Size > r.Size() {
+		return refuse(pkg, "its body has %d bytes, its workspace section ends at %d", r.Size(), ws.Offset+ws.Size)
+	}
+	h := sha256.New()
+	if err := hashSection(h, r, ws); err != nil {
+		return fmt.Errorf("teleport in: read workspace of %s: %w", pkg.ID, err)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != ws.SHA256 {
+		return refuse(pkg, "its workspace section has sha256 %.12s, the manifest says %.12s", got, ws.SHA256)
+	}
+	if err := restore(ctx, inst, io.NewSectionReader(r, ws.Offset, ws.Size)); err != nil {
+		return fmt.Errorf("teleport in: restore workspace: %w", err)
+	}
+	return nil
+}
+
+func hashSection(h hash.Hash, r io.ReaderAt, sec teleport.Section) error {
+	_, err := io.Copy(h, io.NewSectionReader(r, sec.Offset, sec.Size))
+	return err
 }

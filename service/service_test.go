@@ -1,6 +1,7 @@
 package service_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/internal/plant"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/mem"
 	"github.com/kelpie/teleport/vm"
@@ -22,8 +24,8 @@ type host struct {
 func newHost(store teleport.Store, o sim.Options) *host {
 	f := sim.NewFactory(o)
 	n := 0
-	return &host{f: f, svc: &service.Service{Store: store, Factory: f, Clock: f.Options().Clock,
-		NewID: func() string { n++; return fmt.Sprintf("%s-pkg-%d", o.HostID, n) }}}
+	return &host{f: f, svc: service.New(store, f, service.WithClock(f.Options().Clock),
+		service.WithIDs(func() string { n++; return fmt.Sprintf("%s-pkg-%d", o.HostID, n) }))}
 }
 
 func running(t *testing.T, h *host, kv map[string]string) vm.Instance {
@@ -163,6 +165,7 @@ func TestBackendMismatch(t *testing.T) {
 type faultyStore struct {
 	teleport.Store
 	failCreate, failCommit, loseAck, failStat, failDelete bool
+	deletes                                               int
 }
 
 func (s *faultyStore) Stat(ctx context.Context, id string) (*teleport.Package, error) {
@@ -173,6 +176,7 @@ func (s *faultyStore) Stat(ctx context.Context, id string) (*teleport.Package, e
 }
 
 func (s *faultyStore) Delete(ctx context.Context, id string) error {
+	s.deletes++
 	if s.failDelete {
 		return errInjected
 	}
@@ -315,18 +319,35 @@ func TestInRefusesCorruptPayloadAndLeavesNoVM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Flip a byte in the memory section (the blob's last bytes).
-	b := newHost(&corruptingStore{Store: store, at: 5}, sim.Options{HostID: "b"})
+	// Flip a bit of the guest's value "v" in the memory section: the
+	// image still parses, it just holds another value.
+	r, err := store.Open(ctx, pkg.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := make([]byte, r.Size())
+	r.ReadAt(body, 0)
+	r.Close()
+	at := bytes.LastIndex(body, []byte("\x01\x00\x00\x00v"))
+	if at < 0 {
+		t.Fatal("no value v in the package")
+	}
+	b := newHost(&corruptingStore{Store: store, at: r.Size() - int64(at+4)}, sim.Options{HostID: "b"})
 	inst, _, err := b.svc.In(ctx, pkg.ID, vm.Config{}, service.InOptions{})
 	if !errors.Is(err, teleport.ErrChecksumMismatch) || inst != nil {
 		t.Fatalf("In of a corrupt package: %v (inst %v), want ErrChecksumMismatch and no VM", err, inst)
 	}
 	// With the planted bug the corruption gets through (the simulation's
-	// SnapshotConsistency invariant is what catches it).
-	b.svc.Bugs.SkipChecksums = true
+	// SnapshotConsistency invariant is what catches it): the restore must
+	// succeed and hold the damaged state. (The assertion used to accept a
+	// failed restore, so a switch that did nothing passed.)
+	plant.SetServiceBugs(b.svc, plant.ServiceBugs{SkipChecksums: true})
 	inst, _, err = b.svc.In(ctx, pkg.ID, vm.Config{}, service.InOptions{})
-	if err == nil && guest(inst)["k"] == "v" {
-		t.Fatal("planted bug had no effect: the corruption was not restored")
+	if err != nil {
+		t.Fatalf("planted bug had no effect: the corrupt package was refused (%v)", err)
+	}
+	if guest(inst)["k"] == "v" {
+		t.Fatalf("planted bug had no effect: the restored guest holds the undamaged state %v", guest(inst))
 	}
 }
 
@@ -357,18 +378,38 @@ func TestOutValidation(t *testing.T) {
 	}
 }
 
-// A commit whose answer was lost, with the store unable to say or undo what
-// happened, is reported as such and the source keeps running.
+// A commit whose answer was lost, with the store unable to say what
+// happened, is reported as such; nothing is deleted (the store may hold
+// the package, and only this upload's could be), and a move's source stays
+// paused so the agent cannot run twice. A copy's source resumes.
 func TestOutUnknownOutcome(t *testing.T) {
-	ctx := context.Background()
-	fs := &faultyStore{Store: mem.New(), loseAck: true, failStat: true, failDelete: true}
-	a := newHost(fs, sim.Options{HostID: "a"})
-	src := running(t, a, map[string]string{"k": "v"})
-	_, err := a.svc.Out(ctx, src, service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport})
-	if !errors.Is(err, service.ErrOutcomeUnknown) {
-		t.Fatalf("Out: %v, want ErrOutcomeUnknown", err)
-	}
-	if src.State() != vm.StateRunning || guest(src)["k"] != "v" {
-		t.Fatalf("source %s after an unknown outcome", src.State())
+	for _, keep := range []bool{false, true} {
+		t.Run(fmt.Sprintf("keep=%v", keep), func(t *testing.T) {
+			ctx := context.Background()
+			fs := &faultyStore{Store: mem.New(), loseAck: true, failStat: true}
+			a := newHost(fs, sim.Options{HostID: "a"})
+			src := running(t, a, map[string]string{"k": "v"})
+			_, err := a.svc.Out(ctx, src, service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport, KeepSource: keep, PackageID: "p"})
+			if !errors.Is(err, service.ErrOutcomeUnknown) {
+				t.Fatalf("Out: %v, want ErrOutcomeUnknown", err)
+			}
+			if fs.deletes != 0 {
+				t.Fatalf("%d deletes after an unknown outcome", fs.deletes)
+			}
+			want := vm.StatePaused
+			if keep {
+				want = vm.StateRunning
+			}
+			if src.State() != want || guest(src)["k"] != "v" {
+				t.Fatalf("source %s after an unknown outcome, want %s", src.State(), want)
+			}
+			if !keep && !strings.Contains(err.Error(), "left paused") {
+				t.Fatalf("the error does not say the source is paused: %v", err)
+			}
+			fs.failStat = false
+			if _, err := fs.Stat(ctx, "p"); err != nil {
+				t.Fatalf("the committed package was removed: %v", err)
+			}
+		})
 	}
 }

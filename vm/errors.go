@@ -30,6 +30,9 @@ var (
 	ErrCorrupt = errors.New("snapshot corrupt")
 	// ErrGuest: the guest agent failed to run a request.
 	ErrGuest = errors.New("guest agent error")
+	// ErrLeftBehind: an operation failed and could not remove the VM it
+	// made (a half-restored VM): it is still on the host.
+	ErrLeftBehind = errors.New("a failed operation left its VM behind")
 )
 
 // StateError reports an illegal transition. It matches ErrInvalidState.

@@ -190,7 +190,7 @@ func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *v
 		sctx, cancel := settleContext(ctx)
 		defer cancel()
 		if derr := v.Destroy(sctx); derr != nil {
-			return nil, fmt.Errorf("%w (and removing the half-made VM failed: %v)", err, derr)
+			return nil, fmt.Errorf("%w; removing the half-restored VM %s failed too (%v): %w", err, v.ID(), derr, vm.ErrLeftBehind)
 		}
 		return nil, err
 	}

@@ -94,7 +94,11 @@ type Factory struct {
 	imageVer    string
 }
 
-var _ vm.Factory = (*Factory)(nil)
+var (
+	_ vm.Factory  = (*Factory)(nil)
+	_ vm.Attacher = (*Factory)(nil)
+	_ vm.Lister   = (*Factory)(nil)
+)
 
 // NewFactory checks QEMU and the guest image, and settles the accelerator
 // (probing KVM once per host when Accel is auto).
@@ -212,7 +216,8 @@ func (f *Factory) QEMUVersion() string { return f.qemuVersion }
 // Host describes this host and backend for restore rules.
 func (f *Factory) Host() vm.HostInfo {
 	return vm.HostInfo{Arch: vm.HostArchitecture(), Backend: BackendName, BackendVersion: f.qemuVersion,
-		HostID: f.opts.HostID, BaseImageVersion: f.imageVer, Compat: compat(f.qemuVersion, f.accel, f.cpu)}
+		HostID: f.opts.HostID, BaseImageVersion: f.imageVer, Compat: compat(f.qemuVersion, f.accel, f.cpu),
+		Layouts: []vm.Layout{vm.LayoutSplit, vm.LayoutSingle}}
 }
 
 // compat lists the facts a snapshot and the restoring host must share.
@@ -378,22 +383,29 @@ func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *v
 		cfg.VCPUs = snap.Metadata.VCPUCount
 	}
 	// Refuse a foreign snapshot before anything is created.
-	if err := f.checkSnapshot(snap.Metadata, cfg, compat(f.qemuVersion, f.accel, f.cpu)); err != nil {
+	if err := f.checkSnapshot(snap.Metadata, cfg); err != nil {
 		return nil, err
 	}
 	v, err := f.create(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
-	if err := v.Restore(ctx, snap); err != nil {
-		v.Destroy(context.WithoutCancel(ctx))
+	if err := v.restore(ctx, snap); err != nil {
+		if derr := v.Destroy(context.WithoutCancel(ctx)); derr != nil {
+			return nil, fmt.Errorf("%w; removing the half-restored VM %s failed too (%v): %w", err, v.ID(), derr, vm.ErrLeftBehind)
+		}
 		return nil, err
 	}
 	return v, nil
 }
 
-// Open finds an existing instance by name.
-func (f *Factory) Open(ctx context.Context, name string) (*Instance, error) {
+// Attach finds an existing instance of this home by name
+// (vm.Attacher): QEMU VMs outlive the kelpie that started them.
+func (f *Factory) Attach(ctx context.Context, name string) (vm.Instance, error) {
+	return f.open(ctx, name)
+}
+
+func (f *Factory) open(ctx context.Context, name string) (*Instance, error) {
 	if err := vm.ValidateName(name); err != nil {
 		return nil, err
 	}
@@ -415,38 +427,27 @@ func (f *Factory) Open(ctx context.Context, name string) (*Instance, error) {
 	return v, nil
 }
 
-// InstanceInfo is one line of `kelpie vm ls`.
-type InstanceInfo struct {
-	Name      string    `json:"name"`
-	State     string    `json:"state"`
-	PID       int       `json:"pid,omitempty"`
-	VCPUs     int       `json:"vcpus"`
-	MemoryMiB int       `json:"memory_mib"`
-	Accel     Accel     `json:"accel"`
-	Dir       string    `json:"dir"`
-	CreatedAt time.Time `json:"created_at"`
-}
-
-// List describes every instance of this home, sorted by name.
-func (f *Factory) List(ctx context.Context) ([]InstanceInfo, error) {
+// List describes every instance of this home, sorted by name
+// (vm.Lister).
+func (f *Factory) List(ctx context.Context) ([]vm.Info, error) {
 	ents, err := os.ReadDir(f.vmsDir())
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return []InstanceInfo{}, nil
+			return []vm.Info{}, nil
 		}
 		return nil, err
 	}
-	out := []InstanceInfo{}
+	out := []vm.Info{}
 	for _, e := range ents {
 		if !e.IsDir() {
 			continue
 		}
-		v, err := f.Open(ctx, e.Name())
+		v, err := f.open(ctx, e.Name())
 		if err != nil {
 			continue // a directory being created or removed right now
 		}
-		info := InstanceInfo{Name: v.rec.Name, State: v.State().String(), VCPUs: v.rec.Config.VCPUs,
-			MemoryMiB: v.rec.Config.MemoryMiB, Accel: v.rec.Accel, Dir: v.dir, CreatedAt: v.rec.CreatedAt}
+		info := vm.Info{Name: v.rec.Name, Backend: BackendName, State: v.State(), VCPUs: v.rec.Config.VCPUs,
+			MemoryMiB: v.rec.Config.MemoryMiB, Accel: string(v.rec.Accel), Dir: v.dir, CreatedAt: v.rec.CreatedAt}
 		if v.run.Proc != nil && v.run.Proc.alive() {
 			info.PID = v.run.Proc.PID
 		}

@@ -84,7 +84,15 @@ type Instance struct {
 	hookAfterStateSaved func()
 }
 
-var _ vm.Instance = (*Instance)(nil)
+var (
+	_ vm.Instance          = (*Instance)(nil)
+	_ vm.Detacher          = (*Instance)(nil)
+	_ vm.ReadyWaiter       = (*Instance)(nil)
+	_ vm.WorkspaceArchiver = (*Instance)(nil)
+	_ vm.LayoutSnapshotter = (*Instance)(nil)
+	_ vm.FactsReporter     = (*Instance)(nil)
+	_ vm.DowntimeReporter  = (*Instance)(nil)
+)
 
 // ID is the VM's name.
 func (v *Instance) ID() string { return v.rec.Name }
@@ -287,10 +295,10 @@ func (v *Instance) preconnectAgent(ctx context.Context) {
 	v.agent, v.agentReady = agent.NewClient(conn), false
 }
 
-// Close releases this handle's connections; the VM keeps running. Other
-// kelpie processes can drive the VM only while no handle holds them (a
-// QEMU socket serves one client at a time).
-func (v *Instance) Close() error {
+// Detach releases this handle's connections; the VM keeps running
+// (vm.Detacher). Other kelpie processes can drive the VM only while no
+// handle holds them (a QEMU socket serves one client at a time).
+func (v *Instance) Detach() error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.dropConns()

@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"os"
 	"sync"
@@ -329,48 +328,4 @@ func decodeMemory(dst *os.File, r io.Reader, ramBytes int64) error {
 		return bad("%d bytes after the end record", extra)
 	}
 	return nil
-}
-
-// asyncHash hashes what is written to it on another goroutine, so that
-// hashing overlaps with the work of the writer (on two cores, SHA-256 of a
-// memory section costs as much as producing it).
-type asyncHash struct {
-	h    hash.Hash
-	ch   chan []byte
-	free chan []byte
-	done chan struct{}
-}
-
-func newAsyncHash(h hash.Hash) *asyncHash {
-	a := &asyncHash{h: h, ch: make(chan []byte, 4), free: make(chan []byte, 6), done: make(chan struct{})}
-	go func() {
-		for b := range a.ch {
-			a.h.Write(b)
-			select {
-			case a.free <- b[:0]:
-			default:
-			}
-		}
-		close(a.done)
-	}()
-	return a
-}
-
-// Write queues a copy of p for hashing.
-func (a *asyncHash) Write(p []byte) (int, error) {
-	var b []byte
-	select {
-	case b = <-a.free:
-	default:
-	}
-	b = append(b, p...)
-	a.ch <- b
-	return len(p), nil
-}
-
-// Sum waits for everything written and returns the hash.
-func (a *asyncHash) Sum() []byte {
-	close(a.ch)
-	<-a.done
-	return a.h.Sum(nil)
 }

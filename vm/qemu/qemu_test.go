@@ -337,7 +337,7 @@ func TestTeleport(t *testing.T) {
 			why  string
 		}{
 			{"corrupt memory", corrupt, vm.Config{}, vm.ErrCorrupt, "memory section checksum mismatch"},
-			{"other accelerator", wrongAccel, vm.Config{}, vm.ErrIncompatible, `accel: snapshot has "kvm", this host has "tcg"`},
+			{"other accelerator", wrongAccel, vm.Config{}, vm.ErrIncompatible, `accel: the snapshot has "kvm", this host has "tcg"`},
 			{"other memory size", snap, vm.Config{MemoryMiB: 512, VCPUs: 1}, vm.ErrIncompatible, "256 MiB guest"},
 			{"sim backend", simSnap, vm.Config{}, vm.ErrIncompatible, `backend "sim"`},
 		} {
@@ -408,12 +408,12 @@ func TestTeleport(t *testing.T) {
 
 	t.Run("OpenByName", func(t *testing.T) {
 		// Another kelpie invocation: a new factory on the same home.
-		src.Close()
+		src.Detach()
 		f2, err := NewFactory(ctx, Options{Home: fa.Home(), HostID: "host-a", Accel: AccelTCG})
 		if err != nil {
 			t.Fatal(err)
 		}
-		other, err := f2.Open(ctx, "src")
+		other, err := f2.open(ctx, "src")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -424,11 +424,11 @@ func TestTeleport(t *testing.T) {
 			t.Fatalf("exec through the second handle: %q", out)
 		}
 		list, err := f2.List(ctx)
-		if err != nil || len(list) != 1 || list[0].Name != "src" || list[0].State != "running" {
+		if err != nil || len(list) != 1 || list[0].Name != "src" || list[0].State != vm.StateRunning {
 			t.Fatalf("List = %+v, %v", list, err)
 		}
-		other.Close()
-		if _, err := f2.Open(ctx, "nope"); !errors.Is(err, vm.ErrNotFound) {
+		other.Detach()
+		if _, err := f2.Attach(ctx, "nope"); !errors.Is(err, vm.ErrNotFound) {
 			t.Fatalf("Open(nope) = %v", err)
 		}
 	})
@@ -510,7 +510,7 @@ func TestTeleport(t *testing.T) {
 		}
 		// A later invocation sees the crash too, and Stop clears it.
 		f2, _ := NewFactory(ctx, Options{Home: fb.Home(), HostID: "host-b", Accel: AccelTCG})
-		again, err := f2.Open(ctx, "moved")
+		again, err := f2.open(ctx, "moved")
 		if err != nil || again.State() != vm.StateCrashed {
 			t.Fatalf("reopened: %v, %v", again, err)
 		}

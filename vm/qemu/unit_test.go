@@ -134,12 +134,11 @@ func fileHash(t *testing.T, p string) [32]byte {
 }
 
 func TestCheckSnapshot(t *testing.T) {
-	f := &Factory{qemuVersion: "7.2.22"}
-	host := compat("7.2.22", AccelTCG, "qemu64")
+	f := &Factory{qemuVersion: "7.2.22", accel: AccelTCG, cpu: "qemu64"}
 	good := vm.SnapshotMetadata{SnapshotID: "s", Backend: BackendName, Architecture: vm.HostArchitecture(), Layout: vm.LayoutSplit,
-		MemoryMiB: 256, VCPUCount: 1, Compat: compat("7.2.22", AccelTCG, "qemu64")}
+		IsFullSnapshot: true, MemoryMiB: 256, VCPUCount: 1, Compat: compat("7.2.22", AccelTCG, "qemu64")}
 	cfg := vm.Config{MemoryMiB: 256, VCPUs: 1}
-	if err := f.checkSnapshot(good, cfg, host); err != nil {
+	if err := f.checkSnapshot(good, cfg); err != nil {
 		t.Fatalf("good snapshot refused: %v", err)
 	}
 	for _, tc := range []struct {
@@ -147,20 +146,20 @@ func TestCheckSnapshot(t *testing.T) {
 		mut  func(*vm.SnapshotMetadata, *vm.Config)
 		why  string
 	}{
-		{"backend", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Backend = "firecracker" }, `backend "firecracker"`},
+		{"backend", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Backend = "firecracker" }, "written by firecracker"},
 		{"arch", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Architecture = "riscv64" }, "taken on riscv64"},
 		{"layout none", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Layout = vm.LayoutNone }, "no VM state"},
 		{"memory", func(m *vm.SnapshotMetadata, c *vm.Config) { c.MemoryMiB = 1024 }, "256 MiB guest"},
 		{"vcpus", func(m *vm.SnapshotMetadata, c *vm.Config) { c.VCPUs = 2 }, "1 vCPUs"},
-		{"qemu version", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Compat = compat("8.2.0", AccelTCG, "qemu64") }, `qemu_version: snapshot has "8.2.0"`},
-		{"cpu", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Compat = compat("7.2.22", AccelTCG, "host:EPYC") }, `cpu: snapshot has "host:EPYC"`},
-		{"missing fact", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Compat = map[string]string{} }, "not recorded"},
-		{"extra fact", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Compat = cloneMap(m.Compat); m.Compat["iommu"] = "on" }, `iommu: snapshot has "on", this host has "(unknown)"`},
+		{"qemu version", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Compat = compat("8.2.0", AccelTCG, "qemu64") }, `qemu_version: the snapshot has "8.2.0"`},
+		{"cpu", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Compat = compat("7.2.22", AccelTCG, "host:EPYC") }, `cpu: the snapshot has "host:EPYC"`},
+		{"missing fact", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Compat = map[string]string{} }, "the snapshot does not record it"},
+		{"extra fact", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Compat = cloneMap(m.Compat); m.Compat["iommu"] = "on" }, `iommu: the snapshot has "on", this host does not know it`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			md, c := good, cfg
 			tc.mut(&md, &c)
-			err := f.checkSnapshot(md, c, host)
+			err := f.checkSnapshot(md, c)
 			if !errors.Is(err, vm.ErrIncompatible) || !strings.Contains(err.Error(), tc.why) {
 				t.Fatalf("got %v, want ErrIncompatible mentioning %q", err, tc.why)
 			}

@@ -144,7 +144,7 @@ func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *v
 	}
 	if err := v.restore(ctx, snap); err != nil {
 		if derr := v.Destroy(context.WithoutCancel(ctx)); derr != nil {
-			return nil, fmt.Errorf("%w (and removing the half-restored VM failed: %v)", err, derr)
+			return nil, fmt.Errorf("%w; removing the half-restored VM %s failed too (%v): %w", err, v.ID(), derr, vm.ErrLeftBehind)
 		}
 		return nil, err
 	}

@@ -1,0 +1,96 @@
+package blob
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+
+	"github.com/kelpie/teleport/vm"
+)
+
+// The one mapping between a vm.Snapshot and a KLP1 blob: the metadata
+// section is the snapshot's metadata as JSON, the snapshot section its
+// device state, the memory section its guest memory. Every writer of a
+// snapshot blob (the teleport service, `kelpie vm snapshot`, the
+// simulation) and every reader goes through EncodeSnapshot and
+// OpenSnapshot.
+
+// EncodeSnapshot writes snap as a version 1 blob to w, streaming each
+// payload once, and returns the bytes written. While it streams it checks
+// each payload against the size and SHA-256 the metadata records: a
+// payload that changed after its checksum was taken, or a non-empty
+// payload without a recorded checksum, would make a blob that no host can
+// restore, so it fails with vm.ErrCorrupt instead. Any payload streams,
+// whatever it is backed by.
+func EncodeSnapshot(w io.Writer, snap *vm.Snapshot) (int64, error) {
+	md := snap.Metadata
+	meta, err := md.Marshal()
+	if err != nil {
+		return 0, fmt.Errorf("snapshot %s: encode metadata: %w", md.SnapshotID, err)
+	}
+	type payload struct {
+		name string
+		p    vm.Payload
+		size int64
+		sum  string
+	}
+	ps := [2]payload{{vm.SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256},
+		{vm.SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256}}
+	var secs [2]Section
+	var hashes [2]*vm.AsyncHash
+	for i, p := range ps {
+		n := vm.PayloadSize(p.p)
+		switch {
+		case n != p.size:
+			return 0, fmt.Errorf("snapshot %s: %s payload has %d bytes, its metadata says %d: %w", md.SnapshotID, p.name, n, p.size, vm.ErrCorrupt)
+		case n == 0:
+			continue
+		case p.sum == "":
+			return 0, fmt.Errorf("snapshot %s: %s payload has no recorded checksum, so no host could restore it: %w", md.SnapshotID, p.name, vm.ErrCorrupt)
+		}
+		rc, err := p.p.Open()
+		if err != nil {
+			return 0, fmt.Errorf("snapshot %s: open %s payload: %w", md.SnapshotID, p.name, err)
+		}
+		defer rc.Close()
+		hashes[i] = vm.NewAsyncHash(sha256.New())
+		secs[i] = Section{R: io.TeeReader(rc, hashes[i]), N: n}
+	}
+	written, err := Encode(w, Section{R: bytes.NewReader(meta), N: int64(len(meta))}, secs[0], secs[1])
+	for i, h := range hashes {
+		if h == nil {
+			continue
+		}
+		got := hex.EncodeToString(h.Sum())
+		if err == nil && got != ps[i].sum {
+			err = fmt.Errorf("snapshot %s: %s payload differs from its recorded checksum (sha256 %.12s, recorded %.12s): %w", md.SnapshotID, ps[i].name, got, ps[i].sum, vm.ErrCorrupt)
+		}
+	}
+	return written, err
+}
+
+// OpenSnapshot maps the blob of the given size in r onto a vm.Snapshot:
+// it validates the header, parses the metadata (at most 1 MiB, whatever
+// the header claims) and returns payloads that read the sections from r on
+// demand, never whole. Their checksums are verified where they are used
+// (vm.Stage), not here.
+func OpenSnapshot(r io.ReaderAt, size int64) (*vm.Snapshot, error) {
+	b, err := Open(r, size)
+	if err != nil {
+		return nil, err
+	}
+	md, err := vm.ParseMetadata(b.Metadata())
+	if err != nil {
+		return nil, err
+	}
+	var state, memory vm.Payload
+	if n := int64(b.Header.SnapshotLen); n > 0 {
+		state = &vm.SectionPayload{R: r, Offset: b.SnapshotOffset(), N: n}
+	}
+	if n := int64(b.Header.MemoryLen); n > 0 {
+		memory = &vm.SectionPayload{R: r, Offset: b.MemoryOffset(), N: n}
+	}
+	return vm.NewSnapshot(md, state, memory, nil), nil
+}

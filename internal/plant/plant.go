@@ -1,0 +1,18 @@
+// Package plant holds the planted bugs: switches that break production code
+// on purpose, so that the simulation (dst/) can prove its invariant
+// checkers catch each kind of mistake. It is internal, so no program that
+// embeds Kelpie Teleport can reach it; production code reads the switches
+// only through hooks set here by the simulation.
+package plant
+
+// ServiceBugs break the teleport service. The zero value is the correct
+// service.
+type ServiceBugs struct {
+	SkipRestoreRules      bool // restore without checking the restore rules
+	SkipChecksums         bool // trust whatever bytes a package holds: re-hash instead of verify
+	ResumeSourceAfterMove bool // leave the source running after a move
+}
+
+// SetServiceBugs plants bugs in a *service.Service; the service package
+// sets it in its init, so this package need not import it.
+var SetServiceBugs func(svc any, b ServiceBugs)

@@ -1,0 +1,171 @@
+package qemu
+
+// Restores: the snapshot is checked against this host, staged and verified
+// (vm.Stage), and loaded by an incoming migration into a fresh QEMU.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/kelpie/teleport/vm"
+)
+
+// checkSnapshot refuses, before anything starts, a snapshot this host
+// cannot restore into a VM configured as cfg: the shared comparison
+// (vm.CheckSnapshot) first, then what only the VM's configuration decides.
+func (f *Factory) checkSnapshot(md vm.SnapshotMetadata, cfg vm.Config) error {
+	if err := vm.CheckSnapshot(md, f.Host()); err != nil {
+		return err
+	}
+	refuse := func(format string, args ...any) error {
+		return fmt.Errorf("snapshot %s: "+format+": %w", append([]any{md.SnapshotID}, append(args, vm.ErrIncompatible)...)...)
+	}
+	switch {
+	case cfg.MemoryMiB != md.MemoryMiB:
+		return refuse("holds a %d MiB guest, the VM is configured with %d MiB", md.MemoryMiB, cfg.MemoryMiB)
+	case cfg.VCPUs != md.VCPUCount:
+		return refuse("holds %d vCPUs, the VM is configured with %d", md.VCPUCount, cfg.VCPUs)
+	}
+	return nil
+}
+
+// restore loads a snapshot, which the factory has checked against this
+// host, into a Created VM, which is Paused afterwards. The payloads are
+// verified against the metadata while they are copied into the instance
+// directory (guest RAM sparse), before QEMU starts; they are never
+// modified.
+func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) (err error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.check(ctx, vm.OpRestore); err != nil {
+		return err
+	}
+	md := snap.Metadata
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, migrateTimeoutDefault)
+		defer cancel()
+	}
+	v.dropConns()
+	v.clearRuntime()
+	defer func() {
+		os.Remove(v.path(stagedState))
+		if err != nil {
+			v.clearRuntime()
+		}
+	}()
+	var stats RestoreStats
+	t := time.Now()
+	if err := v.stage(md, snap); err != nil {
+		return fmt.Errorf("vm %s: restore: %w", v.rec.Name, err)
+	}
+	stats.Stage = time.Since(t)
+	t = time.Now()
+	p, q, err := v.launch(ctx, true)
+	if err != nil {
+		return fmt.Errorf("vm %s: restore: %w", v.rec.Name, err)
+	}
+	stats.Launch = time.Since(t)
+	t = time.Now()
+	fail := func(err error) error {
+		v.dropConns()
+		p.kill(context.WithoutCancel(ctx))
+		if !p.alive() && ctx.Err() == nil && !errors.Is(err, vm.ErrCorrupt) {
+			return fmt.Errorf("vm %s: restore: %v (QEMU: %s): %w", v.rec.Name, err, tailFile(v.path(qemuLog), 600), vm.ErrCorrupt)
+		}
+		return fmt.Errorf("vm %s: restore: %w", v.rec.Name, err)
+	}
+	v.qmp = q
+	// Connect the agent before the device state loads: the stream says the
+	// host was connected at the snapshot, and a connected socket keeps the
+	// restored guest from seeing the port close and reopen.
+	v.preconnectAgent(ctx)
+	events, unsubscribe := q.subscribe()
+	defer unsubscribe()
+	// A split snapshot's state is either a device-only stream saved with
+	// x-ignore-shared or a full stream with the guest RAM pages taken out
+	// (live copies, ramstream.go); the stream says which.
+	ignoreShared, err := streamIgnoresShared(v.path(stagedState))
+	if err != nil {
+		return fail(fmt.Errorf("%v: %w", err, vm.ErrCorrupt))
+	}
+	if err := setupMigration(ctx, q, ignoreShared, false); err != nil {
+		return fail(err)
+	}
+	sf, err := os.Open(v.path(stagedState))
+	if err != nil {
+		return fail(err)
+	}
+	defer sf.Close()
+	if err := q.CallWithFile(ctx, "getfd", map[string]any{"fdname": migrateFDName}, sf); err != nil {
+		return fail(err)
+	}
+	if err := q.Call(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + migrateFDName}, nil); err != nil {
+		return fail(err)
+	}
+	if _, err := q.waitMigration(ctx, events); err != nil {
+		return fail(err)
+	}
+	stats.Load = time.Since(t)
+	v.lastRestore = stats
+	return v.setState(vm.StatePaused, p)
+}
+
+// stage copies the payloads into the instance directory (guest RAM
+// decoded sparse) through vm.Stage, which verifies sizes and checksums in
+// the same pass; on any error nothing is left behind.
+func (v *Instance) stage(md vm.SnapshotMetadata, snap *vm.Snapshot) (err error) {
+	switch {
+	case snap.DeviceState == nil:
+		return fmt.Errorf("snapshot %s has no device state: %w", md.SnapshotID, vm.ErrCorrupt)
+	case md.Layout == vm.LayoutSplit && snap.Memory == nil:
+		return fmt.Errorf("split snapshot %s has no memory section: %w", md.SnapshotID, vm.ErrCorrupt)
+	}
+	memTmp := v.ramPath() + stagingSuffix
+	defer func() {
+		if err != nil {
+			os.Remove(memTmp)
+			os.Remove(v.path(stagedState))
+		}
+	}()
+	var memory vm.Sink
+	if md.Layout == vm.LayoutSplit {
+		memory = func(r io.Reader) error {
+			f, err := os.OpenFile(memTmp, os.O_CREATE|os.O_TRUNC|os.O_RDWR, 0o600)
+			if err != nil {
+				return err
+			}
+			err = decodeMemory(f, r, int64(v.rec.Config.MemoryMiB)<<20)
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			return err
+		}
+	}
+	deviceState := func(r io.Reader) error { return writeNewFile(v.path(stagedState), r) }
+	if err := vm.Stage(snap, deviceState, memory); err != nil {
+		return err
+	}
+	if md.Layout == vm.LayoutSplit {
+		return os.Rename(memTmp, v.ramPath())
+	}
+	return nil
+}
+
+// writeNewFile copies r into a new file at path.
+func writeNewFile(path string, r io.Reader) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(f, r)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
