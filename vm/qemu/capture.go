@@ -346,4 +346,3 @@ func (v *Instance) SnapshotLayoutDefault() vm.Layout { return v.rec.Layout }
 func (v *Instance) Compat() map[string]string {
 	return compat(v.f.qemuVersion, v.rec.Accel, v.rec.CPU)
 }
-

@@ -20,6 +20,7 @@ const (
 	migrateTimeoutDefault       = 5 * time.Minute
 	migrateFDName               = "kelpie-migration"
 )
+
 // setupMigration sets the capabilities both ends must agree on, and on the
 // source the bandwidth and downtime limits.
 func setupMigration(ctx context.Context, q *qmpClient, ignoreShared, source bool) error {

@@ -168,4 +168,3 @@ func writeNewFile(path string, r io.Reader) error {
 	}
 	return err
 }
-

@@ -81,4 +81,3 @@ func copyFileTo(from, to string) error {
 	defer in.Close()
 	return writeNewFile(to, in)
 }
-

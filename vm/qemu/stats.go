@@ -49,7 +49,6 @@ func (v *Instance) LastSnapshotStats() SnapshotStats {
 	return v.lastSnap
 }
 
-
 // LastSnapshotDowntime is how long the last Snapshot on this handle kept
 // a running guest stopped (vm.DowntimeReporter).
 func (v *Instance) LastSnapshotDowntime() time.Duration {
