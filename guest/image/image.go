@@ -5,6 +5,7 @@ package image
 
 import (
 	"bufio"
+	_ "embed"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,6 +22,13 @@ const (
 	InitramfsFile = "initramfs.cpio.gz" // busybox + kelpie-agent
 	ManifestFile  = "manifest.json"
 )
+
+//go:embed VERSION
+var versionFile string
+
+// Version is the base image version this build makes and boots
+// (guest/image/VERSION): what packages record and restores compare.
+func Version() string { return strings.TrimSpace(versionFile) }
 
 // AgentPortName is the virtio-serial port name the guest agent serves on
 // (same as agent.PortName).

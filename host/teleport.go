@@ -1,0 +1,271 @@
+package host
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"path/filepath"
+
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/service"
+	"github.com/kelpie/teleport/vm"
+)
+
+// KindAuto asks TeleportOut to choose the kind for the target.
+const KindAuto = "auto"
+
+// OutRequest says what TeleportOut sends where.
+type OutRequest struct {
+	// Store is the package store URL ("" for the host's own).
+	Store string
+	// Kind is teleport, suspend, checkpoint, or KindAuto: teleport when
+	// Target can restore the full VM, checkpoint otherwise.
+	Kind string
+	// Target describes the restoring host for KindAuto; empty fields are
+	// this host's.
+	Target Target
+	// KeepSource makes a copy: the source keeps running. Otherwise it is a
+	// move: the source is removed once the package is committed, and
+	// resumed if anything fails before.
+	KeepSource bool
+	// AgentID is recorded in the package (default: the VM name).
+	AgentID    string
+	AgentState []byte
+	// PackageID is optional.
+	PackageID string
+}
+
+// Target is the host a package is meant for (OutRequest.Kind auto).
+type Target struct {
+	Arch    string
+	Backend string
+	HostID  string
+	CPU     string // the backend's "cpu" fact
+}
+
+// OutResult is what TeleportOut did.
+type OutResult struct {
+	Package *teleport.Package
+	Kind    teleport.SnapshotKind
+	// KindReason says why KindAuto chose Kind.
+	KindReason string
+	// SourceRemoved: a move removed its source.
+	SourceRemoved bool
+	// NoWorkspace says why a checkpoint carries no workspace ("" if it
+	// does, or is no checkpoint).
+	NoWorkspace string
+	// Warning: the package is committed, but something after it failed.
+	Warning string
+}
+
+// TeleportOut sends VM name to a store as a package.
+func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*OutResult, error) {
+	unlock, err := h.lockVM(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if req.Kind == "" {
+		req.Kind = string(teleport.KindTeleport)
+	}
+	res := &OutResult{}
+	if req.Kind != KindAuto {
+		if res.Kind, err = teleport.ParseKind(req.Kind); err != nil {
+			return nil, err
+		}
+		if req.Target != (Target{}) {
+			return nil, fmt.Errorf("a target only goes with kind auto: %w", teleport.ErrInvalidPackage)
+		}
+	}
+	st, err := h.Store(ctx, req.Store)
+	if err != nil {
+		return nil, err
+	}
+	lv, err := h.attach(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if req.Kind == KindAuto {
+		src := vm.SnapshotHost(lv.f, lv.inst)
+		dst, err := req.Target.apply(src)
+		if err != nil {
+			return nil, err
+		}
+		res.Kind, res.KindReason = teleport.ChooseKind(src, dst)
+	}
+	out := service.OutRequest{AgentID: req.AgentID, AgentState: req.AgentState, Kind: res.Kind, KeepSource: req.KeepSource,
+		PackageID: req.PackageID}
+	if out.AgentID == "" {
+		out.AgentID = name
+	}
+	if res.Kind == teleport.KindCheckpoint {
+		ws, cleanup, why, err := h.archiveWorkspace(ctx, lv)
+		if err != nil {
+			return nil, err
+		}
+		defer cleanup()
+		out.Workspace, res.NoWorkspace = ws, why
+	}
+	pkg, err := h.service(lv.f, st, "out").Out(ctx, lv.inst, out)
+	if err != nil && !errors.Is(err, service.ErrSourceNotSettled) {
+		return nil, err
+	}
+	res.Package = pkg
+	if err != nil {
+		res.Warning = err.Error()
+	}
+	if !req.KeepSource {
+		// The package holds the agent now; the stopped source goes.
+		if derr := lv.inst.Destroy(context.WithoutCancel(ctx)); derr != nil {
+			res.Warning = fmt.Sprintf("package %s committed, but removing the stopped source vm %s failed: %v", pkg.ID, name, derr)
+		} else {
+			h.forget(name)
+			res.SourceRemoved = true
+		}
+	}
+	return res, nil
+}
+
+func (t Target) apply(src vm.HostInfo) (vm.HostInfo, error) {
+	dst := src
+	dst.Compat = maps.Clone(src.Compat)
+	if t.Arch != "" {
+		a, err := vm.ParseArchitecture(t.Arch)
+		if err != nil {
+			return dst, fmt.Errorf("target architecture: %w", err)
+		}
+		dst.Arch = a
+	}
+	if t.Backend != "" {
+		dst.Backend = t.Backend
+	}
+	if t.HostID != "" {
+		dst.HostID = t.HostID
+	}
+	if t.CPU != "" {
+		if dst.Compat == nil {
+			dst.Compat = map[string]string{}
+		}
+		dst.Compat["cpu"] = t.CPU
+	}
+	return dst, nil
+}
+
+// archiveWorkspace packs the guest's workspace into a temporary file
+// under Home/tmp, where the backend can (vm.WorkspaceArchiver); why says
+// why not otherwise.
+func (h *Host) archiveWorkspace(ctx context.Context, lv *liveVM) (ws vm.Payload, cleanup func(), why string, err error) {
+	cleanup = func() {}
+	if _, ok := lv.inst.(vm.WorkspaceArchiver); !ok {
+		return nil, cleanup, fmt.Sprintf("backend %s cannot archive a guest workspace", lv.backend), nil
+	}
+	dir := filepath.Join(h.o.Home, "tmp")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, cleanup, "", err
+	}
+	f, err := os.CreateTemp(dir, "workspace-*.tgz")
+	if err != nil {
+		return nil, cleanup, "", err
+	}
+	cleanup = func() { os.Remove(f.Name()) }
+	_, err = vm.ArchiveWorkspace(ctx, lv.f, lv.inst, f)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		ws, err = vm.NewFilePayload(f.Name())
+	}
+	if err != nil {
+		cleanup()
+		return nil, func() {}, "", fmt.Errorf("archive the workspace of vm %s: %w", lv.inst.ID(), err)
+	}
+	return ws, cleanup, "", nil
+}
+
+// InRequest says how TeleportIn restores a package.
+type InRequest struct {
+	Store string // "" for the host's own
+	Name  string // the new VM's name (required)
+	// Backend restores the package; "" for the backend that wrote a VM
+	// snapshot, or the host's default for a checkpoint.
+	Backend string
+	Accel   string
+	// VCPUs and MemoryMiB size a checkpoint's fresh VM (0 for the
+	// defaults); a full VM keeps its own.
+	VCPUs, MemoryMiB int
+}
+
+// InResult is what TeleportIn restored.
+type InResult struct {
+	VM      VMInfo
+	Package *teleport.Package
+}
+
+// TeleportIn restores package id as a new VM of this host. It returns once
+// the guest answers; on failure no VM is left behind, or the error says
+// which one is (vm.ErrLeftBehind).
+func (h *Host) TeleportIn(ctx context.Context, id string, req InRequest) (*InResult, error) {
+	if err := vm.ValidateName(req.Name); err != nil {
+		return nil, err
+	}
+	unlock, err := h.lockVM(ctx, req.Name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if err := h.nameFree(ctx, req.Name); err != nil {
+		return nil, err
+	}
+	st, err := h.Store(ctx, req.Store)
+	if err != nil {
+		return nil, err
+	}
+	pkg, err := st.Stat(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	backend := req.Backend
+	cfg := vm.Config{Name: req.Name, VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB}
+	if pkg.Snapshot != nil {
+		if backend == "" {
+			backend = h.backendFor(pkg.Snapshot.Backend)
+		}
+	} else {
+		if cfg.VCPUs == 0 {
+			cfg.VCPUs = VMCPUsDefault
+		}
+		if cfg.MemoryMiB == 0 {
+			cfg.MemoryMiB = VMMemoryMiBDefault
+		}
+	}
+	f, err := h.Factory(ctx, backend, req.Accel)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.durable(f); err != nil {
+		return nil, err
+	}
+	inst, got, err := h.service(f, st, "in").In(ctx, id, cfg, service.InOptions{
+		RestoreWorkspace: func(ctx context.Context, inst vm.Instance, r io.Reader) error {
+			return vm.RestoreWorkspace(ctx, f, inst, r)
+		}})
+	if err != nil {
+		return nil, err
+	}
+	lv := h.keep(req.Name, inst, f)
+	return &InResult{VM: h.describe(ctx, lv), Package: got}, nil
+}
+
+// backendFor is the host's backend of that name, or "" (the default) when
+// it has none: the restore rules then say why the package cannot come.
+func (h *Host) backendFor(name string) string {
+	for _, b := range h.o.Backends {
+		if b.Name == name {
+			return name
+		}
+	}
+	return ""
+}

@@ -1,0 +1,427 @@
+package host
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/kelpie/teleport/blob"
+	"github.com/kelpie/teleport/vm"
+)
+
+// Defaults for new VMs.
+const (
+	VMMemoryMiBDefault = 256
+	VMCPUsDefault      = 1
+)
+
+// VMSpec describes a VM to create.
+type VMSpec struct {
+	Name      string
+	Backend   string // "" for the host's default
+	Accel     string // for backends with a choice; "" for the default
+	VCPUs     int    // 0 for VMCPUsDefault
+	MemoryMiB int    // 0 for VMMemoryMiBDefault
+	Env       map[string]string
+	Workdir   string
+}
+
+// VMInfo describes one VM of the host: running, paused, stopped, or
+// suspended into a package.
+type VMInfo struct {
+	Name      string    `json:"name"`
+	Backend   string    `json:"backend"`
+	State     string    `json:"state"`
+	PID       int       `json:"pid,omitempty"`
+	VCPUs     int       `json:"vcpus"`
+	MemoryMiB int       `json:"memory_mib"`
+	Accel     string    `json:"accel,omitempty"`
+	Dir       string    `json:"dir,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	// A suspended VM's package and store.
+	PackageID string `json:"package_id,omitempty"`
+	Store     string `json:"store,omitempty"`
+}
+
+// StateSuspended is a VMInfo state: the VM is a package in a store.
+const StateSuspended = "suspended"
+
+func infoOf(i vm.Info) VMInfo {
+	return VMInfo{Name: i.Name, Backend: i.Backend, State: i.State.String(), PID: i.PID, VCPUs: i.VCPUs, MemoryMiB: i.MemoryMiB,
+		Accel: i.Accel, Dir: i.Dir, CreatedAt: i.CreatedAt}
+}
+
+// CreateVM creates a VM and boots it; it returns once the guest answers.
+// The name must be free on this host, among every backend's VMs and the
+// suspended ones.
+func (h *Host) CreateVM(ctx context.Context, spec VMSpec) (*VMInfo, error) {
+	if err := vm.ValidateName(spec.Name); err != nil {
+		return nil, err
+	}
+	unlock, err := h.lockVM(ctx, spec.Name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if err := h.nameFree(ctx, spec.Name); err != nil {
+		return nil, err
+	}
+	f, err := h.Factory(ctx, spec.Backend, spec.Accel)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.durable(f); err != nil {
+		return nil, err
+	}
+	cfg := vm.Config{Name: spec.Name, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, Env: spec.Env, Workdir: spec.Workdir}
+	if cfg.VCPUs == 0 {
+		cfg.VCPUs = VMCPUsDefault
+	}
+	if cfg.MemoryMiB == 0 {
+		cfg.MemoryMiB = VMMemoryMiBDefault
+	}
+	inst, err := f.Create(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := inst.Start(ctx); err != nil {
+		if derr := inst.Destroy(context.WithoutCancel(ctx)); derr != nil {
+			return nil, fmt.Errorf("%w; removing VM %s failed too (%v): %w", err, spec.Name, derr, vm.ErrLeftBehind)
+		}
+		return nil, err
+	}
+	lv := h.keep(spec.Name, inst, f)
+	info := h.describe(ctx, lv)
+	return &info, nil
+}
+
+// durable refuses, for a caller that exits after each call, a backend
+// whose VMs would die with it.
+func (h *Host) durable(f vm.Factory) error {
+	if _, ok := f.(vm.Attacher); ok || !h.o.OneShot {
+		return nil
+	}
+	return fmt.Errorf("backend %s keeps its VMs only inside the process that made them, and this command exits when it is done; "+
+		"use a backend whose VMs outlive one command (%s) or embed the host library: %w", f.Host().Backend, strings.Join(h.durableBackends(), ", "), ErrNotDurable)
+}
+
+func (h *Host) durableBackends() []string {
+	var out []string
+	for _, b := range h.o.Backends {
+		f, err := h.Factory(context.Background(), b.Name, "")
+		if err != nil {
+			continue
+		}
+		if _, ok := f.(vm.Attacher); ok {
+			out = append(out, b.Name)
+		}
+	}
+	if len(out) == 0 {
+		return []string{"none runs here"}
+	}
+	return out
+}
+
+// nameFree fails with vm.ErrAlreadyExists when name is taken on this host.
+func (h *Host) nameFree(ctx context.Context, name string) error {
+	if _, err := h.readSuspended(name); err == nil {
+		return fmt.Errorf("vm %s is suspended (kelpie vm resume %s, or vm rm it): %w", name, name, vm.ErrAlreadyExists)
+	}
+	_, err := h.attach(ctx, name)
+	switch {
+	case err == nil:
+		return fmt.Errorf("vm %s: %w", name, vm.ErrAlreadyExists)
+	case errors.Is(err, vm.ErrNotFound):
+		return nil
+	}
+	return err
+}
+
+func (h *Host) keep(name string, inst vm.Instance, f vm.Factory) *liveVM {
+	lv := &liveVM{inst: inst, f: f, backend: f.Host().Backend}
+	h.mu.Lock()
+	h.live[name] = lv
+	h.mu.Unlock()
+	return lv
+}
+
+func (h *Host) forget(name string) {
+	h.mu.Lock()
+	delete(h.live, name)
+	h.mu.Unlock()
+}
+
+// attach finds VM name: one this process holds, else one a backend can
+// re-attach to (a VM another process made).
+func (h *Host) attach(ctx context.Context, name string) (*liveVM, error) {
+	if err := vm.ValidateName(name); err != nil {
+		return nil, err
+	}
+	h.mu.Lock()
+	lv := h.live[name]
+	h.mu.Unlock()
+	if lv != nil {
+		return lv, nil
+	}
+	var unavailable []string
+	for _, b := range h.o.Backends {
+		f, err := h.Factory(ctx, b.Name, "")
+		if err != nil {
+			unavailable = append(unavailable, err.Error())
+			continue
+		}
+		inst, err := vm.Attach(ctx, f, name)
+		switch {
+		case err == nil:
+			return h.keep(name, inst, f), nil
+		case errors.Is(err, vm.ErrNotFound), errors.Is(err, vm.ErrNoAttach):
+			continue
+		}
+		return nil, err
+	}
+	if len(unavailable) > 0 {
+		return nil, fmt.Errorf("no VM %s on this host (not all backends could look: %s): %w", name, strings.Join(unavailable, "; "), vm.ErrNotFound)
+	}
+	return nil, fmt.Errorf("no VM %s on this host: %w", name, vm.ErrNotFound)
+}
+
+// describe is a VM's VMInfo, from its backend's listing where it has one.
+func (h *Host) describe(ctx context.Context, lv *liveVM) VMInfo {
+	if l, ok := lv.f.(vm.Lister); ok {
+		if infos, err := l.List(ctx); err == nil {
+			for _, i := range infos {
+				if i.Name == lv.inst.ID() {
+					return infoOf(i)
+				}
+			}
+		}
+	}
+	c := lv.inst.Config()
+	return VMInfo{Name: lv.inst.ID(), Backend: lv.backend, State: lv.inst.State().String(), VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB}
+}
+
+// VM describes VM name.
+func (h *Host) VM(ctx context.Context, name string) (*VMInfo, error) {
+	if rec, err := h.readSuspended(name); err == nil {
+		info := rec.info()
+		return &info, nil
+	}
+	lv, err := h.attach(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	info := h.describe(ctx, lv)
+	return &info, nil
+}
+
+// VMs lists every VM of this host, sorted by name: those its backends
+// list, those this process holds, and the suspended ones.
+func (h *Host) VMs(ctx context.Context) ([]VMInfo, error) {
+	byName := map[string]VMInfo{}
+	for _, b := range h.o.Backends {
+		f, err := h.Factory(ctx, b.Name, "")
+		if err != nil {
+			continue // a backend that cannot run here has no VMs here
+		}
+		infos, err := vm.List(ctx, f)
+		if errors.Is(err, vm.ErrNoList) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("backend %s: %w", b.Name, err)
+		}
+		for _, i := range infos {
+			byName[i.Name] = infoOf(i)
+		}
+	}
+	h.mu.Lock()
+	var held []*liveVM
+	for _, name := range sortedKeys(h.live) {
+		if _, listed := byName[name]; !listed {
+			held = append(held, h.live[name])
+		}
+	}
+	h.mu.Unlock()
+	for _, lv := range held {
+		byName[lv.inst.ID()] = h.describe(ctx, lv)
+	}
+	recs, err := h.listSuspended()
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range recs {
+		byName[r.Name] = r.info()
+	}
+	out := make([]VMInfo, 0, len(byName))
+	for _, name := range sortedKeys(byName) {
+		out = append(out, byName[name])
+	}
+	return out, nil
+}
+
+// Exec runs a command in VM name's guest.
+func (h *Host) Exec(ctx context.Context, name, cmd string, args []string, opts vm.ExecOptions) (vm.ExecResult, error) {
+	lv, err := h.attach(ctx, name)
+	if err != nil {
+		return vm.ExecResult{}, err
+	}
+	return lv.inst.Exec(ctx, cmd, args, opts)
+}
+
+// StartVM boots a stopped VM.
+func (h *Host) StartVM(ctx context.Context, name string) error {
+	return h.withVM(ctx, name, func(lv *liveVM) error { return lv.inst.Start(ctx) })
+}
+
+// PauseVM freezes a running VM's vCPUs.
+func (h *Host) PauseVM(ctx context.Context, name string) error {
+	return h.withVM(ctx, name, func(lv *liveVM) error { return lv.inst.Pause(ctx) })
+}
+
+// StopVM shuts a VM down; its memory is lost.
+func (h *Host) StopVM(ctx context.Context, name string) error {
+	return h.withVM(ctx, name, func(lv *liveVM) error { return lv.inst.Stop(ctx) })
+}
+
+func (h *Host) withVM(ctx context.Context, name string, f func(*liveVM) error) error {
+	unlock, err := h.lockVM(ctx, name)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	lv, err := h.attach(ctx, name)
+	if err != nil {
+		return err
+	}
+	return f(lv)
+}
+
+// ResumeVM continues a paused VM, or restores a suspended one under its
+// name (see Resume).
+func (h *Host) ResumeVM(ctx context.Context, name string) (*ResumeResult, error) {
+	unlock, err := h.lockVM(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if rec, err := h.readSuspended(name); err == nil {
+		return h.resumeSuspended(ctx, rec)
+	} else if !errors.Is(err, vm.ErrNotFound) {
+		return nil, err
+	}
+	lv, err := h.attach(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if err := lv.inst.Resume(ctx); err != nil {
+		return nil, err
+	}
+	return &ResumeResult{Name: name}, nil
+}
+
+// RemoveVM destroys a VM and everything it owns on the host; a suspended
+// VM's package goes with it.
+func (h *Host) RemoveVM(ctx context.Context, name string) (*RemoveResult, error) {
+	unlock, err := h.lockVM(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	res := &RemoveResult{Name: name}
+	rec, rerr := h.readSuspended(name)
+	lv, err := h.attach(ctx, name)
+	switch {
+	case err == nil:
+		if err := lv.inst.Destroy(ctx); err != nil {
+			return nil, err
+		}
+		h.forget(name)
+	case !errors.Is(err, vm.ErrNotFound) || rerr != nil:
+		return nil, err
+	}
+	if rerr == nil {
+		if err := h.removeSuspended(ctx, rec); err != nil {
+			return nil, err
+		}
+		res.PackageID = rec.PackageID
+	}
+	return res, nil
+}
+
+// RemoveResult says what RemoveVM removed.
+type RemoveResult struct {
+	Name string
+	// PackageID is the suspended VM's package, removed with it.
+	PackageID string
+}
+
+// SnapshotResult describes a snapshot written to a file.
+type SnapshotResult struct {
+	SnapshotID string
+	Layout     vm.Layout
+	SizeBytes  int64 // the blob file
+	// Downtime is how long the snapshot kept a running guest stopped,
+	// where the backend measures it (DowntimeKnown).
+	Downtime      time.Duration
+	DowntimeKnown bool
+}
+
+// SnapshotVM writes a snapshot of VM name to the KLP1 blob file out, in
+// layout ("" for the backend's own). The VM keeps running (or stays
+// paused). The file appears only when complete.
+func (h *Host) SnapshotVM(ctx context.Context, name, out string, layout vm.Layout) (*SnapshotResult, error) {
+	unlock, err := h.lockVM(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	lv, err := h.attach(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	snap, err := vm.SnapshotLayout(ctx, lv.f, lv.inst, layout)
+	if err != nil {
+		return nil, err
+	}
+	defer snap.Close()
+	res := &SnapshotResult{SnapshotID: snap.Metadata.SnapshotID, Layout: snap.Metadata.Layout}
+	res.Downtime, res.DowntimeKnown = vm.LastSnapshotDowntime(lv.inst)
+	if res.SizeBytes, err = writeBlobFile(out, snap); err != nil {
+		return nil, fmt.Errorf("write %s: %w", out, err)
+	}
+	return res, nil
+}
+
+// writeBlobFile packs snap into the file out through a temporary sibling.
+func writeBlobFile(out string, snap *vm.Snapshot) (n int64, err error) {
+	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
+	if err != nil {
+		return 0, err
+	}
+	defer func() {
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	if n, err = blob.EncodeSnapshot(tmp, snap); err != nil {
+		return 0, err
+	}
+	if err = tmp.Close(); err != nil {
+		return 0, err
+	}
+	return n, os.Rename(tmp.Name(), out)
+}
+
+// liveNames lists the VMs this process holds, for tests and the daemon.
+func (h *Host) liveNames() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	names := sortedKeys(h.live)
+	return slices.Clip(names)
+}
