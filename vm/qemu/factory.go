@@ -62,6 +62,10 @@ type Options struct {
 	ImageDir string
 	// Accel is auto (default), kvm or tcg.
 	Accel Accel
+	// AccelCache is the file holding the machine's KVM verdict (default
+	// $KELPIE_ACCEL_CACHE, else ~/.cache/kelpie/accel.json). It is shared
+	// by every home on the machine, so only the first kelpie probes.
+	AccelCache string
 	// Layout of snapshots: split (default) or single.
 	Layout vm.Layout
 	// BaseImageVersion overrides the image manifest's version.
@@ -101,7 +105,7 @@ var (
 )
 
 // NewFactory checks QEMU and the guest image, and settles the accelerator
-// (probing KVM once per host when Accel is auto).
+// (probing KVM once per machine unless Accel is tcg).
 func NewFactory(ctx context.Context, o Options) (*Factory, error) {
 	if o.Home == "" {
 		return nil, fmt.Errorf("qemu: home directory is empty: %w", vm.ErrInvalidConfig)
@@ -130,6 +134,9 @@ func NewFactory(ctx context.Context, o Options) (*Factory, error) {
 	if o.Accel == "" {
 		o.Accel = AccelAuto
 	}
+	if o.AccelCache == "" {
+		o.AccelCache = accelCacheDefault()
+	}
 	switch {
 	case o.RAMDir == "-":
 		o.RAMDir = ""
@@ -152,7 +159,7 @@ func NewFactory(ctx context.Context, o Options) (*Factory, error) {
 	}
 	removeOrphanSnapshots(f.tmpDir())
 	f.removeOrphanRAM()
-	in := accelInputs{home: o.Home, binary: bin, qemuVersion: f.qemuVersion,
+	in := accelInputs{home: o.Home, cache: o.AccelCache, binary: bin, qemuVersion: f.qemuVersion,
 		kernel: filepath.Join(o.ImageDir, image.VmlinuxFile), initrd: filepath.Join(o.ImageDir, image.InitramfsFile)}
 	if f.accel, f.accelWhy, err = resolveAccel(ctx, in, o.Accel); err != nil {
 		return nil, err
