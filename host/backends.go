@@ -84,7 +84,7 @@ func QEMUBackend(c BackendConfig) Backend {
 			return nil, err
 		}
 		return qemu.NewFactory(ctx, qemu.Options{Home: env.Home, HostID: env.HostID, Accel: accel, Layout: c.QEMULayout,
-			ImageDir: c.ImageDir, Binary: c.QEMUBinary})
+			ImageDir: c.ImageDir, Binary: c.QEMUBinary, AccelCache: c.AccelCache})
 	}}
 }
 

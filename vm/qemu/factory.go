@@ -26,6 +26,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -91,7 +92,9 @@ const stagingSuffix = ".staging"
 type Factory struct {
 	opts        Options
 	qemuVersion string
-	accel       Accel
+	accelIn     accelInputs
+	accelMu     sync.Mutex // guards accel, accelWhy, cpu, tscKHz
+	accel       Accel      // "" until settled
 	accelWhy    string
 	cpu         string
 	tscKHz      int
@@ -159,20 +162,51 @@ func NewFactory(ctx context.Context, o Options) (*Factory, error) {
 	}
 	removeOrphanSnapshots(f.tmpDir())
 	f.removeOrphanRAM()
-	in := accelInputs{home: o.Home, cache: o.AccelCache, binary: bin, qemuVersion: f.qemuVersion,
+	f.accelIn = accelInputs{home: o.Home, cache: o.AccelCache, binary: bin, qemuVersion: f.qemuVersion,
 		kernel: filepath.Join(o.ImageDir, image.VmlinuxFile), initrd: filepath.Join(o.ImageDir, image.InitramfsFile)}
-	if f.accel, f.accelWhy, err = resolveAccel(ctx, in, o.Accel); err != nil {
-		return nil, err
-	}
-	f.cpu = cpuFor(f.accel)
-	if f.accel == AccelTCG {
-		// microvm under TCG hangs in a third of boots calibrating the TSC
-		// unless told its frequency.
-		if f.tscKHz, err = image.HostTSCKHz(); err != nil {
-			return nil, fmt.Errorf("qemu: host TSC frequency: %w", err)
+	// An explicit accelerator is settled (and refused) now; auto waits
+	// until a VM is made or the host described: driving existing VMs,
+	// which keep the accelerator they were made with, needs no probe.
+	if o.Accel != AccelAuto {
+		if err := f.settleAccel(ctx); err != nil {
+			return nil, err
 		}
 	}
 	return f, nil
+}
+
+// settleAccel resolves the accelerator once (resolveAccel).
+func (f *Factory) settleAccel(ctx context.Context) error {
+	f.accelMu.Lock()
+	defer f.accelMu.Unlock()
+	if f.accel != "" {
+		return nil
+	}
+	a, why, err := resolveAccel(ctx, f.accelIn, f.opts.Accel)
+	if err != nil {
+		return err
+	}
+	cpu, tsc := cpuFor(a), 0
+	if a == AccelTCG {
+		// microvm under TCG hangs in a third of boots calibrating the TSC
+		// unless told its frequency.
+		if tsc, err = image.HostTSCKHz(); err != nil {
+			return fmt.Errorf("qemu: host TSC frequency: %w", err)
+		}
+	}
+	f.accel, f.accelWhy, f.cpu, f.tscKHz = a, why, cpu, tsc
+	return nil
+}
+
+// accelNow settles the accelerator where no context is at hand (Host):
+// the probe bounds itself, and its verdict is cached for the machine.
+func (f *Factory) accelNow() (Accel, string, string, int) {
+	if err := f.settleAccel(context.Background()); err != nil {
+		return "", "unsettled: " + err.Error(), "", 0
+	}
+	f.accelMu.Lock()
+	defer f.accelMu.Unlock()
+	return f.accel, f.accelWhy, f.cpu, f.tscKHz
 }
 
 // isTmpfs reports whether dir is a writable tmpfs.
@@ -211,8 +245,11 @@ func cpuFor(a Accel) string {
 	return "qemu64"
 }
 
-// Accel reports the accelerator this factory uses and why.
-func (f *Factory) Accel() (Accel, string) { return f.accel, f.accelWhy }
+// Accel reports the accelerator this factory's new VMs use and why.
+func (f *Factory) Accel() (Accel, string) {
+	a, why, _, _ := f.accelNow()
+	return a, why
+}
 
 // Home is the factory's Kelpie home.
 func (f *Factory) Home() string { return f.opts.Home }
@@ -223,8 +260,13 @@ func (f *Factory) QEMUVersion() string { return f.qemuVersion }
 // Host describes this host and backend for restore rules.
 func (f *Factory) Host() vm.HostInfo {
 	return vm.HostInfo{Arch: vm.HostArchitecture(), Backend: BackendName, BackendVersion: f.qemuVersion,
-		HostID: f.opts.HostID, BaseImageVersion: f.imageVer, Compat: compat(f.qemuVersion, f.accel, f.cpu),
-		Layouts: []vm.Layout{vm.LayoutSplit, vm.LayoutSingle}}
+		HostID: f.opts.HostID, BaseImageVersion: f.imageVer, Compat: f.compat(), Layouts: []vm.Layout{vm.LayoutSplit, vm.LayoutSingle}}
+}
+
+// compat is what this factory's new VMs' snapshots record.
+func (f *Factory) compat() map[string]string {
+	a, _, cpu, _ := f.accelNow()
+	return compat(f.qemuVersion, a, cpu)
 }
 
 // compat lists the facts a snapshot and the restoring host must share.
@@ -317,6 +359,10 @@ func (f *Factory) create(ctx context.Context, cfg vm.Config) (*Instance, error) 
 	if err := f.completeConfig(&cfg); err != nil {
 		return nil, err
 	}
+	if err := f.settleAccel(ctx); err != nil {
+		return nil, err
+	}
+	accel, _, cpu, tsc := f.accelNow()
 	dir := f.instDir(cfg.Name)
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		if errors.Is(err, fs.ErrExist) {
@@ -324,8 +370,8 @@ func (f *Factory) create(ctx context.Context, cfg vm.Config) (*Instance, error) 
 		}
 		return nil, fmt.Errorf("vm %s: create directory: %w", cfg.Name, err)
 	}
-	rec := instanceRecord{Name: cfg.Name, Config: cfg, Accel: f.accel, CPU: f.cpu, Machine: machineType,
-		TSCKHz: f.tscKHz, Binary: f.opts.Binary, Layout: f.opts.Layout, QEMUVersion: f.qemuVersion,
+	rec := instanceRecord{Name: cfg.Name, Config: cfg, Accel: accel, CPU: cpu, Machine: machineType,
+		TSCKHz: tsc, Binary: f.opts.Binary, Layout: f.opts.Layout, QEMUVersion: f.qemuVersion,
 		HostID: f.opts.HostID, BaseImageVersion: f.imageVer, CreatedAt: time.Now().UTC()}
 	if f.opts.RAMDir != "" {
 		rec.RAMPath = filepath.Join(f.opts.RAMDir, f.ramPrefix()+cfg.Name+".mem")
