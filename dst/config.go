@@ -6,7 +6,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/kelpie/teleport/service"
+	"github.com/kelpie/teleport/internal/plant"
 )
 
 // Bug names a planted bug: a test-only switch that breaks the service or the
@@ -16,9 +16,9 @@ type Bug string
 // The planted bugs.
 const (
 	BugNone                  Bug = ""
-	BugSkipRestoreRules      Bug = "skip-restore-rules"       // service.Bugs.SkipRestoreRules
-	BugResumeSourceAfterMove Bug = "resume-source-after-move" // service.Bugs.ResumeSourceAfterMove
-	BugSkipChecksums         Bug = "skip-checksums"           // service.Bugs.SkipChecksums
+	BugSkipRestoreRules      Bug = "skip-restore-rules"       // plant.ServiceBugs.SkipRestoreRules
+	BugResumeSourceAfterMove Bug = "resume-source-after-move" // plant.ServiceBugs.ResumeSourceAfterMove
+	BugSkipChecksums         Bug = "skip-checksums"           // plant.ServiceBugs.SkipChecksums
 	BugVisibleBeforeComplete Bug = "visible-before-complete"  // StoreBugs.PublishBeforeComplete
 )
 
@@ -108,8 +108,8 @@ func (c *Config) normalize() error {
 	return nil
 }
 
-func (c *Config) serviceBugs() service.Bugs {
-	return service.Bugs{
+func (c *Config) serviceBugs() plant.ServiceBugs {
+	return plant.ServiceBugs{
 		SkipRestoreRules:      c.Bug == BugSkipRestoreRules,
 		SkipChecksums:         c.Bug == BugSkipChecksums,
 		ResumeSourceAfterMove: c.Bug == BugResumeSourceAfterMove,

@@ -24,6 +24,7 @@ const (
 	VMSnapshotTooLarge                 // per snapshot: it exceeds the store's object limit
 	VMSnapshotCorrupt                  // per snapshot: a bit flips in a payload after its checksum was taken
 	VMRestore                          // per restore
+	VMDestroy                          // per destroy: the hypervisor will not go away
 	StoreUpload                        // per create, write or commit: refused before it took effect
 	StoreDownload                      // per open or read
 	StoreStat                          // per stat or list
@@ -42,7 +43,7 @@ const (
 
 var pointNames = [numPoints]string{
 	"vm.boot", "vm.crash", "vm.pause", "vm.resume", "vm.stop", "vm.exec", "vm.exec_timeout",
-	"vm.snapshot", "vm.snapshot_too_large", "vm.snapshot_corrupt", "vm.restore",
+	"vm.snapshot", "vm.snapshot_too_large", "vm.snapshot_corrupt", "vm.restore", "vm.destroy",
 	"store.upload", "store.download", "store.stat", "store.delete", "store.timeout", "store.ack_lost",
 	"store.partial_write", "store.corrupt_at_rest",
 	"target.arch_mismatch", "target.version_mismatch",
@@ -90,7 +91,7 @@ var (
 	profileNone    = Profile{}
 	profileDefault = Profile{P: [numPoints]float64{
 		VMBoot: 0.02, VMCrash: 0.002, VMPause: 0.02, VMResume: 0.02, VMStop: 0.02, VMExec: 0.02, VMExecTimeout: 0.01,
-		VMSnapshot: 0.02, VMSnapshotTooLarge: 0.01, VMSnapshotCorrupt: 0.01, VMRestore: 0.02,
+		VMSnapshot: 0.02, VMSnapshotTooLarge: 0.01, VMSnapshotCorrupt: 0.01, VMRestore: 0.02, VMDestroy: 0.01,
 		StoreUpload: 0.01, StoreDownload: 0.01, StoreStat: 0.03, StoreDelete: 0.03, StoreTimeout: 0.005, StoreAckLost: 0.03,
 		StorePartialWrite: 0.02, StoreCorruptAtRest: 0.01,
 		TargetArchMismatch: 0.05, TargetVersionMismatch: 0.05,
@@ -98,7 +99,7 @@ var (
 	}}
 	profileHeavy = Profile{P: [numPoints]float64{
 		VMBoot: 0.05, VMCrash: 0.01, VMPause: 0.05, VMResume: 0.05, VMStop: 0.05, VMExec: 0.05, VMExecTimeout: 0.03,
-		VMSnapshot: 0.05, VMSnapshotTooLarge: 0.03, VMSnapshotCorrupt: 0.03, VMRestore: 0.05,
+		VMSnapshot: 0.05, VMSnapshotTooLarge: 0.03, VMSnapshotCorrupt: 0.03, VMRestore: 0.05, VMDestroy: 0.03,
 		StoreUpload: 0.03, StoreDownload: 0.03, StoreStat: 0.1, StoreDelete: 0.1, StoreTimeout: 0.02, StoreAckLost: 0.1,
 		StorePartialWrite: 0.05, StoreCorruptAtRest: 0.03,
 		TargetArchMismatch: 0.1, TargetVersionMismatch: 0.1,

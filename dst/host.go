@@ -8,6 +8,7 @@ import (
 	"io"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/internal/plant"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
@@ -81,14 +82,9 @@ func (h *host) start() {
 	o := h.cfg.simOptions()
 	o.Clock, o.Faults = h.r.clock, h
 	h.fac = sim.NewFactory(o)
-	h.svc = &service.Service{
-		Store:   &hostStore{h: h, epoch: h.epoch, s: h.r.store},
-		Factory: &hostFactory{h: h, epoch: h.epoch},
-		Clock:   h.r.clock,
-		NewID:   h.r.autoPackageID,
-		OnStep:  h.r.onServiceStep,
-		Bugs:    h.r.cfg.serviceBugs(),
-	}
+	h.svc = service.New(&hostStore{h: h, epoch: h.epoch, s: h.r.store}, &hostFactory{h: h, epoch: h.epoch},
+		service.WithClock(h.r.clock), service.WithIDs(h.r.autoPackageID), service.WithStepObserver(h.r.onServiceStep))
+	plant.SetServiceBugs(h.svc, h.r.cfg.serviceBugs())
 }
 
 // crash kills the host process: its VMs die with it.
@@ -287,13 +283,17 @@ func (v *hostVM) Restore(ctx context.Context, snap *vm.Snapshot) error {
 	return v.call("restore", func() error { return v.inner.Restore(ctx, snap) })
 }
 
+// Destroy removes the VM; only a Destroy that succeeded makes it gone (a
+// failed one leaves it, and the checkers see it).
 func (v *hostVM) Destroy(ctx context.Context) error {
 	return v.call("destroy", func() error {
 		if v.h.r.cfg.harness.leakVMs {
 			return nil
 		}
 		err := v.inner.Destroy(ctx)
-		v.destroyed = true
+		if err == nil {
+			v.destroyed = true
+		}
 		return err
 	})
 }
@@ -431,34 +431,6 @@ func (s *hostStore) Delete(ctx context.Context, id string) error {
 		return err
 	}
 	return s.h.leave(after, "store delete "+id, s.s.Delete(ctx, id))
-}
-
-func (s *hostStore) PutWorkspace(ctx context.Context, ref string, r io.Reader, size int64) error {
-	after, err := s.h.enter(s.epoch, "store put-workspace "+ref)
-	if err != nil {
-		return err
-	}
-	return s.h.leave(after, "store put-workspace "+ref, s.s.PutWorkspace(ctx, ref, r, size))
-}
-
-func (s *hostStore) GetWorkspace(ctx context.Context, ref string) (io.ReadCloser, error) {
-	after, err := s.h.enter(s.epoch, "store get-workspace "+ref)
-	if err != nil {
-		return nil, err
-	}
-	rc, err := s.s.GetWorkspace(ctx, ref)
-	if err = s.h.leave(after, "store get-workspace "+ref, err); err != nil {
-		return nil, err
-	}
-	return rc, nil
-}
-
-func (s *hostStore) DeleteWorkspace(ctx context.Context, ref string) error {
-	after, err := s.h.enter(s.epoch, "store delete-workspace "+ref)
-	if err != nil {
-		return err
-	}
-	return s.h.leave(after, "store delete-workspace "+ref, s.s.DeleteWorkspace(ctx, ref))
 }
 
 type hostWriter struct {

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"time"
+
+	"github.com/kelpie/teleport/vm/sim"
 )
 
 // Simulated latencies and timeouts. They only move the simulated clock.
@@ -84,11 +86,11 @@ func hasStoreFault(evs []event, id string, op StoreOp) bool {
 
 func storePoint(op StoreOp) Point {
 	switch op {
-	case StoreOpOpen, StoreOpRead, StoreOpGetWorkspace:
+	case StoreOpOpen, StoreOpRead:
 		return StoreDownload
 	case StoreOpStat, StoreOpList:
 		return StoreStat
-	case StoreOpDelete, StoreOpDeleteWorkspace:
+	case StoreOpDelete:
 		return StoreDelete
 	}
 	return StoreUpload
@@ -151,6 +153,8 @@ func vmPoint(point string) (Point, bool) {
 		return VMSnapshot, true
 	case "restore":
 		return VMRestore, true
+	case sim.OpDestroy:
+		return VMDestroy, true
 	}
 	return 0, false
 }

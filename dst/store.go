@@ -28,12 +28,9 @@ const (
 	StoreOpStat
 	StoreOpList
 	StoreOpDelete
-	StoreOpPutWorkspace
-	StoreOpGetWorkspace
-	StoreOpDeleteWorkspace
 )
 
-var storeOpNames = [...]string{"create", "write", "commit", "open", "read", "stat", "list", "delete", "put-workspace", "get-workspace", "delete-workspace"}
+var storeOpNames = [...]string{"create", "write", "commit", "open", "read", "stat", "list", "delete"}
 
 func (o StoreOp) String() string {
 	if int(o) >= 0 && int(o) < len(storeOpNames) {
@@ -56,8 +53,8 @@ const (
 	Interrupt
 )
 
-// StoreFaults decides the fate of each store call. id is the package or
-// workspace involved ("" for List) and n the bytes moved.
+// StoreFaults decides the fate of each store call. id is the package
+// involved ("" for List) and n the bytes moved.
 type StoreFaults interface {
 	StoreFault(op StoreOp, id string, n int64) StoreOutcome
 }
@@ -78,11 +75,11 @@ type StoreOptions struct {
 	Clock interface{ Now() time.Time }
 	// Faults decides injected failures; nil injects none.
 	Faults StoreFaults
-	// ObjectSizeMaxBytes bounds one blob or workspace (a quota); 0 means
-	// no limit.
+	// ObjectSizeMaxBytes bounds one package body (a quota); 0 means no
+	// limit.
 	ObjectSizeMaxBytes int64
-	// UploadTTL is how long an unfinished upload or an unreferenced
-	// workspace may sit idle before GC removes it (default 1 h).
+	// UploadTTL is how long an unfinished upload may sit idle before GC
+	// takes its writer for dead and removes it (default 1 h).
 	UploadTTL time.Duration
 	Bugs      StoreBugs
 }
@@ -97,23 +94,16 @@ const uploadTTLDefault = time.Hour
 type Store struct {
 	opts StoreOptions
 
-	mu         sync.Mutex
-	pkgs       map[string]*object
-	workspaces map[string]*wsObject
-	uploads    []*writer // unfinished uploads, in creation order
-	version    uint64
+	mu      sync.Mutex
+	pkgs    map[string]*object
+	uploads []*writer // unfinished uploads, in creation order
+	version uint64
 }
 
 type object struct {
 	manifest []byte // JSON, so callers never share our copy
-	blob     []byte
-	wsRef    string
+	blob     []byte // the package's body: all its sections
 	version  uint64 // changes whenever the object does (commit, corruption)
-}
-
-type wsObject struct {
-	data []byte
-	at   time.Time
 }
 
 var (
@@ -126,7 +116,7 @@ func NewStore(o StoreOptions) *Store {
 	if o.UploadTTL <= 0 {
 		o.UploadTTL = uploadTTLDefault
 	}
-	return &Store{opts: o, pkgs: map[string]*object{}, workspaces: map[string]*wsObject{}}
+	return &Store{opts: o, pkgs: map[string]*object{}}
 }
 
 func (s *Store) now() time.Time {
@@ -268,7 +258,7 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) error {
 		defer s.mu.Unlock()
 		if _, ok := s.pkgs[w.id]; !ok {
 			s.version++
-			s.pkgs[w.id] = &object{manifest: mb, blob: bytes.Clone(cut), wsRef: m.WorkspaceRef, version: s.version}
+			s.pkgs[w.id] = &object{manifest: mb, blob: bytes.Clone(cut), version: s.version}
 		}
 		s.dropLocked(w)
 		return fmt.Errorf("commit package %s: transfer cut after %d of %d bytes: %w: %w", w.id, len(cut), n, ErrInjected, teleport.ErrStore)
@@ -280,7 +270,7 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) error {
 		return fmt.Errorf("commit package %s: %w", w.id, teleport.ErrAlreadyExists)
 	}
 	s.version++
-	s.pkgs[w.id] = &object{manifest: mb, blob: blob, wsRef: m.WorkspaceRef, version: s.version}
+	s.pkgs[w.id] = &object{manifest: mb, blob: blob, version: s.version}
 	w.buf = nil
 	if out == AckLost {
 		return fmt.Errorf("commit package %s: connection lost before the answer: %w: %w", w.id, ErrInjected, teleport.ErrStore)
@@ -418,71 +408,11 @@ func (s *Store) Delete(ctx context.Context, id string) error {
 	return nil
 }
 
-// PutWorkspace stores a workspace blob of exactly size bytes, atomically.
-func (s *Store) PutWorkspace(ctx context.Context, ref string, r io.Reader, size int64) error {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	if size < 0 {
-		return fmt.Errorf("put workspace %s: negative size %d: %w", ref, size, teleport.ErrInvalidPackage)
-	}
-	if max := s.opts.ObjectSizeMaxBytes; max > 0 && size > max {
-		return fmt.Errorf("put workspace %s: %d bytes exceed the %d-byte object limit: %w", ref, size, max, teleport.ErrStore)
-	}
-	if _, err := s.fault(StoreOpPutWorkspace, ref, size); err != nil {
-		return err
-	}
-	b, err := io.ReadAll(io.LimitReader(r, size+1))
-	if err != nil {
-		return fmt.Errorf("put workspace %s: %v: %w", ref, err, teleport.ErrStore)
-	}
-	if int64(len(b)) != size {
-		return fmt.Errorf("put workspace %s: got %d bytes, expected %d: %w", ref, len(b), size, teleport.ErrInvalidPackage)
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.workspaces[ref] = &wsObject{data: b, at: s.now()}
-	return nil
-}
-
-// GetWorkspace streams a workspace blob.
-func (s *Store) GetWorkspace(ctx context.Context, ref string) (io.ReadCloser, error) {
-	if err := teleport.ValidateID(ref); err != nil {
-		return nil, err
-	}
-	if _, err := s.fault(StoreOpGetWorkspace, ref, 0); err != nil {
-		return nil, err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	w, ok := s.workspaces[ref]
-	if !ok {
-		return nil, fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
-	}
-	return io.NopCloser(bytes.NewReader(w.data)), nil
-}
-
-// DeleteWorkspace removes a workspace blob.
-func (s *Store) DeleteWorkspace(ctx context.Context, ref string) error {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	if _, err := s.fault(StoreOpDeleteWorkspace, ref, 0); err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if _, ok := s.workspaces[ref]; !ok {
-		return fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
-	}
-	delete(s.workspaces, ref)
-	return nil
-}
-
-// GC removes uploads idle for UploadTTL (their writer crashed or walked
-// away) and workspaces that no committed package references and that are
-// at least UploadTTL old. It is the store's own lifecycle rule, so it is
-// never a fault point.
+// GC removes uploads idle for UploadTTL: their writer crashed or walked
+// away. A writer that writes again within the TTL keeps its upload, and a
+// committed package is never touched: the rules of the real stores, with
+// idleness on the simulated clock for a lock or a lease. It is the store's
+// own lifecycle rule, so it is never a fault point.
 func (s *Store) GC(ctx context.Context) (int, error) {
 	now := s.now()
 	s.mu.Lock()
@@ -498,23 +428,6 @@ func (s *Store) GC(ctx context.Context) (int, error) {
 		kept = append(kept, u)
 	}
 	s.uploads = kept
-	referenced := map[string]bool{}
-	for _, o := range s.pkgs {
-		if o.wsRef != "" {
-			referenced[o.wsRef] = true
-		}
-	}
-	refs := make([]string, 0, len(s.workspaces))
-	for ref := range s.workspaces {
-		refs = append(refs, ref)
-	}
-	sort.Strings(refs)
-	for _, ref := range refs {
-		if !referenced[ref] && !s.workspaces[ref].at.Add(s.opts.UploadTTL).After(now) {
-			delete(s.workspaces, ref)
-			removed++
-		}
-	}
 	return removed, nil
 }
 
@@ -552,17 +465,6 @@ func (s *Store) Peek(id string) (Object, bool) {
 	return Object{Manifest: o.manifest, Blob: o.blob, Version: o.version}, true
 }
 
-// PeekWorkspace returns a workspace without faults.
-func (s *Store) PeekWorkspace(ref string) ([]byte, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	w, ok := s.workspaces[ref]
-	if !ok {
-		return nil, false
-	}
-	return w.data, true
-}
-
 // CorruptAtRest flips one bit of a committed blob (bit is taken modulo the
 // blob's length in bits) and returns the byte offset it hit.
 func (s *Store) CorruptAtRest(id string, bit uint64) (int64, error) {
@@ -579,7 +481,7 @@ func (s *Store) CorruptAtRest(id string, bit uint64) (int64, error) {
 	b := bytes.Clone(o.blob) // copy on write: open readers keep their view
 	b[bit/8] ^= 1 << (bit % 8)
 	s.version++
-	s.pkgs[id] = &object{manifest: o.manifest, blob: b, wsRef: o.wsRef, version: s.version}
+	s.pkgs[id] = &object{manifest: o.manifest, blob: b, version: s.version}
 	return int64(bit / 8), nil
 }
 
@@ -588,11 +490,4 @@ func (s *Store) PendingUploads() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.uploads)
-}
-
-// Workspaces counts stored workspaces.
-func (s *Store) Workspaces() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.workspaces)
 }

@@ -64,7 +64,7 @@ type Options struct {
 var (
 	// ErrNotDurable: the backend's VMs cannot outlive the process that
 	// made them, and the caller exits after each call.
-	ErrNotDurable = errors.New("backend VMs do not outlive this process")
+	ErrNotDurable = fmt.Errorf("backend VMs do not outlive this process: %w", vm.ErrUnsupported)
 	// ErrUnknownBackend: no backend of that name on this host.
 	ErrUnknownBackend = errors.New("unknown backend")
 )

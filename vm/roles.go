@@ -79,6 +79,12 @@ type DowntimeReporter interface {
 	LastSnapshotDowntime() time.Duration
 }
 
+// AccelReporter is a Factory with a choice of accelerator: Accelerator
+// says which one its new VMs get and why.
+type AccelReporter interface {
+	Accelerator() (name, why string)
+}
+
 // The sentinels of the roles.
 var (
 	ErrNoAttach    = &roleError{"re-attach a VM made by another process"}

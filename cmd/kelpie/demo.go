@@ -9,19 +9,13 @@ import (
 	"time"
 
 	"github.com/kelpie/teleport"
-	"github.com/kelpie/teleport/service"
-	"github.com/kelpie/teleport/store/fs"
+	"github.com/kelpie/teleport/host"
 	"github.com/kelpie/teleport/vm"
-	"github.com/kelpie/teleport/vm/sim"
 )
 
 func init() {
 	register(command{"demo", "run a whole teleport: snapshot, pack, store, fetch, validate, restore", cmdDemo})
 }
-
-// qemuDemo is set by the QEMU backend's file: it reports whether a real VM
-// can run here (and why not), and runs the real demo when it can.
-var qemuDemo func(ctx context.Context, e *env) (usable bool, why string, err error)
 
 func cmdDemo(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "demo")
@@ -37,17 +31,10 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 	case "sim":
 		return simDemo(ctx, e)
 	case "qemu", "auto":
-		if qemuDemo == nil {
-			if *backend == "qemu" {
-				return fmt.Errorf("this build has no QEMU backend: %w", vm.ErrUnsupported)
-			}
-			fmt.Fprintln(e.stdout, "demo: using the simulated backend (this build has no QEMU backend)")
-			return simDemo(ctx, e)
-		}
 		usable, why, err := qemuDemo(ctx, e)
 		if usable || err != nil || *backend == "qemu" {
 			if !usable && err == nil {
-				return fmt.Errorf("QEMU is not usable here: %s", why)
+				return fmt.Errorf("QEMU is not usable here: %s: %w", why, vm.ErrUnsupported)
 			}
 			return err
 		}
@@ -57,9 +44,22 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 	return usagef("--backend %q: want auto, qemu or sim", *backend)
 }
 
-type wallClock struct{}
-
-func (wallClock) Now() time.Time { return time.Now() }
+// demoHosts opens two hosts, host-a and host-b, in homes under dir, that
+// print each step of a teleport.
+func demoHosts(ctx context.Context, e *env, dir string, backends []host.Backend, say func(string, ...any)) (a, b *host.Host, err error) {
+	open := func(name string) (*host.Host, error) {
+		return host.Open(ctx, host.Options{Home: filepath.Join(dir, name), HostID: name, Backends: backends,
+			OnStep: func(op, step string, d time.Duration) { say("   [%s] %-14s %8.1f ms", name, step, ms(d)) }})
+	}
+	if a, err = open("host-a"); err != nil {
+		return nil, nil, err
+	}
+	if b, err = open("host-b"); err != nil {
+		a.Close()
+		return nil, nil, err
+	}
+	return a, b, nil
+}
 
 // simDemo teleports a simulated VM between two hosts through a real
 // filesystem store, printing each step.
@@ -69,85 +69,92 @@ func simDemo(ctx context.Context, e *env) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	store, err := fs.Open(filepath.Join(dir, "packages"))
-	if err != nil {
-		return err
-	}
+	store := filepath.Join(dir, "packages")
 	say := func(format string, args ...any) { fmt.Fprintf(e.stdout, format+"\n", args...) }
-	stepper := func(host string) func(string, time.Duration) {
-		return func(step string, d time.Duration) {
-			say("  [%s] %-14s %8.3f ms", host, step, float64(d.Microseconds())/1000)
+	a, b, err := demoHosts(ctx, e, dir, []host.Backend{host.SimBackend()}, say)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	defer b.Close()
+	exec := func(h *host.Host, cmd string, args ...string) (string, error) {
+		res, err := h.Exec(ctx, "agent-vm", cmd, args, vm.ExecOptions{})
+		if err != nil {
+			return "", err
 		}
+		if res.ExitCode != 0 {
+			return "", fmt.Errorf("demo: guest %s exited %d: %s", cmd, res.ExitCode, res.Stderr)
+		}
+		return strings.TrimSpace(string(res.Stdout)), nil
 	}
-	arch := vm.HostArchitecture()
-	mk := func(host string) (*sim.Factory, *service.Service) {
-		f := sim.NewFactory(sim.Options{HostID: host, Arch: arch, BaseImageVersion: baseImageVersion, Clock: wallClock{}})
-		return f, &service.Service{Store: store, Factory: f, Clock: wallClock{}, NewID: func() string { return newPackageID("demo") }, OnStep: stepper(host)}
-	}
-	fa, a := mk("host-a")
-	_, b := mk("host-b")
 
-	say("Kelpie Teleport demo (simulated VM backend, real filesystem store at %s)", store.Root())
-	src, err := fa.Create(ctx, vm.Config{Name: "agent-vm", VCPUs: 2, MemoryMiB: 512})
+	say("Kelpie Teleport demo (simulated VM backend, real filesystem store at %s)", store)
+	info, err := a.CreateVM(ctx, host.VMSpec{Name: "agent-vm", VCPUs: 2, MemoryMiB: 512})
 	if err != nil {
 		return err
 	}
-	if err := src.Start(ctx); err != nil {
-		return err
-	}
-	say("1. host-a: VM %s running (%s, backend sim)", src.ID(), arch)
-	for _, kv := range [][2]string{{"task", "summarise-logs"}, {"progress", "41"}} {
-		if _, err := src.Exec(ctx, "set", kv[:], vm.ExecOptions{}); err != nil {
-			return err
-		}
-	}
-	res, err := src.Exec(ctx, "incr", []string{"progress"}, vm.ExecOptions{})
+	say("1. host-a: VM %s %s (%s, backend %s)", info.Name, info.State, vm.HostArchitecture(), info.Backend)
+	exec(a, "set", "task", "summarise-logs")
+	exec(a, "set", "progress", "41")
+	progress, err := exec(a, "incr", "progress")
 	if err != nil {
 		return err
 	}
-	before := src.(*sim.VM).GuestState()
-	say("2. host-a: guest state written (progress=%s), guest hash %s", strings.TrimSpace(string(res.Stdout)), sim.GuestHash(before))
+	before, err := exec(a, "hash")
+	if err != nil {
+		return err
+	}
+	say("2. host-a: guest state written (progress=%s), guest hash %s", progress, before)
 
 	say("3. host-a: teleport out (pause, snapshot, pack KLP1, upload, stop source)")
 	t0 := time.Now()
-	pkg, err := a.Out(ctx, src, service.OutRequest{AgentID: "agent-1", AgentState: []byte(`{"conversation":"turn 7"}`), Kind: teleport.KindTeleport})
+	out, err := a.TeleportOut(ctx, "agent-vm", host.OutRequest{Store: store, AgentID: "agent-1", AgentState: []byte(`{"conversation":"turn 7"}`)})
 	if err != nil {
 		return err
 	}
-	say("   package %s committed: %s, blob sha256 %s…, %d bytes (%.3f ms); source is %s", pkg.ID, pkg.Kind, pkg.BlobSHA256[:12], pkg.SizeBytes, ms(time.Since(t0)), src.State())
+	pkg := out.Package
+	say("   package %s committed: %s, blob sha256 %s…, %d bytes (%.3f ms); source removed: %v", pkg.ID, pkg.Kind, pkg.BlobSHA256[:12], pkg.SizeBytes, ms(time.Since(t0)), out.SourceRemoved)
 
-	res2, err := verifyPackage(ctx, store, pkg.ID)
+	v, err := b.VerifyPackage(ctx, store, pkg.ID)
 	if err != nil {
 		return err
 	}
-	say("4. store: package verified (%d sections, checksums match)", res2.Sections)
+	say("4. store: package verified (%d sections: %s)", v.SectionsVerified, strings.Join(v.Sections, ", "))
 
 	say("5. host-b: teleport in (fetch, validate rules, verify checksums, restore, resume)")
 	t0 = time.Now()
-	dst, got, err := b.In(ctx, pkg.ID, vm.Config{}, service.InOptions{})
+	in, err := b.TeleportIn(ctx, pkg.ID, host.InRequest{Store: store, Name: "agent-vm"})
 	if err != nil {
 		return err
 	}
-	after := dst.(*sim.VM).GuestState()
-	say("   VM %s is %s on host-b (%.3f ms); agent state %s", dst.ID(), dst.State(), ms(time.Since(t0)), got.AgentState)
-	if sim.GuestHash(after) != sim.GuestHash(before) {
-		return fmt.Errorf("demo: restored guest state %v differs from the snapshot's %v", after, before)
-	}
-	res, err = dst.Exec(ctx, "incr", []string{"progress"}, vm.ExecOptions{})
+	say("   VM %s is %s on host-b (%.3f ms); agent state %s", in.VM.Name, in.VM.State, ms(time.Since(t0)), in.Package.AgentState)
+	after, err := exec(b, "hash")
 	if err != nil {
 		return err
 	}
-	say("6. host-b: guest state identical (hash %s); the agent continues: progress=%s", sim.GuestHash(after), strings.TrimSpace(string(res.Stdout)))
+	if after != before {
+		return fmt.Errorf("demo: restored guest state %s differs from the snapshot's %s", after, before)
+	}
+	progress, err = exec(b, "incr", "progress")
+	if err != nil {
+		return err
+	}
+	say("6. host-b: guest state identical (hash %s); the agent continues: progress=%s", after, progress)
 
-	say("7. a rule the system enforces: the same package on an arm64 host")
-	other := sim.NewFactory(sim.Options{HostID: "host-c", Arch: otherArch(arch), BaseImageVersion: baseImageVersion})
-	if _, err := teleport.Check(pkg, other.Host()); err != nil {
-		say("   refused, as it must be: %v", err)
-	} else {
+	say("7. a rule the system enforces: the same package on a host of another architecture")
+	other, err := b.Info(ctx, "sim")
+	if err != nil {
+		return err
+	}
+	other.Arch, other.HostID = otherArch(other.Arch), "host-c"
+	if _, err := teleport.Check(pkg, other); err == nil {
 		return fmt.Errorf("demo: a cross-architecture restore was not refused")
+	} else {
+		say("   refused, as it must be: %v", err)
 	}
 	say("demo complete: the simulated agent moved from host-a to host-b with its memory intact")
-	return dst.Destroy(ctx)
+	_, err = b.RemoveVM(ctx, "agent-vm")
+	return err
 }
 
 func otherArch(a vm.Architecture) vm.Architecture {

@@ -3,32 +3,49 @@ package main
 import (
 	"context"
 	"flag"
-	"path/filepath"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/kelpie/teleport"
-	"github.com/kelpie/teleport/store/fs"
+	"github.com/kelpie/teleport/host"
+	s3store "github.com/kelpie/teleport/store/s3"
 )
 
-// openS3Store is set by the S3 store's file when it is built in.
-var openS3Store func(ctx context.Context, e *env, url string) (teleport.Store, error)
-
-// openStore opens the package store a --store flag names: "" for this
-// host's default ($KELPIE_HOME/packages), a directory, or s3://bucket/prefix.
-func openStore(ctx context.Context, e *env, spec string) (teleport.Store, error) {
-	if spec == "" {
-		spec = filepath.Join(home(e), "packages")
+// openHost opens this home's host for one command. Commands that move
+// packages pass progressJSON; a terminal gets a progress bar either way.
+// stepPrefix != "" prints each step of a long operation with its time.
+func openHost(ctx context.Context, e *env, progressJSON, steps bool) (*host.Host, error) {
+	o := host.Options{
+		Home:           home(e),
+		HostID:         e.getenv("KELPIE_HOST_ID"),
+		Backends:       host.DefaultBackends(host.BackendConfigFromEnv(e.getenv)),
+		DefaultBackend: e.getenv("KELPIE_BACKEND"),
+		OneShot:        true,
+		Log:            slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		OpenStore: func(ctx context.Context, url string) (teleport.Store, error) {
+			if strings.HasPrefix(url, "s3://") {
+				// A malformed URL is a mistake in how kelpie was called.
+				if _, err := s3store.ParseURL(url, e.getenv); err != nil {
+					return nil, usagef("--store: %s", strings.TrimSuffix(err.Error(), ": "+teleport.ErrStore.Error()))
+				}
+			}
+			st, err := host.StoreOpener(e.getenv)(ctx, url)
+			if err != nil {
+				return nil, err
+			}
+			return withProgress(e, st, progressJSON), nil
+		},
 	}
-	if strings.HasPrefix(spec, "s3://") {
-		if openS3Store == nil {
-			return nil, usagef("--store %s: this build has no S3 support", spec)
+	if steps {
+		o.OnStep = func(op, step string, d time.Duration) {
+			fmt.Fprintf(e.stderr, "kelpie: %s: %-14s %8.1f ms\n", op, step, ms(d))
 		}
-		return openS3Store(ctx, e, spec)
 	}
-	if strings.Contains(spec, "://") {
-		return nil, usagef("--store %q: want a directory or s3://bucket/prefix", spec)
-	}
-	return fs.Open(spec)
+	return host.Open(ctx, o)
 }
 
 const storeFlagHelp = "package store: a directory or s3://bucket/prefix (default $KELPIE_HOME/packages)"
@@ -44,16 +61,63 @@ func addStoreFlags(fs *flag.FlagSet) *storeFlags {
 	return &storeFlags{spec: fs.String("store", "", storeFlagHelp), s3: addS3Flags(fs)}
 }
 
-// open opens the store; with progress, big uploads and downloads report
-// progress on stderr (a bar on a terminal, JSON lines when progressJSON).
-func (f *storeFlags) open(ctx context.Context, e *env, progressJSON bool) (teleport.Store, error) {
+// url is the store's URL with the S3 flags folded in ("" for the host's
+// own store).
+func (f *storeFlags) url() (string, error) {
 	spec, err := f.s3.storeSpec(*f.spec)
 	if err != nil {
-		return nil, err
+		return "", err
 	}
-	st, err := openStore(ctx, e, spec)
+	if strings.Contains(spec, "://") && !strings.HasPrefix(spec, "s3://") {
+		return "", usagef("--store %q: want a directory or s3://bucket/prefix", spec)
+	}
+	return spec, nil
+}
+
+// The S3 package store: --store s3://BUCKET/PREFIX works wherever a
+// directory does. Where the server is comes from, in order: the URL's query
+// (?endpoint=URL&region=R&path_style=BOOL&part_size_mib=N&concurrency=N),
+// the environment (KELPIE_S3_ENDPOINT, KELPIE_S3_REGION,
+// KELPIE_S3_PATH_STYLE), then the AWS chain (AWS_REGION, AWS_PROFILE, shared
+// config). Credentials come only from the AWS chain (environment, shared
+// config and credentials files, SSO, ...), never from the URL. A flag
+// overrides the URL's query and the environment.
+type s3Flags struct {
+	endpoint, region, pathStyle *string
+}
+
+func addS3Flags(fs *flag.FlagSet) *s3Flags {
+	return &s3Flags{
+		endpoint:  fs.String("s3-endpoint", "", "S3 API URL for an s3:// store that is not AWS (env KELPIE_S3_ENDPOINT)"),
+		region:    fs.String("s3-region", "", "region of an s3:// store (env KELPIE_S3_REGION, then AWS_REGION)"),
+		pathStyle: fs.String("s3-path-style", "", "true: address buckets as ENDPOINT/BUCKET (default when an endpoint is set)"),
+	}
+}
+
+// storeSpec folds the flags into an s3:// store URL.
+func (f *s3Flags) storeSpec(spec string) (string, error) {
+	set := map[string]string{"endpoint": *f.endpoint, "region": *f.region, "path_style": *f.pathStyle}
+	if *f.endpoint == "" && *f.region == "" && *f.pathStyle == "" {
+		return spec, nil
+	}
+	if !strings.HasPrefix(spec, "s3://") {
+		return "", usagef("--s3-* flags need --store s3://BUCKET/PREFIX")
+	}
+	if v := *f.pathStyle; v != "" {
+		if _, err := strconv.ParseBool(v); err != nil {
+			return "", usagef("--s3-path-style %q: want true or false", v)
+		}
+	}
+	u, err := url.Parse(spec)
 	if err != nil {
-		return nil, err
+		return "", usagef("--store %q: %v", spec, err)
 	}
-	return withProgress(e, st, progressJSON), nil
+	q := u.Query()
+	for _, k := range []string{"endpoint", "region", "path_style"} {
+		if set[k] != "" {
+			q.Set(k, set[k])
+		}
+	}
+	u.RawQuery = q.Encode()
+	return u.String(), nil
 }

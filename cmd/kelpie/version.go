@@ -7,6 +7,7 @@ import (
 	"runtime/debug"
 
 	"github.com/kelpie/teleport/blob"
+	"github.com/kelpie/teleport/guest/image"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -22,7 +23,7 @@ func init() {
 				}
 			}
 		}
-		fmt.Fprintf(e.stdout, "kelpie %s%s (%s/%s, %s, blob format KLP1 v%d, base image %s)\n", version, rev, runtime.GOOS, runtime.GOARCH, runtime.Version(), blob.Version1, baseImageVersion)
+		fmt.Fprintf(e.stdout, "kelpie %s%s (%s/%s, %s, blob format KLP1 v%d, base image %s)\n", version, rev, runtime.GOOS, runtime.GOARCH, runtime.Version(), blob.Version1, image.Version())
 		return nil
 	}})
 }

@@ -102,9 +102,10 @@ type Factory struct {
 }
 
 var (
-	_ vm.Factory  = (*Factory)(nil)
-	_ vm.Attacher = (*Factory)(nil)
-	_ vm.Lister   = (*Factory)(nil)
+	_ vm.Factory       = (*Factory)(nil)
+	_ vm.Attacher      = (*Factory)(nil)
+	_ vm.Lister        = (*Factory)(nil)
+	_ vm.AccelReporter = (*Factory)(nil)
 )
 
 // NewFactory checks QEMU and the guest image, and settles the accelerator
@@ -249,6 +250,12 @@ func cpuFor(a Accel) string {
 func (f *Factory) Accel() (Accel, string) {
 	a, why, _, _ := f.accelNow()
 	return a, why
+}
+
+// Accelerator is Accel as plain strings (vm.AccelReporter).
+func (f *Factory) Accelerator() (string, string) {
+	a, why := f.Accel()
+	return string(a), why
 }
 
 // Home is the factory's Kelpie home.
