@@ -5,9 +5,8 @@
 //
 // Layout under the root:
 //
-//	packages/<id>/blob           the KLP1 blob
+//	packages/<id>/blob           the body: the package's sections back to back
 //	packages/<id>/manifest.json  the teleport.Package
-//	workspaces/<ref>             workspace blobs
 //	.tmp/                        uploads in progress (each locked by its writer)
 package fs
 
@@ -19,7 +18,6 @@ import (
 	"errors"
 	"fmt"
 	"hash"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -30,11 +28,10 @@ import (
 )
 
 const (
-	packagesDir   = "packages"
-	workspacesDir = "workspaces"
-	tmpDir        = ".tmp"
-	blobFile      = "blob"
-	manifestFile  = "manifest.json"
+	packagesDir  = "packages"
+	tmpDir       = ".tmp"
+	blobFile     = "blob"
+	manifestFile = "manifest.json"
 )
 
 // Store is a package store rooted at a directory.
@@ -50,7 +47,7 @@ func Open(dir string) (*Store, error) {
 	if dir == "" {
 		return nil, fmt.Errorf("store directory is empty: %w", teleport.ErrStore)
 	}
-	for _, d := range []string{packagesDir, workspacesDir, tmpDir} {
+	for _, d := range []string{packagesDir, tmpDir} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
 			return nil, fmt.Errorf("open store %s: %v: %w", dir, err, teleport.ErrStore)
 		}
@@ -319,65 +316,6 @@ func inUse(blob string) bool {
 	}
 	syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 	return false
-}
-
-func (s *Store) wsPath(ref string) string { return filepath.Join(s.root, workspacesDir, ref) }
-
-// PutWorkspace stores a workspace blob atomically.
-func (s *Store) PutWorkspace(ctx context.Context, ref string, r io.Reader, size int64) (err error) {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(filepath.Join(s.root, tmpDir), "ws."+ref+".")
-	if err != nil {
-		return storeErr("put workspace", ref, err)
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	n, err := io.Copy(tmp, io.LimitReader(r, size+1))
-	if err != nil {
-		return storeErr("put workspace", ref, err)
-	}
-	if n != size {
-		return fmt.Errorf("put workspace %s: got %d bytes, expected %d: %w", ref, n, size, teleport.ErrInvalidPackage)
-	}
-	if err := tmp.Sync(); err != nil {
-		return storeErr("put workspace", ref, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return storeErr("put workspace", ref, err)
-	}
-	if err := os.Rename(tmp.Name(), s.wsPath(ref)); err != nil {
-		return storeErr("put workspace", ref, err)
-	}
-	return nil
-}
-
-// GetWorkspace opens a workspace blob.
-func (s *Store) GetWorkspace(ctx context.Context, ref string) (io.ReadCloser, error) {
-	if err := teleport.ValidateID(ref); err != nil {
-		return nil, err
-	}
-	f, err := os.Open(s.wsPath(ref))
-	if err != nil {
-		return nil, storeErr("get workspace", ref, err)
-	}
-	return f, nil
-}
-
-// DeleteWorkspace removes a workspace blob.
-func (s *Store) DeleteWorkspace(ctx context.Context, ref string) error {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	if err := os.Remove(s.wsPath(ref)); err != nil {
-		return storeErr("delete workspace", ref, err)
-	}
-	return nil
 }
 
 func writeFileSync(path string, b []byte) error {

@@ -5,9 +5,8 @@
 // Layout under s3://BUCKET/PREFIX/:
 //
 //	manifests/<id>.json    the publish point: written last, with If-None-Match: *
-//	blobs/<id>/<upload>    the KLP1 blob (one object per upload attempt)
+//	blobs/<id>/<upload>    the body, its sections back to back (one object per upload attempt)
 //	uploads/<upload>.json  a lease an upload refreshes while it is alive
-//	workspaces/<ref>       workspace blobs
 //
 // A package is visible only once its manifest exists, and the manifest is
 // put conditionally, so two hosts can never both publish one id. Uploads
@@ -336,7 +335,6 @@ func (s *Store) endpointName() string {
 
 func (s *Store) manifestKey(id string) string { return s.prefix + "manifests/" + id + ".json" }
 func (s *Store) blobKey(rel string) string    { return s.prefix + rel }
-func (s *Store) wsKey(ref string) string      { return s.prefix + "workspaces/" + ref }
 func (s *Store) leaseKey(up string) string    { return s.prefix + "uploads/" + up + ".json" }
 func blobRel(id, up string) string            { return "blobs/" + id + "/" + up }
 
@@ -573,71 +571,4 @@ func (s *Store) Open(ctx context.Context, id string) (teleport.Reader, error) {
 		want = ""
 	}
 	return s.newReader(ctx, s.blobKey(mo.Blob), mo.Package.SizeBytes, want), nil
-}
-
-// PutWorkspace stores a workspace blob of exactly size bytes under ref. It
-// becomes visible whole or not at all (a completed multipart upload, or a
-// single PUT when it fits one part).
-func (s *Store) PutWorkspace(ctx context.Context, ref string, r io.Reader, size int64) (err error) {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	if size < 0 {
-		return fmt.Errorf("put workspace %s: negative size %d: %w", ref, size, teleport.ErrInvalidPackage)
-	}
-	up, err := s.startUpload(ctx, "workspace "+ref, s.wsKey(ref))
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			up.abort(context.WithoutCancel(ctx))
-		}
-	}()
-	n, err := io.Copy(up, io.LimitReader(r, size+1))
-	if err != nil {
-		return fmt.Errorf("put workspace %s: %w", ref, err)
-	}
-	if n != size {
-		return fmt.Errorf("put workspace %s: got %d bytes, expected %d: %w", ref, n, size, teleport.ErrInvalidPackage)
-	}
-	if err := up.complete(ctx); err != nil {
-		return fmt.Errorf("put workspace %s: %w", ref, err)
-	}
-	up.release(context.WithoutCancel(ctx))
-	return nil
-}
-
-// GetWorkspace streams a workspace blob (sequential read-ahead, retried
-// per chunk).
-func (s *Store) GetWorkspace(ctx context.Context, ref string) (io.ReadCloser, error) {
-	if err := teleport.ValidateID(ref); err != nil {
-		return nil, err
-	}
-	h, err := s.head(ctx, "get workspace", s.wsKey(ref))
-	if err != nil {
-		if errors.Is(err, teleport.ErrNotFound) {
-			return nil, fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
-		}
-		return nil, err
-	}
-	r := s.newReader(ctx, s.wsKey(ref), aws.ToInt64(h.ContentLength), "")
-	return struct {
-		io.Reader
-		io.Closer
-	}{io.NewSectionReader(r, 0, r.Size()), r}, nil
-}
-
-// DeleteWorkspace removes a workspace blob.
-func (s *Store) DeleteWorkspace(ctx context.Context, ref string) error {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	if _, err := s.head(ctx, "delete workspace", s.wsKey(ref)); err != nil {
-		if errors.Is(err, teleport.ErrNotFound) {
-			return fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
-		}
-		return err
-	}
-	return s.deleteObject(ctx, "delete workspace", s.wsKey(ref))
 }

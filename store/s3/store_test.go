@@ -430,20 +430,6 @@ func TestLargeReadAtIsDirect(t *testing.T) {
 	}
 }
 
-func TestWorkspaceMultipart(t *testing.T) {
-	ctx := context.Background()
-	s, f := newFakeStore(t, nil)
-	data := storetest.Payload(18, 4*testPartBytes+5)
-	storetest.WorkspaceRoundTrip(t, s, "ws", data)
-	// Longer than declared: refused, and the old one stays.
-	if err := s.PutWorkspace(ctx, "ws", bytes.NewReader(append(data, 1)), int64(len(data))); err == nil {
-		t.Fatal("accepted more bytes than declared")
-	}
-	if f.openUploads() != 0 {
-		t.Fatal("refused workspace left a multipart upload")
-	}
-}
-
 // No credentials anywhere: the message says what to set.
 func TestMissingCredentials(t *testing.T) {
 	s, _ := newFakeStore(t, func(o *Options) {

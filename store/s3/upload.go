@@ -40,7 +40,7 @@ func newBody(b []byte) io.ReadSeeker { return bytes.NewReader(b) }
 // hashed.
 type upload struct {
 	s    *Store
-	what string // for messages: "package X", "workspace Y"
+	what string // for messages: "package X"
 	key  string
 	id   string // names the lease (and, for packages, the blob)
 
@@ -116,11 +116,7 @@ type leaseObject struct {
 }
 
 // startUpload writes the upload's lease and starts refreshing it.
-func (s *Store) startUpload(ctx context.Context, what string, key string) (*upload, error) {
-	return s.startUploadID(ctx, what, newUploadID(), func(string) string { return key }, nil)
-}
-
-func (s *Store) startUploadID(ctx context.Context, what, id string, keyOf func(id string) string, h hash.Hash) (*upload, error) {
+func (s *Store) startUpload(ctx context.Context, what, id string, keyOf func(id string) string, h hash.Hash) (*upload, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
@@ -431,7 +427,7 @@ func (s *Store) Create(ctx context.Context, id string) (teleport.Writer, error) 
 	} else if !errors.Is(err, teleport.ErrNotFound) {
 		return nil, fmt.Errorf("create package %s: %w", id, err)
 	}
-	up, err := s.startUploadID(ctx, "package "+id, newUploadID(), func(up string) string { return s.blobKey(blobRel(id, up)) }, sha256.New())
+	up, err := s.startUpload(ctx, "package "+id, newUploadID(), func(up string) string { return s.blobKey(blobRel(id, up)) }, sha256.New())
 	if err != nil {
 		return nil, err
 	}
