@@ -9,6 +9,7 @@
 //	packages/<id>/manifest.json  the teleport.Package
 //	.tmp/<id>.<random>/          an upload in progress, its blob locked by its writer
 //	.tmp/deleted.<random>/       a package being deleted
+//	.tmp/unpublished.<random>/   a package a failed Commit takes back
 //	.tmp/.lock                   the store lock, which keeps GC off entries being made or used
 //
 // The store works across processes on one host: locks are flock(2), and a
@@ -109,6 +110,8 @@ var (
 	hookDeleteWindow func(trash string)   // Delete: the trash directory exists, the package is not in it yet
 	hookGCListed     func()               // GC: .tmp is listed, nothing removed yet
 	hookLockWait     func(exclusive bool) // the store lock is busy and the caller is about to wait
+	hookSyncPackages func() error         // Commit: fails the sync of packages/ after the rename
+	hookTakeBack     func() error         // Commit: fails taking a package back
 )
 
 // lock takes the store lock, shared (syscall.LOCK_SH) or exclusive
@@ -212,11 +215,12 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 		return fmt.Errorf("commit package %s: %w", w.id, teleport.ErrCommitted)
 	}
 	w.done = true
+	published := false
 	defer func() {
-		if err != nil {
-			os.RemoveAll(w.dir) // before the lock goes: see writer
-			w.f.Close()
+		if err != nil && !published {
+			os.RemoveAll(w.dir)
 		}
+		w.f.Close()
 	}()
 	if err := ctx.Err(); err != nil {
 		return err
@@ -258,10 +262,66 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 		}
 		return storeErr("commit", w.id, err)
 	}
-	w.f.Close()
-	if err := syncDir(filepath.Join(w.s.root, packagesDir)); err != nil {
-		return storeErr("commit", w.id, err)
+	published = true
+	// The package is visible from here on: Commit returns nil exactly when
+	// it is, so a failure now takes it back before it is reported.
+	sync := func() error { return syncDir(filepath.Join(w.s.root, packagesDir)) }
+	if hookSyncPackages != nil {
+		sync = hookSyncPackages
 	}
+	if err := sync(); err != nil {
+		if terr := w.takeBack(context.WithoutCancel(ctx)); terr != nil {
+			return fmt.Errorf("commit package %s: %v, and taking it back failed (%v): the package may be visible: %w", w.id, err, terr, teleport.ErrStore)
+		}
+		return fmt.Errorf("commit package %s: %v (the package is not visible): %w", w.id, err, teleport.ErrStore)
+	}
+	return nil
+}
+
+// takeBack unpublishes the package this writer has just renamed into place:
+// into a trash directory under .tmp, then removed. When the package there
+// is not ours any more (deleted meanwhile, perhaps committed again by
+// another upload), ours is not visible and the other stays.
+func (w *writer) takeBack(ctx context.Context) error {
+	own, err := w.f.Stat()
+	if err != nil {
+		return err
+	}
+	cur, err := os.Stat(w.s.BlobPath(w.id))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if !os.SameFile(own, cur) {
+		return nil
+	}
+	l, err := w.s.lock(ctx, syscall.LOCK_SH)
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	if hookTakeBack != nil {
+		if err := hookTakeBack(); err != nil {
+			return err
+		}
+	}
+	trash, err := os.MkdirTemp(filepath.Join(w.s.root, tmpDir), "unpublished.")
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(w.s.pkgDir(w.id), filepath.Join(trash, w.id)); err != nil {
+		os.Remove(trash)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // deleted meanwhile
+		}
+		return err
+	}
+	// Best effort: the running system now agrees with Commit's error;
+	// whether that survives a crash was the failed sync's job.
+	syncDir(filepath.Join(w.s.root, packagesDir))
+	os.RemoveAll(trash)
 	return nil
 }
 

@@ -200,6 +200,84 @@ func tmpEntries(t *testing.T, s *Store) []string {
 	return out
 }
 
+var errInjected = errors.New("injected failure")
+
+// The package is visible once renamed into place; when the sync after the
+// rename fails, Commit must take it back before reporting the failure.
+func TestCommitSyncFailureUnpublishes(t *testing.T) {
+	ctx := context.Background()
+	s := open(t)
+	setHook(t, &hookSyncPackages, func() error { return errInjected })
+	w, err := s.Create(ctx, "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte("body"))
+	err = w.Commit(ctx, storetest.Manifest("p"))
+	if !errors.Is(err, teleport.ErrStore) || !strings.Contains(err.Error(), errInjected.Error()) {
+		t.Fatalf("Commit with a failing sync: %v, want ErrStore naming the failure", err)
+	}
+	if strings.Contains(err.Error(), "may be visible") {
+		t.Fatalf("Commit says the package may be visible though it was taken back: %v", err)
+	}
+	if _, err := s.Stat(ctx, "p"); !errors.Is(err, teleport.ErrNotFound) {
+		t.Fatalf("Commit failed but Stat says %v", err)
+	}
+	if l, _ := s.List(ctx); len(l) != 0 {
+		t.Fatalf("Commit failed but List shows %d packages", len(l))
+	}
+	if left := tmpEntries(t, s); len(left) != 0 {
+		t.Fatalf(".tmp after a taken-back commit: %v", left)
+	}
+	hookSyncPackages = nil
+	storetest.Put(t, s, "p", []byte("again")) // the id is free
+}
+
+// When taking the package back fails too, the error says it may be visible.
+func TestCommitUnpublishFailureSaysMayBeVisible(t *testing.T) {
+	ctx := context.Background()
+	s := open(t)
+	setHook(t, &hookSyncPackages, func() error { return errInjected })
+	setHook(t, &hookTakeBack, func() error { return errors.New("cannot take back") })
+	w, err := s.Create(ctx, "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = w.Commit(ctx, storetest.Manifest("p"))
+	if !errors.Is(err, teleport.ErrStore) || !strings.Contains(err.Error(), "may be visible") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("Commit: %v, want one line saying the package may be visible", err)
+	}
+	if _, err := s.Stat(ctx, "p"); err != nil {
+		t.Fatalf("the package is in fact visible, Stat says %v", err)
+	}
+}
+
+// Taking back is for our own package only: one deleted and committed again
+// by another upload meanwhile stays.
+func TestCommitTakeBackSparesAnotherUpload(t *testing.T) {
+	ctx := context.Background()
+	s := open(t)
+	setHook(t, &hookSyncPackages, func() error {
+		hookSyncPackages = nil
+		if err := s.Delete(ctx, "p"); err != nil {
+			t.Errorf("Delete: %v", err)
+		}
+		storetest.Put(t, s, "p", []byte("theirs"))
+		return errInjected
+	})
+	w, err := s.Create(ctx, "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte("ours"))
+	if err := w.Commit(ctx, storetest.Manifest("p")); !errors.Is(err, teleport.ErrStore) || strings.Contains(err.Error(), "may be visible") {
+		t.Fatalf("Commit: %v", err)
+	}
+	if b, _ := os.ReadFile(s.BlobPath("p")); string(b) != "theirs" {
+		t.Fatalf("blob %q, want the other upload's", b)
+	}
+}
+
 // The store lock is a flock, so it keeps a GC in another process off
 // this process's uploads and deletes just as it does within one process.
 func TestGCInAnotherProcess(t *testing.T) {
