@@ -106,6 +106,24 @@ func TestIntegrationConformance(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) teleport.Store { return realStore(t, "", nil) })
 }
 
+// The server under test must honour If-None-Match; the probe says so at
+// the first Create, for three requests.
+func TestIntegrationProbeConditionalPut(t *testing.T) {
+	s := realStore(t, "", nil)
+	before := s.attempts.Load()
+	if err := s.checkConditionalPut(context.Background()); err != nil {
+		t.Fatalf("probe on %s: %v", s.endpoint, err)
+	}
+	if n := s.attempts.Load() - before; n != 3 {
+		t.Fatalf("the probe took %d requests, want 3", n)
+	}
+	var left []string
+	s.listObjects(context.Background(), s.prefix, func(o types.Object) error { left = append(left, aws.ToString(o.Key)); return nil })
+	if len(left) != 0 {
+		t.Fatalf("the probe left %v", left)
+	}
+}
+
 // The conditional manifest PUT is the only thing standing between two
 // hosts and a doubly published id: hammer it. (SeaweedFS serialises
 // conditional writes to one key with a lock it retries once a second, so

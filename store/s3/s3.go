@@ -7,9 +7,12 @@
 //	manifests/<id>.json    the publish point: written last, with If-None-Match: *
 //	blobs/<id>/<upload>    the body, its sections back to back (one object per upload attempt)
 //	uploads/<upload>.json  a lease an upload refreshes while it is alive
+//	scratch/<what>-<rand>  short-lived probe objects (the server's clock, conditional writes)
 //
 // A package is visible only once its manifest exists, and the manifest is
-// put conditionally, so two hosts can never both publish one id. Uploads
+// put conditionally, so two hosts can never both publish one id. Not every
+// S3-compatible server honours the condition, so the first Create of a
+// Store checks that the server does (see checkConditionalPut). Uploads
 // that die leave only blobs nobody references and multipart uploads nobody
 // completes; GC removes them once their lease has expired.
 //
@@ -63,6 +66,11 @@ const (
 	manifestMaxBytes         = 64 << 20
 	listConcurrency          = 8
 	manifestFormat           = "kelpie-s3-manifest/1"
+	scratchDir               = "scratch/"
+	// A probe object lives for a few requests; GC leaves younger ones
+	// alone however short LeaseTTL is, so it never pulls one from under a
+	// probe still running (or retrying).
+	scratchAgeMin = time.Hour
 )
 
 // Options configure a Store. Zero values take the defaults above.
@@ -96,6 +104,13 @@ type Options struct {
 	// SHA-256 when it has been read sequentially from start to end.
 	NoFullReadVerify bool
 
+	// UnsafeNoConditionalPut lets Create upload to a server that ignores
+	// If-None-Match (which the first Create otherwise probes for and
+	// refuses). Unsafe: two hosts publishing one id then both succeed, and
+	// the last silently replaces the first's package. Only for a store
+	// that a single writer uses.
+	UnsafeNoConditionalPut bool
+
 	// HTTPClient and Credentials replace the SDK's (tests); Credentials nil
 	// means the standard AWS chain: environment, shared config, SSO, ...
 	HTTPClient  *http.Client
@@ -114,6 +129,8 @@ type Store struct {
 	rmu sync.Mutex
 	rnd *mrand.Rand // backoff jitter only
 
+	cond conditional // does the server honour If-None-Match?
+
 	attempts atomic.Int64 // requests sent, retries included (tests)
 	retries  atomic.Int64
 }
@@ -123,7 +140,8 @@ var (
 	_ teleport.GarbageCollector = (*Store)(nil)
 )
 
-// New returns a store for o. It sends no request.
+// New returns a store for o. It sends no request; the first Create probes
+// the server (see Options.UnsafeNoConditionalPut).
 func New(ctx context.Context, o Options) (*Store, error) {
 	if err := validBucket(o.Bucket); err != nil {
 		return nil, err
@@ -188,7 +206,8 @@ func New(ctx context.Context, o Options) (*Store, error) {
 	rand.Read(seed[:])
 	return &Store{
 		client: client, bucket: o.Bucket, prefix: prefix, endpoint: o.Endpoint, region: cfg.Region, o: o,
-		rnd: mrand.New(mrand.NewPCG(beUint64(seed[:8]), beUint64(seed[8:]))),
+		rnd:  mrand.New(mrand.NewPCG(beUint64(seed[:8]), beUint64(seed[8:]))),
+		cond: conditional{sem: make(chan struct{}, 1)},
 	}, nil
 }
 
@@ -255,10 +274,13 @@ func cleanPrefix(p string) (string, error) {
 	return p + "/", nil
 }
 
-// ParseURL reads s3://BUCKET[/PREFIX][?endpoint=URL&region=R&path_style=BOOL]
+// ParseURL reads
+// s3://BUCKET[/PREFIX][?endpoint=URL&region=R&path_style=BOOL&part_size_mib=N&concurrency=N&unsafe_no_conditional_put=BOOL]
 // and fills what the URL leaves out from getenv: KELPIE_S3_ENDPOINT,
-// KELPIE_S3_REGION, KELPIE_S3_PATH_STYLE. Path style defaults to on when an
-// endpoint is set (S3-compatible servers), off for AWS.
+// KELPIE_S3_REGION, KELPIE_S3_PATH_STYLE, KELPIE_S3_UNSAFE_NO_CONDITIONAL_PUT.
+// Path style defaults to on when an endpoint is set (S3-compatible
+// servers), off for AWS. unsafe_no_conditional_put sets
+// Options.UnsafeNoConditionalPut: read its warning first.
 func ParseURL(raw string, getenv func(string) string) (Options, error) {
 	var o Options
 	u, err := url.Parse(raw)
@@ -282,9 +304,9 @@ func ParseURL(raw string, getenv func(string) string) (Options, error) {
 	q := u.Query()
 	for k := range q {
 		switch k {
-		case "endpoint", "region", "path_style", "part_size_mib", "concurrency":
+		case "endpoint", "region", "path_style", "part_size_mib", "concurrency", "unsafe_no_conditional_put":
 		default:
-			return o, fmt.Errorf("store %q: unknown parameter %q (know endpoint, region, path_style, part_size_mib, concurrency): %w", raw, k, teleport.ErrStore)
+			return o, fmt.Errorf("store %q: unknown parameter %q (know endpoint, region, path_style, part_size_mib, concurrency, unsafe_no_conditional_put): %w", raw, k, teleport.ErrStore)
 		}
 	}
 	pick := func(param, env string) string {
@@ -302,6 +324,13 @@ func ParseURL(raw string, getenv func(string) string) (Options, error) {
 			return o, fmt.Errorf("store %q: path_style %q is not a boolean: %w", raw, v, teleport.ErrStore)
 		}
 		o.PathStyle = b
+	}
+	if v := pick("unsafe_no_conditional_put", "KELPIE_S3_UNSAFE_NO_CONDITIONAL_PUT"); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return o, fmt.Errorf("store %q: unsafe_no_conditional_put %q is not a boolean: %w", raw, v, teleport.ErrStore)
+		}
+		o.UnsafeNoConditionalPut = b
 	}
 	if v := q.Get("part_size_mib"); v != "" {
 		n, err := strconv.Atoi(v)
@@ -337,6 +366,11 @@ func (s *Store) manifestKey(id string) string { return s.prefix + "manifests/" +
 func (s *Store) blobKey(rel string) string    { return s.prefix + rel }
 func (s *Store) leaseKey(up string) string    { return s.prefix + "uploads/" + up + ".json" }
 func blobRel(id, up string) string            { return "blobs/" + id + "/" + up }
+
+// scratchKey names a new probe object; GC removes any left behind.
+func (s *Store) scratchKey(what string) string {
+	return s.prefix + scratchDir + what + "-" + newUploadID()
+}
 
 // newUploadID names one upload attempt; it only has to be unique.
 func newUploadID() string {

@@ -417,10 +417,15 @@ func (u *upload) abort(ctx context.Context) error {
 }
 
 // Create starts a package upload. ctx governs the whole upload, since parts
-// are sent while the caller writes.
+// are sent while the caller writes. The first Create of a Store probes the
+// server for conditional writes and refuses to upload where they are
+// ignored (see Options.UnsafeNoConditionalPut).
 func (s *Store) Create(ctx context.Context, id string) (teleport.Writer, error) {
 	if err := teleport.ValidateID(id); err != nil {
 		return nil, err
+	}
+	if err := s.checkConditionalPut(ctx); err != nil {
+		return nil, fmt.Errorf("create package %s: %w", id, err)
 	}
 	if _, err := s.head(ctx, "create", s.manifestKey(id)); err == nil {
 		return nil, fmt.Errorf("create package %s: %w", id, teleport.ErrAlreadyExists)
