@@ -106,6 +106,23 @@ func TestIntegrationConformance(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) teleport.Store { return realStore(t, "", nil) })
 }
 
+// GC against the real server, with real time: a short lease makes orphans
+// old enough within seconds.
+func TestIntegrationGCConformance(t *testing.T) {
+	realEndpoint(t)
+	const leaseTTL = 5 * time.Second
+	storetest.RunGC(t, storetest.GCHarness{
+		New: func(t *testing.T) teleport.Store {
+			return realStore(t, "", func(o *Options) { o.LeaseTTL, o.PartSizeBytes = leaseTTL, partSizeMinBytes })
+		},
+		Orphan: func(t *testing.T, s teleport.Store) string {
+			return orphan(t, s.(*Store), partSizeMinBytes+1)
+		},
+		// Last-Modified has whole seconds: wait out the lease and then some.
+		Expire: func(t *testing.T, s teleport.Store) { time.Sleep(leaseTTL + 1500*time.Millisecond) },
+	})
+}
+
 // The server under test must honour If-None-Match; the probe says so at
 // the first Create, for three requests.
 func TestIntegrationProbeConditionalPut(t *testing.T) {

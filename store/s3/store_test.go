@@ -6,10 +6,12 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -60,6 +62,55 @@ func TestConformanceFake(t *testing.T) {
 		s, _ := newFakeStore(t, nil)
 		return s
 	})
+}
+
+func TestGCConformanceFake(t *testing.T) {
+	var mu sync.Mutex
+	fakes := map[teleport.Store]*fakeS3{}
+	storetest.RunGC(t, storetest.GCHarness{
+		New: func(t *testing.T) teleport.Store {
+			s, f := newFakeStore(t, nil)
+			mu.Lock()
+			fakes[s] = f
+			mu.Unlock()
+			return s
+		},
+		Orphan: func(t *testing.T, s teleport.Store) string {
+			return orphan(t, s.(*Store), 3*testPartBytes)
+		},
+		Expire: func(t *testing.T, s teleport.Store) {
+			mu.Lock()
+			f := fakes[s]
+			mu.Unlock()
+			f.advance(2 * time.Minute) // LeaseTTL is 1 min
+		},
+	})
+}
+
+var orphans atomic.Int64
+
+// orphan leaves an upload as a process that died mid-upload does: n bytes
+// of parts on the server, no abort, no more lease refreshes.
+func orphan(t testing.TB, s *Store, n int) string {
+	t.Helper()
+	ctx := context.Background()
+	id := fmt.Sprintf("orphan-%d", orphans.Add(1))
+	w, err := s.Create(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(storetest.Payload(15, n)); err != nil {
+		t.Fatal(err)
+	}
+	up := w.(*writer).up
+	if err := up.wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if up.mpID == "" {
+		t.Fatalf("orphan %s sent no part: GC would have nothing to remove", id)
+	}
+	up.cancel()
+	return id
 }
 
 func put(t *testing.T, s *Store, id string, blob []byte) {
