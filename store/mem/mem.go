@@ -82,6 +82,8 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) error {
 		return fmt.Errorf("commit package %s: blob does not match manifest: %w", w.id, teleport.ErrChecksumMismatch)
 	}
 	m.SizeBytes, m.BlobSHA256 = n, hexSum
+	// After the store's own fields, so that the sections are checked
+	// against the bytes actually written.
 	if err := m.Validate(); err != nil {
 		return err
 	}

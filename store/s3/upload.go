@@ -500,6 +500,8 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 		return fmt.Errorf("commit package %s: wrote %d bytes sha256 %s, manifest expects %d bytes %s: %w", w.id, n, sum, m.SizeBytes, m.BlobSHA256, teleport.ErrChecksumMismatch)
 	}
 	m.SizeBytes, m.BlobSHA256 = n, sum
+	// After the store's own fields, so that the sections are checked
+	// against the bytes actually uploaded.
 	if err := m.Validate(); err != nil {
 		return err
 	}

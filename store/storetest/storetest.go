@@ -1,4 +1,8 @@
-// Package storetest is the conformance suite every teleport.Store passes.
+// Package storetest is the conformance suite every teleport.Store passes
+// (Run), and the one every teleport.GarbageCollector passes too (RunGC).
+// It must assume nothing about how a store keeps its bytes (no files, no
+// objects, no clock): what it cannot do through the Store interface, a
+// harness does for it.
 package storetest
 
 import (
