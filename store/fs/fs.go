@@ -5,10 +5,18 @@
 //
 // Layout under the root:
 //
-//	packages/<id>/blob           the KLP1 blob
+//	packages/<id>/blob           the body: the package's sections back to back
 //	packages/<id>/manifest.json  the teleport.Package
-//	workspaces/<ref>             workspace blobs
-//	.tmp/                        uploads in progress (each locked by its writer)
+//	.tmp/<id>.<random>/          an upload in progress, its blob locked by its writer
+//	.tmp/deleted.<random>/       a package being deleted
+//	.tmp/unpublished.<random>/   a package a failed Commit takes back
+//	.tmp/.lock                   the store lock, which keeps GC off entries being made or used
+//
+// The store works across processes on one host: locks are flock(2), and a
+// process that dies releases its own. GC removes what dead writers left.
+// The store must never show a package before its blob and manifest are on
+// disk, fail a Commit whose package stays visible, or let GC remove
+// anything a live writer or a running Delete holds.
 package fs
 
 import (
@@ -19,22 +27,21 @@ import (
 	"errors"
 	"fmt"
 	"hash"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
 	"syscall"
+	"time"
 
 	"github.com/kelpie/teleport"
 )
 
 const (
-	packagesDir   = "packages"
-	workspacesDir = "workspaces"
-	tmpDir        = ".tmp"
-	blobFile      = "blob"
-	manifestFile  = "manifest.json"
+	packagesDir  = "packages"
+	tmpDir       = ".tmp"
+	blobFile     = "blob"
+	manifestFile = "manifest.json"
 )
 
 // Store is a package store rooted at a directory.
@@ -50,7 +57,7 @@ func Open(dir string) (*Store, error) {
 	if dir == "" {
 		return nil, fmt.Errorf("store directory is empty: %w", teleport.ErrStore)
 	}
-	for _, d := range []string{packagesDir, workspacesDir, tmpDir} {
+	for _, d := range []string{packagesDir, tmpDir} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
 			return nil, fmt.Errorf("open store %s: %v: %w", dir, err, teleport.ErrStore)
 		}
@@ -68,10 +75,76 @@ func (s *Store) pkgDir(id string) string { return filepath.Join(s.root, packages
 func (s *Store) BlobPath(id string) string { return filepath.Join(s.pkgDir(id), blobFile) }
 
 func storeErr(op, id string, err error) error {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%s package %s: %w", op, id, err)
+	}
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("%s package %s: %w", op, id, teleport.ErrNotFound)
 	}
 	return fmt.Errorf("%s package %s: %v: %w", op, id, err, teleport.ErrStore)
+}
+
+// The store lock, .tmp/.lock, keeps GC off the entries under .tmp that no
+// writer's own lock protects: Create holds it shared from making an
+// upload's directory until the upload's blob is locked, Delete (and a
+// Commit taking its package back) for as long as their entry sits in .tmp,
+// and GC holds it exclusively while it scans and removes. So every entry
+// under .tmp is protected from the moment it exists; after that, an upload
+// is protected by the lock on its blob until it is renamed or removed.
+//
+// flock(2) locks belong to an open file, so every holder opens the lock
+// file itself: goroutines of one process then exclude each other just as
+// processes do.
+const lockFile = ".lock" // an id never starts with '.', so no upload has this name
+
+// flock cannot wait on a context, so a busy lock is polled.
+const (
+	lockPollMinInterval = time.Millisecond
+	lockPollMaxInterval = 20 * time.Millisecond
+)
+
+// Test hooks, nil in production. They let tests act inside the windows the
+// store lock guards, and fail steps a real filesystem will not fail on cue.
+var (
+	hookCreateWindow func(dir string)     // Create: the upload's directory exists, its blob is not locked yet
+	hookDeleteWindow func(trash string)   // Delete: the trash directory exists, the package is not in it yet
+	hookGCListed     func()               // GC: .tmp is listed, nothing removed yet
+	hookLockWait     func(exclusive bool) // the store lock is busy and the caller is about to wait
+	hookSyncPackages func() error         // Commit: fails the sync of packages/ after the rename
+	hookTakeBack     func() error         // Commit: fails taking a package back
+)
+
+// lock takes the store lock, shared (syscall.LOCK_SH) or exclusive
+// (syscall.LOCK_EX), waiting while ctx allows. Closing the returned file
+// releases it.
+func (s *Store) lock(ctx context.Context, how int) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(s.root, tmpDir, lockFile), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	wait := lockPollMinInterval
+	for {
+		err := syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
+			f.Close()
+			return nil, err
+		}
+		if hookLockWait != nil {
+			hookLockWait(how == syscall.LOCK_EX)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			f.Close()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+		wait = min(2*wait, lockPollMaxInterval)
+	}
 }
 
 // Create starts writing a package.
@@ -85,9 +158,17 @@ func (s *Store) Create(ctx context.Context, id string) (teleport.Writer, error) 
 	if _, err := os.Stat(s.pkgDir(id)); err == nil {
 		return nil, fmt.Errorf("create package %s: %w", id, teleport.ErrAlreadyExists)
 	}
+	l, err := s.lock(ctx, syscall.LOCK_SH)
+	if err != nil {
+		return nil, storeErr("create", id, err)
+	}
+	defer l.Close()
 	dir, err := os.MkdirTemp(filepath.Join(s.root, tmpDir), id+".")
 	if err != nil {
 		return nil, storeErr("create", id, err)
+	}
+	if hookCreateWindow != nil {
+		hookCreateWindow(dir)
 	}
 	f, err := os.OpenFile(filepath.Join(dir, blobFile), os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o644)
 	if err != nil {
@@ -96,13 +177,16 @@ func (s *Store) Create(ctx context.Context, id string) (teleport.Writer, error) 
 	}
 	// The lock tells GC this upload is alive; it dies with the process.
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
 		os.RemoveAll(dir)
+		f.Close()
 		return nil, storeErr("create", id, err)
 	}
 	return &writer{s: s, id: id, dir: dir, f: f, h: sha256.New()}, nil
 }
 
+// writer is one upload. Its directory leaves .tmp (renamed into place or
+// removed) before its blob's lock is released, so an unlocked upload in
+// .tmp is always a dead one.
 type writer struct {
 	s    *Store
 	id   string
@@ -131,11 +215,12 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 		return fmt.Errorf("commit package %s: %w", w.id, teleport.ErrCommitted)
 	}
 	w.done = true
+	published := false
 	defer func() {
-		if err != nil {
-			w.f.Close()
+		if err != nil && !published {
 			os.RemoveAll(w.dir)
 		}
+		w.f.Close()
 	}()
 	if err := ctx.Err(); err != nil {
 		return err
@@ -151,6 +236,8 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 		return fmt.Errorf("commit package %s: wrote %d bytes sha256 %s, manifest expects %d bytes %s: %w", w.id, w.n, sum, m.SizeBytes, m.BlobSHA256, teleport.ErrChecksumMismatch)
 	}
 	m.SizeBytes, m.BlobSHA256 = w.n, sum
+	// After the store's own fields, so that the sections are checked
+	// against the bytes actually written.
 	if err := m.Validate(); err != nil {
 		return err
 	}
@@ -175,10 +262,66 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 		}
 		return storeErr("commit", w.id, err)
 	}
-	w.f.Close()
-	if err := syncDir(filepath.Join(w.s.root, packagesDir)); err != nil {
-		return storeErr("commit", w.id, err)
+	published = true
+	// The package is visible from here on: Commit returns nil exactly when
+	// it is, so a failure now takes it back before it is reported.
+	sync := func() error { return syncDir(filepath.Join(w.s.root, packagesDir)) }
+	if hookSyncPackages != nil {
+		sync = hookSyncPackages
 	}
+	if err := sync(); err != nil {
+		if terr := w.takeBack(context.WithoutCancel(ctx)); terr != nil {
+			return fmt.Errorf("commit package %s: %v, and taking it back failed (%v): the package may be visible: %w", w.id, err, terr, teleport.ErrStore)
+		}
+		return fmt.Errorf("commit package %s: %v (the package is not visible): %w", w.id, err, teleport.ErrStore)
+	}
+	return nil
+}
+
+// takeBack unpublishes the package this writer has just renamed into place:
+// into a trash directory under .tmp, then removed. When the package there
+// is not ours any more (deleted meanwhile, perhaps committed again by
+// another upload), ours is not visible and the other stays.
+func (w *writer) takeBack(ctx context.Context) error {
+	own, err := w.f.Stat()
+	if err != nil {
+		return err
+	}
+	cur, err := os.Stat(w.s.BlobPath(w.id))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if !os.SameFile(own, cur) {
+		return nil
+	}
+	l, err := w.s.lock(ctx, syscall.LOCK_SH)
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	if hookTakeBack != nil {
+		if err := hookTakeBack(); err != nil {
+			return err
+		}
+	}
+	trash, err := os.MkdirTemp(filepath.Join(w.s.root, tmpDir), "unpublished.")
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(w.s.pkgDir(w.id), filepath.Join(trash, w.id)); err != nil {
+		os.Remove(trash)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // deleted meanwhile
+		}
+		return err
+	}
+	// Best effort: the running system now agrees with Commit's error;
+	// whether that survives a crash was the failed sync's job.
+	syncDir(filepath.Join(w.s.root, packagesDir))
+	os.RemoveAll(trash)
 	return nil
 }
 
@@ -187,8 +330,9 @@ func (w *writer) Abort(ctx context.Context) error {
 		return nil
 	}
 	w.done = true
+	err := os.RemoveAll(w.dir) // before the lock goes: see writer
 	w.f.Close()
-	if err := os.RemoveAll(w.dir); err != nil {
+	if err != nil {
 		return storeErr("abort", w.id, err)
 	}
 	return nil
@@ -201,7 +345,7 @@ type reader struct {
 
 func (r *reader) Size() int64 { return r.size }
 
-// Open opens a committed package's blob.
+// Open opens a committed package's body.
 func (s *Store) Open(ctx context.Context, id string) (teleport.Reader, error) {
 	if err := teleport.ValidateID(id); err != nil {
 		return nil, err
@@ -262,14 +406,24 @@ func (s *Store) List(ctx context.Context) ([]*teleport.Package, error) {
 }
 
 // Delete removes a committed package: it vanishes from view at once (a
-// rename), then its files are removed.
+// rename into a trash directory under .tmp), then its files are removed.
+// It holds the store lock throughout, since nothing else tells GC that the
+// trash directory is in use.
 func (s *Store) Delete(ctx context.Context, id string) error {
 	if err := teleport.ValidateID(id); err != nil {
 		return err
 	}
+	l, err := s.lock(ctx, syscall.LOCK_SH)
+	if err != nil {
+		return storeErr("delete", id, err)
+	}
+	defer l.Close()
 	trash, err := os.MkdirTemp(filepath.Join(s.root, tmpDir), "deleted.")
 	if err != nil {
 		return storeErr("delete", id, err)
+	}
+	if hookDeleteWindow != nil {
+		hookDeleteWindow(trash)
 	}
 	dst := filepath.Join(trash, id)
 	if err := os.Rename(s.pkgDir(id), dst); err != nil {
@@ -282,21 +436,40 @@ func (s *Store) Delete(ctx context.Context, id string) error {
 	return nil
 }
 
-// GC removes uploads whose writer is gone (its process died or it never
-// committed nor aborted) and leftovers of interrupted deletes.
+// GC removes uploads whose writer is gone (its process died, or the writer
+// was dropped without Commit or Abort) and leftovers of interrupted
+// deletes, and reports how many entries it removed. With the store lock
+// held exclusively, every entry under .tmp is either a live upload, whose
+// blob its writer keeps locked, or dead.
 func (s *Store) GC(ctx context.Context) (int, error) {
+	l, err := s.lock(ctx, syscall.LOCK_EX)
+	if err != nil {
+		return 0, storeErr("gc", "*", err)
+	}
+	defer l.Close()
 	dir := filepath.Join(s.root, tmpDir)
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return 0, storeErr("gc", "*", err)
+	}
+	if hookGCListed != nil {
+		hookGCListed()
 	}
 	removed := 0
 	for _, e := range ents {
 		if err := ctx.Err(); err != nil {
 			return removed, err
 		}
+		if e.Name() == lockFile {
+			continue
+		}
 		p := filepath.Join(dir, e.Name())
 		if e.IsDir() && inUse(filepath.Join(p, blobFile)) {
+			continue
+		}
+		// Committed or aborted since the listing: nothing to remove, and
+		// nothing to count.
+		if _, err := os.Lstat(p); errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
 		if err := os.RemoveAll(p); err != nil {
@@ -319,65 +492,6 @@ func inUse(blob string) bool {
 	}
 	syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 	return false
-}
-
-func (s *Store) wsPath(ref string) string { return filepath.Join(s.root, workspacesDir, ref) }
-
-// PutWorkspace stores a workspace blob atomically.
-func (s *Store) PutWorkspace(ctx context.Context, ref string, r io.Reader, size int64) (err error) {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(filepath.Join(s.root, tmpDir), "ws."+ref+".")
-	if err != nil {
-		return storeErr("put workspace", ref, err)
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	n, err := io.Copy(tmp, io.LimitReader(r, size+1))
-	if err != nil {
-		return storeErr("put workspace", ref, err)
-	}
-	if n != size {
-		return fmt.Errorf("put workspace %s: got %d bytes, expected %d: %w", ref, n, size, teleport.ErrInvalidPackage)
-	}
-	if err := tmp.Sync(); err != nil {
-		return storeErr("put workspace", ref, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return storeErr("put workspace", ref, err)
-	}
-	if err := os.Rename(tmp.Name(), s.wsPath(ref)); err != nil {
-		return storeErr("put workspace", ref, err)
-	}
-	return nil
-}
-
-// GetWorkspace opens a workspace blob.
-func (s *Store) GetWorkspace(ctx context.Context, ref string) (io.ReadCloser, error) {
-	if err := teleport.ValidateID(ref); err != nil {
-		return nil, err
-	}
-	f, err := os.Open(s.wsPath(ref))
-	if err != nil {
-		return nil, storeErr("get workspace", ref, err)
-	}
-	return f, nil
-}
-
-// DeleteWorkspace removes a workspace blob.
-func (s *Store) DeleteWorkspace(ctx context.Context, ref string) error {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	if err := os.Remove(s.wsPath(ref)); err != nil {
-		return storeErr("delete workspace", ref, err)
-	}
-	return nil
 }
 
 func writeFileSync(path string, b []byte) error {

@@ -1,5 +1,6 @@
 // Package mem is an in-memory package store for unit tests. It keeps whole
-// blobs in memory, so it is never used for real snapshots.
+// bodies in memory, so it is never used for real snapshots. Nothing can be
+// orphaned (an upload lives in its writer), so it has no GC.
 package mem
 
 import (
@@ -9,7 +10,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"io"
 	"sort"
 	"sync"
 
@@ -23,16 +23,15 @@ type entry struct {
 
 // Store is an in-memory teleport.Store. The zero value is not usable: call New.
 type Store struct {
-	mu         sync.Mutex
-	pkgs       map[string]entry
-	workspaces map[string][]byte
+	mu   sync.Mutex
+	pkgs map[string]entry
 }
 
 var _ teleport.Store = (*Store)(nil)
 
 // New returns an empty store.
 func New() *Store {
-	return &Store{pkgs: map[string]entry{}, workspaces: map[string][]byte{}}
+	return &Store{pkgs: map[string]entry{}}
 }
 
 // Create starts a package upload.
@@ -83,6 +82,8 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) error {
 		return fmt.Errorf("commit package %s: blob does not match manifest: %w", w.id, teleport.ErrChecksumMismatch)
 	}
 	m.SizeBytes, m.BlobSHA256 = n, hexSum
+	// After the store's own fields, so that the sections are checked
+	// against the bytes actually written.
 	if err := m.Validate(); err != nil {
 		return err
 	}
@@ -172,51 +173,5 @@ func (s *Store) Delete(ctx context.Context, id string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.pkgs, id)
-	return nil
-}
-
-// PutWorkspace stores a workspace blob.
-func (s *Store) PutWorkspace(ctx context.Context, ref string, r io.Reader, size int64) error {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	b, err := io.ReadAll(io.LimitReader(r, size+1))
-	if err != nil {
-		return err
-	}
-	if int64(len(b)) != size {
-		return fmt.Errorf("put workspace %s: got %d bytes, expected %d: %w", ref, len(b), size, teleport.ErrInvalidPackage)
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.workspaces[ref] = b
-	return nil
-}
-
-// GetWorkspace returns a workspace blob.
-func (s *Store) GetWorkspace(ctx context.Context, ref string) (io.ReadCloser, error) {
-	if err := teleport.ValidateID(ref); err != nil {
-		return nil, err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	b, ok := s.workspaces[ref]
-	if !ok {
-		return nil, fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
-	}
-	return io.NopCloser(bytes.NewReader(b)), nil
-}
-
-// DeleteWorkspace removes a workspace blob.
-func (s *Store) DeleteWorkspace(ctx context.Context, ref string) error {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if _, ok := s.workspaces[ref]; !ok {
-		return fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
-	}
-	delete(s.workspaces, ref)
 	return nil
 }

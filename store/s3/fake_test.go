@@ -32,9 +32,14 @@ type fakeS3 struct {
 
 	minPart int // EntityTooSmall below this, for every part but the last
 
+	// ignoreIfNoneMatch makes PUT overwrite whatever If-None-Match says,
+	// as some S3-compatible servers do.
+	ignoreIfNoneMatch bool
+
 	// fault, when set, may change how a request is answered.
 	fault func(r *http.Request, kind string) faultAction
 	reqs  map[string]int // "METHOD kind" counts
+	log   []string       // "METHOD key" of every request, in order
 }
 
 // faultAction: answer with an S3 error instead (status, code); or send half
@@ -76,6 +81,19 @@ func (f *fakeS3) count(kind string) int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.reqs[kind]
+}
+
+// requests returns the requests so far whose key contains sub.
+func (f *fakeS3) requests(sub string) []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for _, r := range f.log {
+		if strings.Contains(r, sub) {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 func (f *fakeS3) keys(prefix string) []string {
@@ -136,6 +154,10 @@ func (f *fakeS3) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	f.mu.Lock()
 	f.reqs[r.Method+" "+kind]++
+	f.log = append(f.log, r.Method+" "+key)
+	if r.Method == http.MethodPut && r.Header.Get("If-None-Match") != "" {
+		f.reqs["PUT conditional"]++
+	}
 	fault := f.fault
 	f.mu.Unlock()
 	if fault != nil {
@@ -227,7 +249,7 @@ func (f *fakeS3) object(w http.ResponseWriter, r *http.Request, full string, bod
 	o, exists := f.objects[full]
 	switch r.Method {
 	case http.MethodPut:
-		if r.Header.Get("If-None-Match") == "*" && exists {
+		if r.Header.Get("If-None-Match") == "*" && exists && !f.ignoreIfNoneMatch {
 			s3err(w, 412, "PreconditionFailed")
 			return
 		}

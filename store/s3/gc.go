@@ -18,7 +18,9 @@ import (
 // GC removes what dead uploads left behind: multipart uploads never
 // completed and blobs no manifest refers to. An upload is dead when its
 // lease is older than LeaseTTL by the server's clock (hosts' clocks are
-// never compared). Expired leases are removed too but not counted.
+// never compared). Expired leases and stale probe objects are removed too
+// but not counted. GC never probes for conditional writes: it publishes
+// nothing.
 //
 // The order matters: leases are listed before manifests, so an upload that
 // publishes while GC runs is seen either as live or as published.
@@ -111,7 +113,32 @@ func (s *Store) GC(ctx context.Context) (int, error) {
 			return removed, fmt.Errorf("gc: %w", err)
 		}
 	}
+	if err := s.removeStaleScratch(ctx, now); err != nil {
+		return removed, fmt.Errorf("gc: %w", err)
+	}
 	return removed, nil
+}
+
+// removeStaleScratch removes probe objects whose probe died before it could
+// delete them. They are not counted: they are not uploads.
+func (s *Store) removeStaleScratch(ctx context.Context, now time.Time) error {
+	cutoff := now.Add(-max(s.o.LeaseTTL, scratchAgeMin))
+	var stale []string
+	err := s.listObjects(ctx, s.prefix+scratchDir, func(o types.Object) error {
+		if o.LastModified != nil && o.LastModified.Before(cutoff) {
+			stale = append(stale, aws.ToString(o.Key))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, key := range stale {
+		if err := s.deleteObject(ctx, "gc delete scratch", key); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // abortStaleUploads aborts multipart uploads under the prefix that no live
@@ -161,7 +188,7 @@ func (s *Store) abortStaleUploads(ctx context.Context, live map[string]bool, rec
 // probe object written now. Leases are judged by the same clock that
 // stamped them.
 func (s *Store) serverNow(ctx context.Context) (time.Time, error) {
-	key := s.prefix + "gc/" + newUploadID()
+	key := s.scratchKey("clock")
 	if err := s.putBytes(ctx, "put clock probe", key, nil, false); err != nil {
 		return time.Time{}, err
 	}

@@ -6,7 +6,6 @@ package s3
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -20,7 +19,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -33,10 +31,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 
 	"github.com/kelpie/teleport"
-	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/storetest"
-	"github.com/kelpie/teleport/vm"
-	"github.com/kelpie/teleport/vm/sim"
 )
 
 // realEndpoint returns the server under test, or skips.
@@ -109,6 +104,41 @@ func removeAll(t testing.TB, s *Store) {
 func TestIntegrationConformance(t *testing.T) {
 	realEndpoint(t)
 	storetest.Run(t, func(t *testing.T) teleport.Store { return realStore(t, "", nil) })
+}
+
+// GC against the real server, with real time: a short lease makes orphans
+// old enough within seconds.
+func TestIntegrationGCConformance(t *testing.T) {
+	realEndpoint(t)
+	const leaseTTL = 5 * time.Second
+	storetest.RunGC(t, storetest.GCHarness{
+		New: func(t *testing.T) teleport.Store {
+			return realStore(t, "", func(o *Options) { o.LeaseTTL, o.PartSizeBytes = leaseTTL, partSizeMinBytes })
+		},
+		Orphan: func(t *testing.T, s teleport.Store) string {
+			return orphan(t, s.(*Store), partSizeMinBytes+1)
+		},
+		// Last-Modified has whole seconds: wait out the lease and then some.
+		Expire: func(t *testing.T, s teleport.Store) { time.Sleep(leaseTTL + 1500*time.Millisecond) },
+	})
+}
+
+// The server under test must honour If-None-Match; the probe says so at
+// the first Create, for three requests.
+func TestIntegrationProbeConditionalPut(t *testing.T) {
+	s := realStore(t, "", nil)
+	before := s.attempts.Load()
+	if err := s.checkConditionalPut(context.Background()); err != nil {
+		t.Fatalf("probe on %s: %v", s.endpoint, err)
+	}
+	if n := s.attempts.Load() - before; n != 3 {
+		t.Fatalf("the probe took %d requests, want 3", n)
+	}
+	var left []string
+	s.listObjects(context.Background(), s.prefix, func(o types.Object) error { left = append(left, aws.ToString(o.Key)); return nil })
+	if len(left) != 0 {
+		t.Fatalf("the probe left %v", left)
+	}
 }
 
 // The conditional manifest PUT is the only thing standing between two
@@ -486,57 +516,4 @@ func TestIntegrationServerStoppedMidDownload(t *testing.T) {
 		t.Fatalf("gave up after %v", took)
 	}
 	t.Logf("after %v and %d retries: %v", took.Round(time.Millisecond), s.retries.Load()-retriesBefore, err)
-}
-
-// A simulated VM teleports from one host to another through the server,
-// each host with its own store client.
-func TestIntegrationTeleportThroughS3(t *testing.T) {
-	a := realStore(t, "", nil)
-	b := realStore(t, a.prefix, nil) // another host's client, same bucket and prefix
-	ctx := context.Background()
-	const memBytes = 24 << 20 // several parts and chunks
-	mk := func(st teleport.Store, host string) (*sim.Factory, *service.Service) {
-		f := sim.NewFactory(sim.Options{HostID: host, MemoryBytes: memBytes})
-		n := 0
-		return f, &service.Service{Store: st, Factory: f, Clock: f.Options().Clock,
-			NewID: func() string { n++; return host + "-pkg-" + strconv.Itoa(n) }}
-	}
-	fa, sa := mk(a, "host-a")
-	_, sb := mk(b, "host-b")
-	src, err := fa.Create(ctx, vm.Config{VCPUs: 2, MemoryMiB: 256})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := src.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	for k, v := range map[string]string{"counter": "41", "name": "agent"} {
-		if _, err := src.Exec(ctx, "set", []string{k, v}, vm.ExecOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	src.Exec(ctx, "incr", []string{"counter"}, vm.ExecOptions{})
-	pkg, err := sa.Out(ctx, src, service.OutRequest{AgentID: "ag-1", AgentState: []byte("st"), Kind: teleport.KindTeleport})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if src.State() != vm.StateStopped {
-		t.Fatalf("source %s after a move", src.State())
-	}
-	if pkg.SizeBytes < memBytes {
-		t.Fatalf("package of %d bytes is smaller than guest memory", pkg.SizeBytes)
-	}
-	dst, got, err := sb.In(ctx, pkg.ID, vm.Config{}, service.InOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dst.Destroy(ctx)
-	g := dst.(*sim.VM).GuestState()
-	if dst.State() != vm.StateRunning || g["counter"] != "42" || g["name"] != "agent" || string(got.AgentState) != "st" {
-		t.Fatalf("restored %s with %v", dst.State(), g)
-	}
-	res, err := dst.Exec(ctx, "get", []string{"counter"}, vm.ExecOptions{})
-	if err != nil || !bytes.Contains(res.Stdout, []byte("42")) {
-		t.Fatalf("guest answers %+v (%v)", res, err)
-	}
 }

@@ -5,12 +5,14 @@
 // Layout under s3://BUCKET/PREFIX/:
 //
 //	manifests/<id>.json    the publish point: written last, with If-None-Match: *
-//	blobs/<id>/<upload>    the KLP1 blob (one object per upload attempt)
+//	blobs/<id>/<upload>    the body, its sections back to back (one object per upload attempt)
 //	uploads/<upload>.json  a lease an upload refreshes while it is alive
-//	workspaces/<ref>       workspace blobs
+//	scratch/<what>-<rand>  short-lived probe objects (the server's clock, conditional writes)
 //
 // A package is visible only once its manifest exists, and the manifest is
-// put conditionally, so two hosts can never both publish one id. Uploads
+// put conditionally, so two hosts can never both publish one id. Not every
+// S3-compatible server honours the condition, so the first Create of a
+// Store checks that the server does (see checkConditionalPut). Uploads
 // that die leave only blobs nobody references and multipart uploads nobody
 // completes; GC removes them once their lease has expired.
 //
@@ -64,6 +66,11 @@ const (
 	manifestMaxBytes         = 64 << 20
 	listConcurrency          = 8
 	manifestFormat           = "kelpie-s3-manifest/1"
+	scratchDir               = "scratch/"
+	// A probe object lives for a few requests; GC leaves younger ones
+	// alone however short LeaseTTL is, so it never pulls one from under a
+	// probe still running (or retrying).
+	scratchAgeMin = time.Hour
 )
 
 // Options configure a Store. Zero values take the defaults above.
@@ -97,6 +104,13 @@ type Options struct {
 	// SHA-256 when it has been read sequentially from start to end.
 	NoFullReadVerify bool
 
+	// UnsafeNoConditionalPut lets Create upload to a server that ignores
+	// If-None-Match (which the first Create otherwise probes for and
+	// refuses). Unsafe: two hosts publishing one id then both succeed, and
+	// the last silently replaces the first's package. Only for a store
+	// that a single writer uses.
+	UnsafeNoConditionalPut bool
+
 	// HTTPClient and Credentials replace the SDK's (tests); Credentials nil
 	// means the standard AWS chain: environment, shared config, SSO, ...
 	HTTPClient  *http.Client
@@ -115,6 +129,8 @@ type Store struct {
 	rmu sync.Mutex
 	rnd *mrand.Rand // backoff jitter only
 
+	cond conditional // does the server honour If-None-Match?
+
 	attempts atomic.Int64 // requests sent, retries included (tests)
 	retries  atomic.Int64
 }
@@ -124,7 +140,8 @@ var (
 	_ teleport.GarbageCollector = (*Store)(nil)
 )
 
-// New returns a store for o. It sends no request.
+// New returns a store for o. It sends no request; the first Create probes
+// the server (see Options.UnsafeNoConditionalPut).
 func New(ctx context.Context, o Options) (*Store, error) {
 	if err := validBucket(o.Bucket); err != nil {
 		return nil, err
@@ -189,7 +206,8 @@ func New(ctx context.Context, o Options) (*Store, error) {
 	rand.Read(seed[:])
 	return &Store{
 		client: client, bucket: o.Bucket, prefix: prefix, endpoint: o.Endpoint, region: cfg.Region, o: o,
-		rnd: mrand.New(mrand.NewPCG(beUint64(seed[:8]), beUint64(seed[8:]))),
+		rnd:  mrand.New(mrand.NewPCG(beUint64(seed[:8]), beUint64(seed[8:]))),
+		cond: conditional{sem: make(chan struct{}, 1)},
 	}, nil
 }
 
@@ -256,10 +274,13 @@ func cleanPrefix(p string) (string, error) {
 	return p + "/", nil
 }
 
-// ParseURL reads s3://BUCKET[/PREFIX][?endpoint=URL&region=R&path_style=BOOL]
+// ParseURL reads
+// s3://BUCKET[/PREFIX][?endpoint=URL&region=R&path_style=BOOL&part_size_mib=N&concurrency=N&unsafe_no_conditional_put=BOOL]
 // and fills what the URL leaves out from getenv: KELPIE_S3_ENDPOINT,
-// KELPIE_S3_REGION, KELPIE_S3_PATH_STYLE. Path style defaults to on when an
-// endpoint is set (S3-compatible servers), off for AWS.
+// KELPIE_S3_REGION, KELPIE_S3_PATH_STYLE, KELPIE_S3_UNSAFE_NO_CONDITIONAL_PUT.
+// Path style defaults to on when an endpoint is set (S3-compatible
+// servers), off for AWS. unsafe_no_conditional_put sets
+// Options.UnsafeNoConditionalPut: read its warning first.
 func ParseURL(raw string, getenv func(string) string) (Options, error) {
 	var o Options
 	u, err := url.Parse(raw)
@@ -283,9 +304,9 @@ func ParseURL(raw string, getenv func(string) string) (Options, error) {
 	q := u.Query()
 	for k := range q {
 		switch k {
-		case "endpoint", "region", "path_style", "part_size_mib", "concurrency":
+		case "endpoint", "region", "path_style", "part_size_mib", "concurrency", "unsafe_no_conditional_put":
 		default:
-			return o, fmt.Errorf("store %q: unknown parameter %q (know endpoint, region, path_style, part_size_mib, concurrency): %w", raw, k, teleport.ErrStore)
+			return o, fmt.Errorf("store %q: unknown parameter %q (know endpoint, region, path_style, part_size_mib, concurrency, unsafe_no_conditional_put): %w", raw, k, teleport.ErrStore)
 		}
 	}
 	pick := func(param, env string) string {
@@ -303,6 +324,13 @@ func ParseURL(raw string, getenv func(string) string) (Options, error) {
 			return o, fmt.Errorf("store %q: path_style %q is not a boolean: %w", raw, v, teleport.ErrStore)
 		}
 		o.PathStyle = b
+	}
+	if v := pick("unsafe_no_conditional_put", "KELPIE_S3_UNSAFE_NO_CONDITIONAL_PUT"); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return o, fmt.Errorf("store %q: unsafe_no_conditional_put %q is not a boolean: %w", raw, v, teleport.ErrStore)
+		}
+		o.UnsafeNoConditionalPut = b
 	}
 	if v := q.Get("part_size_mib"); v != "" {
 		n, err := strconv.Atoi(v)
@@ -336,9 +364,13 @@ func (s *Store) endpointName() string {
 
 func (s *Store) manifestKey(id string) string { return s.prefix + "manifests/" + id + ".json" }
 func (s *Store) blobKey(rel string) string    { return s.prefix + rel }
-func (s *Store) wsKey(ref string) string      { return s.prefix + "workspaces/" + ref }
 func (s *Store) leaseKey(up string) string    { return s.prefix + "uploads/" + up + ".json" }
 func blobRel(id, up string) string            { return "blobs/" + id + "/" + up }
+
+// scratchKey names a new probe object; GC removes any left behind.
+func (s *Store) scratchKey(what string) string {
+	return s.prefix + scratchDir + what + "-" + newUploadID()
+}
 
 // newUploadID names one upload attempt; it only has to be unique.
 func newUploadID() string {
@@ -573,71 +605,4 @@ func (s *Store) Open(ctx context.Context, id string) (teleport.Reader, error) {
 		want = ""
 	}
 	return s.newReader(ctx, s.blobKey(mo.Blob), mo.Package.SizeBytes, want), nil
-}
-
-// PutWorkspace stores a workspace blob of exactly size bytes under ref. It
-// becomes visible whole or not at all (a completed multipart upload, or a
-// single PUT when it fits one part).
-func (s *Store) PutWorkspace(ctx context.Context, ref string, r io.Reader, size int64) (err error) {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	if size < 0 {
-		return fmt.Errorf("put workspace %s: negative size %d: %w", ref, size, teleport.ErrInvalidPackage)
-	}
-	up, err := s.startUpload(ctx, "workspace "+ref, s.wsKey(ref))
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			up.abort(context.WithoutCancel(ctx))
-		}
-	}()
-	n, err := io.Copy(up, io.LimitReader(r, size+1))
-	if err != nil {
-		return fmt.Errorf("put workspace %s: %w", ref, err)
-	}
-	if n != size {
-		return fmt.Errorf("put workspace %s: got %d bytes, expected %d: %w", ref, n, size, teleport.ErrInvalidPackage)
-	}
-	if err := up.complete(ctx); err != nil {
-		return fmt.Errorf("put workspace %s: %w", ref, err)
-	}
-	up.release(context.WithoutCancel(ctx))
-	return nil
-}
-
-// GetWorkspace streams a workspace blob (sequential read-ahead, retried
-// per chunk).
-func (s *Store) GetWorkspace(ctx context.Context, ref string) (io.ReadCloser, error) {
-	if err := teleport.ValidateID(ref); err != nil {
-		return nil, err
-	}
-	h, err := s.head(ctx, "get workspace", s.wsKey(ref))
-	if err != nil {
-		if errors.Is(err, teleport.ErrNotFound) {
-			return nil, fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
-		}
-		return nil, err
-	}
-	r := s.newReader(ctx, s.wsKey(ref), aws.ToInt64(h.ContentLength), "")
-	return struct {
-		io.Reader
-		io.Closer
-	}{io.NewSectionReader(r, 0, r.Size()), r}, nil
-}
-
-// DeleteWorkspace removes a workspace blob.
-func (s *Store) DeleteWorkspace(ctx context.Context, ref string) error {
-	if err := teleport.ValidateID(ref); err != nil {
-		return err
-	}
-	if _, err := s.head(ctx, "delete workspace", s.wsKey(ref)); err != nil {
-		if errors.Is(err, teleport.ErrNotFound) {
-			return fmt.Errorf("workspace %s: %w", ref, teleport.ErrNotFound)
-		}
-		return err
-	}
-	return s.deleteObject(ctx, "delete workspace", s.wsKey(ref))
 }

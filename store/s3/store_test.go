@@ -6,10 +6,12 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -33,7 +35,14 @@ func newFakeStore(t testing.TB, tweak func(*Options)) (*Store, *fakeS3) {
 	t.Helper()
 	f, srv := newFakeS3(t)
 	f.minPart = testPartBytes
-	o := Options{Bucket: fakeBucket, Prefix: "unit", Endpoint: srv.URL, Region: "us-east-1", PathStyle: true,
+	return fakeClient(t, srv.URL, tweak), f
+}
+
+// fakeClient is another Store value (another host's client) on the fake
+// server at url.
+func fakeClient(t testing.TB, url string, tweak func(*Options)) *Store {
+	t.Helper()
+	o := Options{Bucket: fakeBucket, Prefix: "unit", Endpoint: url, Region: "us-east-1", PathStyle: true,
 		ReadChunkBytes: testChunkBytes, ReadAheadChunks: 3, UploadConcurrency: 3,
 		BackoffBase: time.Millisecond, BackoffMax: 5 * time.Millisecond, LeaseTTL: time.Minute,
 		Credentials: credentials.NewStaticCredentialsProvider("AKIDUNIT", "unit-secret", "")}
@@ -45,7 +54,7 @@ func newFakeStore(t testing.TB, tweak func(*Options)) (*Store, *fakeS3) {
 		t.Fatal(err)
 	}
 	s.o.PartSizeBytes = testPartBytes
-	return s, f
+	return s
 }
 
 func TestConformanceFake(t *testing.T) {
@@ -53,6 +62,55 @@ func TestConformanceFake(t *testing.T) {
 		s, _ := newFakeStore(t, nil)
 		return s
 	})
+}
+
+func TestGCConformanceFake(t *testing.T) {
+	var mu sync.Mutex
+	fakes := map[teleport.Store]*fakeS3{}
+	storetest.RunGC(t, storetest.GCHarness{
+		New: func(t *testing.T) teleport.Store {
+			s, f := newFakeStore(t, nil)
+			mu.Lock()
+			fakes[s] = f
+			mu.Unlock()
+			return s
+		},
+		Orphan: func(t *testing.T, s teleport.Store) string {
+			return orphan(t, s.(*Store), 3*testPartBytes)
+		},
+		Expire: func(t *testing.T, s teleport.Store) {
+			mu.Lock()
+			f := fakes[s]
+			mu.Unlock()
+			f.advance(2 * time.Minute) // LeaseTTL is 1 min
+		},
+	})
+}
+
+var orphans atomic.Int64
+
+// orphan leaves an upload as a process that died mid-upload does: n bytes
+// of parts on the server, no abort, no more lease refreshes.
+func orphan(t testing.TB, s *Store, n int) string {
+	t.Helper()
+	ctx := context.Background()
+	id := fmt.Sprintf("orphan-%d", orphans.Add(1))
+	w, err := s.Create(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(storetest.Payload(15, n)); err != nil {
+		t.Fatal(err)
+	}
+	up := w.(*writer).up
+	if err := up.wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if up.mpID == "" {
+		t.Fatalf("orphan %s sent no part: GC would have nothing to remove", id)
+	}
+	up.cancel()
+	return id
 }
 
 func put(t *testing.T, s *Store, id string, blob []byte) {
@@ -66,6 +124,7 @@ func TestParseURL(t *testing.T) {
 	for _, tc := range []struct {
 		url, bucket, prefix, endpoint, region string
 		pathStyle                             bool
+		unsafe                                bool
 		noEnv                                 bool
 		err                                   string
 	}{
@@ -73,6 +132,9 @@ func TestParseURL(t *testing.T) {
 		{url: "s3://bkt", bucket: "bkt", noEnv: true},
 		{url: "s3://bkt/p?endpoint=http://127.0.0.1:1&region=us-east-1&path_style=false", bucket: "bkt", prefix: "/p", endpoint: "http://127.0.0.1:1", region: "us-east-1"},
 		{url: "s3://bkt/p?part_size_mib=16&concurrency=8", bucket: "bkt", prefix: "/p", endpoint: "http://127.0.0.1:9000", region: "eu-west-1", pathStyle: true},
+		{url: "s3://bkt/p?unsafe_no_conditional_put=true", bucket: "bkt", prefix: "/p", endpoint: "http://127.0.0.1:9000", region: "eu-west-1", pathStyle: true, unsafe: true},
+		{url: "s3://bkt/p?unsafe_no_conditional_put=maybe", err: "unsafe_no_conditional_put \"maybe\" is not a boolean"},
+		{url: "s3://bkt/p?unsafe=1", err: "unsafe_no_conditional_put)"},
 		{url: "s3://Bad_Bucket/p", err: "lowercase"},
 		{url: "s3://b/p", err: "3..63"},
 		{url: "s3://bkt/a/../b", err: "'..'"},
@@ -97,10 +159,37 @@ func TestParseURL(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if o.Bucket != tc.bucket || o.Prefix != tc.prefix || o.Endpoint != tc.endpoint || o.Region != tc.region || o.PathStyle != tc.pathStyle {
+			if o.Bucket != tc.bucket || o.Prefix != tc.prefix || o.Endpoint != tc.endpoint || o.Region != tc.region || o.PathStyle != tc.pathStyle ||
+				o.UnsafeNoConditionalPut != tc.unsafe {
 				t.Fatalf("got %+v", o)
 			}
 		})
+	}
+}
+
+// KELPIE_S3_UNSAFE_NO_CONDITIONAL_PUT opts out like the URL parameter,
+// which wins over it.
+func TestParseURLUnsafeEnv(t *testing.T) {
+	for _, tc := range []struct {
+		url, env string
+		want     bool
+		err      bool
+	}{
+		{"s3://bkt/p", "1", true, false},
+		{"s3://bkt/p", "", false, false},
+		{"s3://bkt/p", "0", false, false},
+		{"s3://bkt/p?unsafe_no_conditional_put=false", "1", false, false},
+		{"s3://bkt/p", "yes please", false, true},
+	} {
+		o, err := ParseURL(tc.url, func(k string) string {
+			if k == "KELPIE_S3_UNSAFE_NO_CONDITIONAL_PUT" {
+				return tc.env
+			}
+			return ""
+		})
+		if (err != nil) != tc.err || o.UnsafeNoConditionalPut != tc.want {
+			t.Errorf("ParseURL(%q) with KELPIE_S3_UNSAFE_NO_CONDITIONAL_PUT=%q: unsafe %v, err %v", tc.url, tc.env, o.UnsafeNoConditionalPut, err)
+		}
 	}
 }
 
@@ -427,20 +516,6 @@ func TestLargeReadAtIsDirect(t *testing.T) {
 	sum := sha256.Sum256(blob)
 	if m, _ := s.Stat(context.Background(), "large"); m.BlobSHA256 != hex.EncodeToString(sum[:]) {
 		t.Fatal("manifest sha differs")
-	}
-}
-
-func TestWorkspaceMultipart(t *testing.T) {
-	ctx := context.Background()
-	s, f := newFakeStore(t, nil)
-	data := storetest.Payload(18, 4*testPartBytes+5)
-	storetest.WorkspaceRoundTrip(t, s, "ws", data)
-	// Longer than declared: refused, and the old one stays.
-	if err := s.PutWorkspace(ctx, "ws", bytes.NewReader(append(data, 1)), int64(len(data))); err == nil {
-		t.Fatal("accepted more bytes than declared")
-	}
-	if f.openUploads() != 0 {
-		t.Fatal("refused workspace left a multipart upload")
 	}
 }
 

@@ -40,7 +40,7 @@ func newBody(b []byte) io.ReadSeeker { return bytes.NewReader(b) }
 // hashed.
 type upload struct {
 	s    *Store
-	what string // for messages: "package X", "workspace Y"
+	what string // for messages: "package X"
 	key  string
 	id   string // names the lease (and, for packages, the blob)
 
@@ -116,11 +116,7 @@ type leaseObject struct {
 }
 
 // startUpload writes the upload's lease and starts refreshing it.
-func (s *Store) startUpload(ctx context.Context, what string, key string) (*upload, error) {
-	return s.startUploadID(ctx, what, newUploadID(), func(string) string { return key }, nil)
-}
-
-func (s *Store) startUploadID(ctx context.Context, what, id string, keyOf func(id string) string, h hash.Hash) (*upload, error) {
+func (s *Store) startUpload(ctx context.Context, what, id string, keyOf func(id string) string, h hash.Hash) (*upload, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
@@ -421,17 +417,22 @@ func (u *upload) abort(ctx context.Context) error {
 }
 
 // Create starts a package upload. ctx governs the whole upload, since parts
-// are sent while the caller writes.
+// are sent while the caller writes. The first Create of a Store probes the
+// server for conditional writes and refuses to upload where they are
+// ignored (see Options.UnsafeNoConditionalPut).
 func (s *Store) Create(ctx context.Context, id string) (teleport.Writer, error) {
 	if err := teleport.ValidateID(id); err != nil {
 		return nil, err
+	}
+	if err := s.checkConditionalPut(ctx); err != nil {
+		return nil, fmt.Errorf("create package %s: %w", id, err)
 	}
 	if _, err := s.head(ctx, "create", s.manifestKey(id)); err == nil {
 		return nil, fmt.Errorf("create package %s: %w", id, teleport.ErrAlreadyExists)
 	} else if !errors.Is(err, teleport.ErrNotFound) {
 		return nil, fmt.Errorf("create package %s: %w", id, err)
 	}
-	up, err := s.startUploadID(ctx, "package "+id, newUploadID(), func(up string) string { return s.blobKey(blobRel(id, up)) }, sha256.New())
+	up, err := s.startUpload(ctx, "package "+id, newUploadID(), func(up string) string { return s.blobKey(blobRel(id, up)) }, sha256.New())
 	if err != nil {
 		return nil, err
 	}
@@ -499,6 +500,8 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 		return fmt.Errorf("commit package %s: wrote %d bytes sha256 %s, manifest expects %d bytes %s: %w", w.id, n, sum, m.SizeBytes, m.BlobSHA256, teleport.ErrChecksumMismatch)
 	}
 	m.SizeBytes, m.BlobSHA256 = n, sum
+	// After the store's own fields, so that the sections are checked
+	// against the bytes actually uploaded.
 	if err := m.Validate(); err != nil {
 		return err
 	}

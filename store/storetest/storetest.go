@@ -1,4 +1,8 @@
-// Package storetest is the conformance suite every teleport.Store passes.
+// Package storetest is the conformance suite every teleport.Store passes
+// (Run), and the one every teleport.GarbageCollector passes too (RunGC).
+// It must assume nothing about how a store keeps its bytes (no files, no
+// objects, no clock): what it cannot do through the Store interface, a
+// harness does for it.
 package storetest
 
 import (
@@ -9,6 +13,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -38,46 +43,59 @@ func Payload(seed uint64, n int) []byte {
 	return b
 }
 
+// Checkpoint returns a valid checkpoint manifest for id whose body is blob
+// then workspace, back to back, with both sections listed, and that body.
+func Checkpoint(id string, blob, workspace []byte) (*teleport.Package, []byte) {
+	m := Manifest(id)
+	m.Kind, m.Snapshot = teleport.KindCheckpoint, nil
+	m.Sections = []teleport.Section{
+		SectionOf(teleport.SectionBlob, 0, blob),
+		SectionOf(teleport.SectionWorkspace, int64(len(blob)), workspace),
+	}
+	return m, append(bytes.Clone(blob), workspace...)
+}
+
+// SectionOf describes b as section name starting at off.
+func SectionOf(name string, off int64, b []byte) teleport.Section {
+	sum := sha256.Sum256(b)
+	return teleport.Section{Name: name, Offset: off, Size: int64(len(b)), SHA256: hex.EncodeToString(sum[:])}
+}
+
 // Put writes and commits a package with the given blob.
 func Put(t testing.TB, s teleport.Store, id string, blob []byte) *teleport.Package {
 	t.Helper()
-	ctx := context.Background()
-	w, err := s.Create(ctx, id)
-	if err != nil {
-		t.Fatalf("Create(%s): %v", id, err)
-	}
-	// Write in uneven chunks, as a stream would.
-	for off := 0; off < len(blob); {
-		n := min(len(blob)-off, 1+off%7777)
-		if _, err := w.Write(blob[off : off+n]); err != nil {
-			t.Fatalf("Write: %v", err)
-		}
-		off += n
-	}
 	m := Manifest(id)
-	if err := w.Commit(ctx, m); err != nil {
-		t.Fatalf("Commit(%s): %v", id, err)
-	}
+	PutManifest(t, s, m, blob)
 	return m
 }
 
-// WorkspaceRoundTrip stores data as workspace ref and checks it reads back
-// byte for byte.
-func WorkspaceRoundTrip(t testing.TB, s teleport.Store, ref string, data []byte) {
+// PutManifest writes body and commits it with m.
+func PutManifest(t testing.TB, s teleport.Store, m *teleport.Package, body []byte) {
 	t.Helper()
 	ctx := context.Background()
-	if err := s.PutWorkspace(ctx, ref, bytes.NewReader(data), int64(len(data))); err != nil {
-		t.Fatal(err)
-	}
-	rc, err := s.GetWorkspace(ctx, ref)
+	w, err := s.Create(ctx, m.ID)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("Create(%s): %v", m.ID, err)
 	}
-	got, err := io.ReadAll(rc)
-	rc.Close()
-	if err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("workspace %s differs after a round trip (%v)", ref, err)
+	if err := write(w, body); err != nil {
+		w.Abort(ctx)
+		t.Fatalf("Write(%s): %v", m.ID, err)
 	}
+	if err := w.Commit(ctx, m); err != nil {
+		t.Fatalf("Commit(%s): %v", m.ID, err)
+	}
+}
+
+// write sends b in uneven chunks, as a stream would.
+func write(w io.Writer, b []byte) error {
+	for off := 0; off < len(b); {
+		n := min(len(b)-off, 1+off%7777)
+		if _, err := w.Write(b[off : off+n]); err != nil {
+			return err
+		}
+		off += n
+	}
+	return nil
 }
 
 func readAll(t testing.TB, s teleport.Store, id string) []byte {
@@ -356,31 +374,85 @@ func Run(t *testing.T, newStore func(t *testing.T) teleport.Store) {
 			if err := s.Delete(ctx, id); !errors.Is(err, teleport.ErrInvalidID) {
 				t.Errorf("Delete(%q): %v, want ErrInvalidID", id, err)
 			}
-			if err := s.PutWorkspace(ctx, id, strings.NewReader(""), 0); !errors.Is(err, teleport.ErrInvalidID) {
-				t.Errorf("PutWorkspace(%q): %v, want ErrInvalidID", id, err)
-			}
 		}
 		Put(t, s, strings.Repeat("a", 128), []byte("max length id"))
 	})
 
-	t.Run("Workspace", func(t *testing.T) {
+	// The store checks the sections against the bytes it received, so a
+	// manifest that mislocates them never becomes visible.
+	t.Run("SectionsMustFillBody", func(t *testing.T) {
 		s := newStore(t)
-		data := Payload(4, 200000)
-		WorkspaceRoundTrip(t, s, "ws-1", data)
-		if err := s.PutWorkspace(ctx, "ws-short", bytes.NewReader(data[:10]), 11); err == nil {
-			t.Fatal("PutWorkspace accepted fewer bytes than declared")
+		blob, ws := Payload(20, 70000), Payload(21, 30000)
+		for _, tc := range []struct {
+			name string
+			edit func(m *teleport.Package)
+		}{
+			{"short", func(m *teleport.Package) { m.Sections[1].Size-- }},
+			{"long", func(m *teleport.Package) { m.Sections[1].Size += 5 }},
+			{"blob-only", func(m *teleport.Package) { m.Sections = m.Sections[:1] }},
+			{"gap", func(m *teleport.Package) { m.Sections[1].Offset++; m.Sections[1].Size-- }},
+		} {
+			m, body := Checkpoint("sections-"+tc.name, blob, ws)
+			tc.edit(m)
+			w, err := s.Create(ctx, m.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := write(w, body); err != nil {
+				t.Fatal(err)
+			}
+			if err := w.Commit(ctx, m); !errors.Is(err, teleport.ErrInvalidPackage) {
+				t.Fatalf("%s: Commit of sections that do not fill the body: %v, want ErrInvalidPackage", tc.name, err)
+			}
+			mustNotExist(t, s, m.ID)
 		}
-		if _, err := s.GetWorkspace(ctx, "ws-short"); !errors.Is(err, teleport.ErrNotFound) {
-			t.Fatalf("short workspace visible: %v", err)
-		}
-		if err := s.DeleteWorkspace(ctx, "ws-1"); err != nil {
+		m, body := Checkpoint("sections-short", blob, ws) // the refused id is free
+		PutManifest(t, s, m, body)
+		got, err := s.Stat(ctx, m.ID)
+		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.GetWorkspace(ctx, "ws-1"); !errors.Is(err, teleport.ErrNotFound) {
-			t.Fatalf("after delete: %v", err)
+		if !slices.Equal(got.Sections, m.Sections) || got.SizeBytes != int64(len(body)) {
+			t.Fatalf("Stat: sections %+v size %d, committed %+v size %d", got.Sections, got.SizeBytes, m.Sections, len(body))
 		}
-		if err := s.DeleteWorkspace(ctx, "ws-1"); !errors.Is(err, teleport.ErrNotFound) {
-			t.Fatalf("second delete: %v", err)
+	})
+
+	// A checkpoint's body is its blob then its workspace; each reads back
+	// by its own offset.
+	t.Run("TwoSections", func(t *testing.T) {
+		s := newStore(t)
+		blob, ws := Payload(22, 1<<20+3), Payload(23, 200001)
+		m, body := Checkpoint("two", blob, ws)
+		PutManifest(t, s, m, body)
+		got, err := s.Stat(ctx, "two")
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := s.Open(ctx, "two")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		if r.Size() != int64(len(body)) || got.SizeBytes != r.Size() {
+			t.Fatalf("body of %d bytes (manifest %d), wrote %d", r.Size(), got.SizeBytes, len(body))
+		}
+		for _, part := range []struct {
+			name string
+			want []byte
+		}{{teleport.SectionBlob, blob}, {teleport.SectionWorkspace, ws}} {
+			name, want := part.name, part.want
+			sec, ok := got.Section(name)
+			if !ok {
+				t.Fatalf("Stat lost section %s: %+v", name, got.Sections)
+			}
+			b, err := io.ReadAll(io.NewSectionReader(r, sec.Offset, sec.Size))
+			if err != nil {
+				t.Fatalf("read section %s: %v", name, err)
+			}
+			sum := sha256.Sum256(b)
+			if !bytes.Equal(b, want) || hex.EncodeToString(sum[:]) != sec.SHA256 {
+				t.Fatalf("section %s differs after a round trip (%d bytes, want %d)", name, len(b), len(want))
+			}
 		}
 	})
 }
