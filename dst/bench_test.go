@@ -52,7 +52,7 @@ func BenchmarkBaselineTeleport(b *testing.B) {
 	for i := range hosts {
 		facs[i] = sim.NewFactory(sim.Options{HostID: fmt.Sprintf("h%d", i), MemoryBytes: simMemoryBytes, Clock: clock})
 		n := 0
-		hosts[i] = &service.Service{Store: store, Factory: facs[i], Clock: clock, NewID: func() string { n++; return fmt.Sprintf("h%d-p%d", i, n) }}
+		hosts[i] = service.New(store, facs[i], service.WithClock(clock), service.WithIDs(func() string { n++; return fmt.Sprintf("h%d-p%d", i, n) }))
 	}
 	inst, err := facs[0].Create(ctx, vm.Config{VCPUs: 1, MemoryMiB: 64})
 	if err != nil {

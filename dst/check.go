@@ -137,12 +137,12 @@ func (r *run) truth(id string) *pkgTruth {
 	}
 	var kv map[string]string
 	if e.kind == teleport.KindCheckpoint {
-		ws, ok := r.store.PeekWorkspace(m.WorkspaceRef)
-		if !ok {
-			t.why = "its workspace " + m.WorkspaceRef + " is missing"
+		ws, ok := m.Section(teleport.SectionWorkspace)
+		if !ok || ws.Offset+ws.Size > int64(len(obj.Blob)) {
+			t.why = "its workspace section is missing"
 			return t
 		}
-		if kv, err = decodeWorkspace(ws); err != nil {
+		if kv, err = decodeWorkspace(obj.Blob[ws.Offset : ws.Offset+ws.Size]); err != nil {
 			t.why = err.Error()
 			return t
 		}
@@ -164,26 +164,18 @@ func (r *run) probeRestore(e *pkgExpect, m *teleport.Package, b []byte) (map[str
 	if m.Snapshot == nil {
 		return nil, fmt.Errorf("manifest has no snapshot metadata")
 	}
-	br := bytes.NewReader(b)
-	bl, err := blob.Open(br, int64(len(b)))
+	sec, ok := m.Section(teleport.SectionBlob)
+	if !ok || sec.Offset+sec.Size > int64(len(b)) {
+		return nil, fmt.Errorf("manifest has no blob section within the body")
+	}
+	snap, err := blob.OpenSnapshot(bytes.NewReader(b[sec.Offset:sec.Offset+sec.Size]), sec.Size)
 	if err != nil {
 		return nil, err
 	}
-	md, err := vm.ParseMetadata(bl.Metadata())
-	if err != nil {
-		return nil, err
-	}
+	md := snap.Metadata
 	if md.SnapshotID != m.Snapshot.SnapshotID || md.DeviceStateSHA256 != m.Snapshot.DeviceStateSHA256 || md.MemorySHA256 != m.Snapshot.MemorySHA256 {
 		return nil, fmt.Errorf("blob metadata differs from the manifest")
 	}
-	var state, mem vm.Payload
-	if n := int64(bl.Header.SnapshotLen); n > 0 {
-		state = &vm.SectionPayload{R: br, Offset: bl.SnapshotOffset(), N: n}
-	}
-	if n := int64(bl.Header.MemoryLen); n > 0 {
-		mem = &vm.SectionPayload{R: br, Offset: bl.MemoryOffset(), N: n}
-	}
-	snap := vm.NewSnapshot(md, state, mem, nil)
 	if err := vm.VerifyPayloads(snap); err != nil {
 		return nil, err
 	}

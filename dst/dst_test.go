@@ -192,10 +192,10 @@ func TestOracleAgreesWithRules(t *testing.T) {
 			dstHost := sim.NewFactory(dst.simOptions()).Host()
 			for _, kind := range []teleport.SnapshotKind{teleport.KindSuspend, teleport.KindTeleport, teleport.KindCheckpoint} {
 				pkg := &teleport.Package{ID: "p", AgentID: "a", SourceArch: src.Arch, Kind: kind, BaseImageVersion: src.BaseImage,
-					SourceHostID: src.ID, Backend: sim.BackendName}
+					SourceHostID: src.ID, Backend: srcHost.Backend}
 				if kind.FullVM() {
-					pkg.Snapshot = &vm.SnapshotMetadata{Architecture: src.Arch, Backend: sim.BackendName, HostID: src.ID,
-						Compat: srcHost.Compat, HostBound: src.hostBound()}
+					pkg.Snapshot = &vm.SnapshotMetadata{Architecture: src.Arch, Backend: srcHost.Backend, HostID: src.ID,
+						Compat: srcHost.Compat, HostBound: src.hostBound(), IsFullSnapshot: true, Layout: src.simOptions().Layout}
 				}
 				_, err := teleport.Check(pkg, dstHost)
 				want := verdict(packageFacts{kind: kind, src: src}, dst, false)

@@ -1,6 +1,7 @@
 package dst
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -10,10 +11,12 @@ import (
 	"io"
 	"maps"
 	"strconv"
+	"strings"
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/vm"
+	"github.com/kelpie/teleport/vm/sim"
 )
 
 // workspaceMaxBytes bounds what the simulated agent runtime reads back.
@@ -65,7 +68,8 @@ func (r *run) execute(op Op) {
 			r.inj.fire(EnvVMCrash, a.vm.ID(), "agent "+a.id)
 		}
 	case OpCorrupt:
-		if _, ok := r.store.Peek(op.Pkg); !ok {
+		obj, ok := r.store.Peek(op.Pkg)
+		if !ok {
 			r.note("skip: %s is not committed", op.Pkg)
 			break
 		}
@@ -74,7 +78,8 @@ func (r *run) execute(op Op) {
 			r.note("corrupt %s: %v", op.Pkg, err)
 			break
 		}
-		r.corrupt[op.Pkg], r.rotted[op.Pkg] = true, true
+		r.rotted[op.Pkg] = true
+		r.corrupt[op.Pkg] = r.corrupt[op.Pkg] || r.restoreReads(op.Pkg, obj.Manifest, off)
 		r.inj.fire(StoreCorruptAtRest, op.Pkg, "byte "+strconv.FormatInt(off, 10))
 	case OpDeletePackages:
 		r.deletePackages(op)
@@ -87,10 +92,30 @@ func (r *run) execute(op Op) {
 	r.res.Steps++
 }
 
+// restoreReads reports whether restoring package id reads (and so
+// verifies) the byte at off of its body: all of a VM snapshot's blob, and
+// only the workspace section of a checkpoint (whose blob holds metadata
+// that a fresh boot does not use).
+func (r *run) restoreReads(id string, manifest []byte, off int64) bool {
+	m, err := decodeManifest(id, manifest)
+	if err != nil {
+		return true
+	}
+	if m.Kind.FullVM() {
+		return true
+	}
+	ws, ok := m.Section(teleport.SectionWorkspace)
+	return ok && off >= ws.Offset && off < ws.Offset+ws.Size
+}
+
 func (r *run) runningAgent(id string) *agent {
 	a := r.byID[id]
 	if a == nil || a.status != statusRunning || !a.host.alive {
 		r.note("skip: %s is not running", id)
+		return nil
+	}
+	if a.doubt != "" {
+		r.note("skip: %s is in doubt (package %s may be committed)", id, a.doubt)
 		return nil
 	}
 	return a
@@ -102,7 +127,7 @@ func (r *run) spawn(op Op) {
 		r.note("skip: h%d down or %s exists", op.Host, op.Agent)
 		return
 	}
-	inst, err := h.svc.Factory.Create(r.ctx, vm.Config{Name: vmName(h, op.Step, 0), VCPUs: 1, MemoryMiB: 64, BaseImageVersion: h.cfg.BaseImage})
+	inst, err := h.svc.Factory().Create(r.ctx, vm.Config{Name: vmName(h, op.Step, 0), VCPUs: 1, MemoryMiB: 64, BaseImageVersion: h.cfg.BaseImage})
 	if err != nil {
 		r.note("create: %v", err)
 		return
@@ -260,10 +285,12 @@ func (r *run) teleportOut(a *agent, kind teleport.SnapshotKind, pkg, newID strin
 	_, err := src.svc.Out(r.ctx, v, req)
 	r.res.Teleports++
 	evs := r.inj.since(mark)
-	if hasEvent(evs, VMSnapshotCorrupt, v.ID()) {
-		r.corrupt[pkg] = true
-	}
 	_, committed := r.store.Peek(pkg)
+	if committed && hasEvent(evs, VMSnapshotCorrupt, v.ID()) {
+		// The payload changed after its checksum was taken: the service
+		// must refuse it before the commit, or no host can restore it.
+		r.violate(InvSnapshotConsistency, "Out of %s committed package %s from a snapshot that fails its own checksum", a.id, pkg)
+	}
 	switch {
 	case err == nil || errors.Is(err, service.ErrSourceNotSettled):
 		if err != nil {
@@ -277,9 +304,7 @@ func (r *run) teleportOut(a *agent, kind teleport.SnapshotKind, pkg, newID strin
 		if !keep && src.alive && (err != nil || v.State() != vm.StateRunning) {
 			// The controller frees a moved agent's source; a source the
 			// service left running is the service's to answer for.
-			if derr := v.Destroy(r.ctx); derr != nil {
-				r.note("destroy source: %v", derr)
-			}
+			r.destroyOrKeep(v, "source of "+a.id)
 		}
 		return true
 	case !src.alive:
@@ -289,21 +314,39 @@ func (r *run) teleportOut(a *agent, kind teleport.SnapshotKind, pkg, newID strin
 		return committed
 	}
 	r.note("out %s: %v", a.id, err)
-	if committed && !hasStoreFault(evs, pkg, StoreOpDelete) {
+	unknown := errors.Is(err, service.ErrOutcomeUnknown)
+	if committed && !unknown {
 		r.violate(InvOutAtomicity, "failed Out of %s left package %s visible (%v)", a.id, pkg, err)
 	}
 	st := v.State()
 	switch {
 	case r.crashedVM[v.ID()]:
+	case unknown && !keep && st == vm.StatePaused:
+		// The store cannot say whether the move committed: the source
+		// stays paused so the agent cannot run twice, until the controller
+		// finds out (resolveDoubt).
+		a.doubt = pkg
 	case st == vm.StatePaused && wasState == vm.StateRunning && (hasEvent(evs, VMResume, v.ID()) || hasEvent(evs, VMCrash, v.ID())):
-		// Rolling back needed a resume that the injector failed; the
-		// service reported it and the controller retries.
+		// Rolling back needed a resume that the injector failed: the
+		// service must say so, naming the source; the controller retries.
+		if !errors.Is(err, service.ErrSourcePaused) || !strings.Contains(err.Error(), v.ID()) {
+			r.violate(InvOutAtomicity, "failed Out of %s left its source %s paused, and its error does not say so: %v", a.id, v, err)
+		}
 	case st != wasState:
 		r.violate(InvOutAtomicity, "failed Out of %s left its source %s %s (was %s)", a.id, v, st, wasState)
 	case !maps.Equal(v.guest(), a.kv):
 		r.violate(InvOutAtomicity, "failed Out of %s changed its guest state", a.id)
 	}
 	return false
+}
+
+// destroyOrKeep destroys v, or keeps it for the controller to retry when
+// the hypervisor will not go (a fault).
+func (r *run) destroyOrKeep(v *hostVM, what string) {
+	if err := v.Destroy(r.ctx); err != nil {
+		r.note("destroy %s %s: %v", what, v, err)
+		r.leftovers = append(r.leftovers, v)
+	}
 }
 
 // teleportInto restores stored agent a on dst and updates the registry.
@@ -316,8 +359,11 @@ func (r *run) teleportInto(a *agent, dst *host, step int) {
 		v.agent = a.id
 		r.note("%s runs in %s", a.id, v)
 		r.cleanupPackage(dst, pkg)
-	case corrupt:
-		r.lose(a, "its package "+pkg+" is corrupt")
+	case corrupt && r.rotted[pkg]:
+		// Only damage at rest, in the store, loses an agent; a snapshot
+		// that was damaged before its commit must never have been
+		// committed.
+		r.lose(a, "its package "+pkg+" rotted in the store")
 	}
 }
 
@@ -341,16 +387,33 @@ func (r *run) teleportIn(pkg string, dst *host, step int) (v *hostVM, ok, corrup
 		return nil, false, false
 	}
 	for _, left := range dst.vms[created:] {
-		if (err != nil || vm.Instance(left) != inst) && !left.destroyed {
-			r.violate(InvNoPartialRestore, "In of %s on %s failed (%v) and left VM %s %s behind", pkg, dst.cfg.ID, err, left, left.State())
+		if (err == nil && vm.Instance(left) == inst) || left.destroyed {
+			continue
 		}
+		if err != nil && errors.Is(err, vm.ErrLeftBehind) && strings.Contains(err.Error(), left.ID()) && hasEvent(r.inj.since(mark), VMDestroy, left.ID()) {
+			// It could not be removed and said so, naming it: the
+			// controller removes it later.
+			r.leftovers = append(r.leftovers, left)
+			continue
+		}
+		r.violate(InvNoPartialRestore, "In of %s on %s failed (%v) and left VM %s %s behind", pkg, dst.cfg.ID, err, left, left.State())
 	}
 	var re *teleport.RefusalError
 	switch {
 	case err == nil:
 		v = inst.(*hostVM)
 		r.note("in %s on %s: ok", pkg, dst.cfg.ID)
-		if want == teleport.ErrChecksumMismatch && maps.Equal(v.guest(), e.kv) {
+		// A restored VM's memory is the snapshot's, byte for byte: also
+		// where the guest does not look (a flipped bit in unused RAM).
+		memOK := true
+		if e.kind.FullVM() {
+			want, _ := sim.EncodeMemory(e.kv, e.src.MemoryBytes)
+			if !bytes.Equal(v.inner.MemoryImage(), want) {
+				memOK = false
+				r.violate(InvSnapshotConsistency, "%s restored from %s on %s: its memory differs from the snapshot's", e.agent, pkg, dst.cfg.ID)
+			}
+		}
+		if want == teleport.ErrChecksumMismatch && memOK && maps.Equal(v.guest(), e.kv) {
 			// The flipped bit changed nothing the restore reads (JSON keys
 			// match case-insensitively, for one): harmless, and
 			// SnapshotConsistency below still holds the restore to account.
@@ -383,17 +446,11 @@ func (r *run) teleportIn(pkg string, dst *host, step int) (v *hostVM, ok, corrup
 	}
 }
 
-// cleanupPackage deletes a package (and its workspace) once its agent runs
+// cleanupPackage deletes a package, all its sections, once its agent runs
 // again; a failure leaves garbage for delete-packages.
 func (r *run) cleanupPackage(h *host, pkg string) {
-	if err := h.svc.Store.Delete(r.ctx, pkg); err != nil {
+	if err := h.svc.Store().Delete(r.ctx, pkg); err != nil {
 		r.note("delete %s: %v", pkg, err)
-		return
-	}
-	if r.expect[pkg] != nil && r.expect[pkg].kind == teleport.KindCheckpoint {
-		if err := h.svc.Store.DeleteWorkspace(r.ctx, pkg+".workspace"); err != nil {
-			r.note("delete workspace of %s: %v", pkg, err)
-		}
 	}
 }
 
@@ -405,7 +462,7 @@ func (r *run) deletePackages(op Op) {
 		r.note("skip: h%d down", op.Host)
 		return
 	}
-	l, err := h.svc.Store.List(r.ctx)
+	l, err := h.svc.Store().List(r.ctx)
 	if err != nil {
 		r.note("list: %v", err)
 		return
@@ -415,28 +472,62 @@ func (r *run) deletePackages(op Op) {
 		if r.isLocation(m.ID) {
 			continue
 		}
-		if err := h.svc.Store.Delete(r.ctx, m.ID); err != nil {
+		if err := h.svc.Store().Delete(r.ctx, m.ID); err != nil {
 			r.note("delete %s: %v", m.ID, err)
 			continue
 		}
 		n++
-		if m.WorkspaceRef != "" {
-			if err := h.svc.Store.DeleteWorkspace(r.ctx, m.WorkspaceRef); err != nil {
-				r.note("delete workspace %s: %v", m.WorkspaceRef, err)
-			}
-		}
 	}
 	r.note("deleted %d of %d packages", n, len(l))
 }
 
-// repair is the controller resuming agents whose VM a failed operation
-// left paused.
+// repair is the controller mending what failed operations left: it
+// resolves agents in doubt, resumes agents whose VM a failed operation
+// left paused, and removes VMs that could not be removed before.
 func (r *run) repair() {
 	for _, a := range r.agents {
-		if a.status == statusRunning && a.host.alive && a.vm.State() == vm.StatePaused {
+		switch {
+		case a.status != statusRunning || !a.host.alive:
+		case a.doubt != "":
+			r.resolveDoubt(a)
+		case a.vm.State() == vm.StatePaused:
 			err := a.vm.Resume(r.ctx)
 			r.note("repair: resume %s in %s: %v", a.id, a.vm, err)
 		}
+	}
+	kept := r.leftovers[:0]
+	for _, v := range r.leftovers {
+		if v.destroyed || !v.h.alive || v.epoch != v.h.epoch {
+			continue // gone, or gone with its host
+		}
+		if err := v.Destroy(r.ctx); err != nil {
+			r.note("repair: destroy %s: %v", v, err)
+			kept = append(kept, v)
+		}
+	}
+	r.leftovers = kept
+}
+
+// resolveDoubt asks the store whether the move of agent a, whose commit
+// had no known outcome, took effect: if so the agent is in flight in that
+// package and its paused source goes; if not the source resumes. While the
+// store does not answer the agent stays in doubt, paused.
+func (r *run) resolveDoubt(a *agent) {
+	pkg := a.doubt
+	_, err := a.host.svc.Store().Stat(r.ctx, pkg)
+	switch {
+	case err == nil:
+		r.note("repair: %s's package %s is committed; its source %s goes", a.id, pkg, a.vm)
+		r.destroyOrKeep(a.vm, "source of "+a.id)
+		a.status, a.pkg, a.host, a.vm, a.doubt = statusStored, pkg, nil, nil, ""
+	case errors.Is(err, teleport.ErrNotFound):
+		err := a.vm.Resume(r.ctx)
+		r.note("repair: %s's package %s was never committed; resume %s: %v", a.id, pkg, a.vm, err)
+		if err == nil {
+			a.doubt = ""
+		}
+	default:
+		r.note("repair: %s stays in doubt: %v", a.id, err)
 	}
 }
 

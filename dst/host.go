@@ -14,7 +14,9 @@ import (
 	"github.com/kelpie/teleport/vm/sim"
 )
 
-// Host kinds: how a host's backend lays out snapshots.
+// Host kinds: how a host's backend lays out snapshots. Each kind is its
+// own backend ("sim-vz", "sim-fc"): like VZ and Firecracker, neither
+// restores the other's snapshots.
 const (
 	// KindVZ: single-file snapshots bound to the host that wrote them.
 	KindVZ = "vz"
@@ -34,7 +36,8 @@ type HostConfig struct {
 func (c HostConfig) hostBound() bool { return c.Kind == KindVZ }
 
 func (c HostConfig) simOptions() sim.Options {
-	o := sim.Options{Arch: c.Arch, HostID: c.ID, BaseImageVersion: c.BaseImage, MemoryBytes: c.MemoryBytes, Layout: vm.LayoutSplit}
+	o := sim.Options{Arch: c.Arch, HostID: c.ID, BaseImageVersion: c.BaseImage, MemoryBytes: c.MemoryBytes, Layout: vm.LayoutSplit,
+		Backend: "sim-" + c.Kind}
 	if c.Kind == KindVZ {
 		o.Layout, o.HostBound = vm.LayoutSingle, true
 	}
@@ -133,6 +136,15 @@ func (h *host) leave(crashAfter bool, what string, err error) error {
 func (h *host) Inject(point, vmID string) error {
 	in := h.r.inj
 	in.clock.Advance(vmLatency(point))
+	if point == sim.OpDestroy {
+		// Removing a VM, dead or alive, fails only when the hypervisor
+		// will not go away.
+		if in.roll(VMDestroy) {
+			in.fire(VMDestroy, vmID, "")
+			return fmt.Errorf("vm %s: the hypervisor will not go away: %w", vmID, ErrInjected)
+		}
+		return nil
+	}
 	if h.dying[vmID] {
 		return fmt.Errorf("vm %s: %s: %w", vmID, point, vm.ErrCrashed)
 	}
@@ -277,10 +289,6 @@ func (v *hostVM) Exec(ctx context.Context, cmd string, args []string, opts vm.Ex
 		return err
 	})
 	return res, err
-}
-
-func (v *hostVM) Restore(ctx context.Context, snap *vm.Snapshot) error {
-	return v.call("restore", func() error { return v.inner.Restore(ctx, snap) })
 }
 
 // Destroy removes the VM; only a Destroy that succeeded makes it gone (a

@@ -15,10 +15,11 @@ type packageFacts struct {
 
 // verdict is the model's own statement of the restore rules: nil when a
 // package with facts f may be restored on dst, else the refusal category
-// the first violated rule implies. It is written from the rules' text, not
+// the first violated rule implies. corrupt: bytes the restore reads were
+// damaged. It is written from the rules' text, not
 // by calling teleport.Check, so that a mistake in either shows up as a
 // disagreement. The order is the rules' order: architecture, base image,
-// host, backend facts, checksums.
+// host, backend, backend facts, checksums.
 func verdict(f packageFacts, dst HostConfig, corrupt bool) error {
 	full := f.kind == teleport.KindSuspend || f.kind == teleport.KindTeleport
 	switch {
@@ -28,9 +29,11 @@ func verdict(f packageFacts, dst HostConfig, corrupt bool) error {
 		return teleport.ErrVersionMismatch
 	case (f.kind == teleport.KindSuspend || (full && f.src.hostBound())) && f.src.ID != dst.ID:
 		return teleport.ErrHostMismatch
+	case full && f.src.Kind != dst.Kind:
+		return teleport.ErrBackendMismatch
 	case full && f.src.MemoryBytes != dst.MemoryBytes:
 		return teleport.ErrBackendMismatch
-	case full && corrupt:
+	case corrupt:
 		return teleport.ErrChecksumMismatch
 	}
 	return nil

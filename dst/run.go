@@ -98,6 +98,9 @@ type agent struct {
 	host   *host   // running: where
 	vm     *hostVM // running: in which VM
 	pkg    string  // stored: the package holding it
+	// doubt, while running: a move's package whose commit had no known
+	// outcome; the source is paused until the controller finds out.
+	doubt string
 }
 
 // pkgExpect is what the model expects a package to hold.
@@ -128,6 +131,9 @@ type run struct {
 	truths    map[string]*pkgTruth
 	probes    map[string]*sim.Factory
 	autoIDs   int
+	// leftovers are VMs a failed operation could not remove (and said
+	// so); the controller retries.
+	leftovers []*hostVM
 
 	objectLimit int64
 	res         Result

@@ -23,7 +23,7 @@ func (f *toggledFaults) StoreFault(op StoreOp, id string, n int64) StoreOutcome 
 func newTestService(st teleport.Store, id string) (*sim.Factory, *service.Service) {
 	f := sim.NewFactory(sim.Options{HostID: id, MemoryBytes: simMemoryBytes})
 	n := 0
-	return f, &service.Service{Store: st, Factory: f, Clock: NewClock(), NewID: func() string { n++; return fmt.Sprintf("%s-p%d", id, n) }}
+	return f, service.New(st, f, service.WithClock(NewClock()), service.WithIDs(func() string { n++; return fmt.Sprintf("%s-p%d", id, n) }))
 }
 
 func runningVM(t *testing.T, f *sim.Factory) vm.Instance {
@@ -128,23 +128,25 @@ func TestInRefusesMetadataThatDiffersFromManifest(t *testing.T) {
 	}
 }
 
-// When a commit's outcome is unknown (its answer was lost, and neither Stat
-// nor Delete got through), the package may be committed: its workspace
-// must stay (it used to be deleted, breaking the committed package).
-func TestUnknownCommitKeepsWorkspace(t *testing.T) {
+// When a commit's outcome is unknown (its answer was lost, and Stat does
+// not get through), the package may be committed: nothing of it may be
+// removed (its workspace once was, breaking the committed package), and
+// the move's source stays paused.
+func TestUnknownCommitKeepsThePackage(t *testing.T) {
 	ctx := context.Background()
 	st := NewStore(StoreOptions{Faults: &toggledFaults{m: map[StoreOp]StoreOutcome{StoreOpCommit: AckLost, StoreOpStat: Fail, StoreOpDelete: Fail}}})
 	fa, a := newTestService(st, "a")
 	src := runningVM(t, fa)
 	_, err := a.Out(ctx, src, service.OutRequest{AgentID: "ag", Kind: teleport.KindCheckpoint, PackageID: "cp",
 		Workspace: vm.BytesPayload("files")})
-	if err == nil {
-		t.Fatal("Out succeeded although the commit's outcome is unknown")
+	if !errors.Is(err, service.ErrOutcomeUnknown) {
+		t.Fatalf("Out = %v, want ErrOutcomeUnknown", err)
 	}
-	if _, ok := st.Peek("cp"); !ok {
+	obj, ok := st.Peek("cp")
+	if !ok {
 		t.Fatal("test setup: the lost-ack commit did not take effect")
 	}
-	if _, ok := st.PeekWorkspace("cp.workspace"); !ok {
-		t.Fatal("the committed package's workspace was deleted")
+	if !bytes.HasSuffix(obj.Blob, []byte("files")) {
+		t.Fatal("the committed package lost its workspace")
 	}
 }

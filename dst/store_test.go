@@ -16,6 +16,30 @@ func TestStoreConformance(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) teleport.Store { return NewStore(StoreOptions{}) })
 }
 
+// The simulation's store collects garbage by the rules of the real ones:
+// an upload whose writer is gone (idle past the TTL on the simulated
+// clock) goes, a live upload and a committed package stay.
+func TestStoreGCConformance(t *testing.T) {
+	clocks := map[teleport.Store]*Clock{}
+	storetest.RunGC(t, storetest.GCHarness{
+		New: func(t *testing.T) teleport.Store {
+			c := NewClock()
+			s := NewStore(StoreOptions{Clock: c, UploadTTL: time.Minute})
+			clocks[s] = c
+			return s
+		},
+		Orphan: func(t *testing.T, s teleport.Store) string {
+			w, err := s.Create(context.Background(), "orphan")
+			if err != nil {
+				t.Fatal(err)
+			}
+			w.Write([]byte("half a body"))
+			return "orphan"
+		},
+		Expire: func(t *testing.T, s teleport.Store) { clocks[s].Advance(time.Minute) },
+	})
+}
+
 // scripted decides one outcome per store op, for tests.
 type scripted map[StoreOp]StoreOutcome
 
@@ -123,9 +147,6 @@ func TestStoreObjectLimit(t *testing.T) {
 	if _, err := w.Write(make([]byte, 11)); !errors.Is(err, teleport.ErrStore) {
 		t.Fatalf("Write past the limit: %v", err)
 	}
-	if err := s.PutWorkspace(context.Background(), "ws", bytes.NewReader(make([]byte, 11)), 11); !errors.Is(err, teleport.ErrStore) {
-		t.Fatalf("PutWorkspace past the limit: %v", err)
-	}
 }
 
 func TestStoreGC(t *testing.T) {
@@ -137,27 +158,17 @@ func TestStoreGC(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.Write([]byte("half"))
-	if err := s.PutWorkspace(ctx, "loose", bytes.NewReader([]byte("ws")), 2); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.PutWorkspace(ctx, "kept.workspace", bytes.NewReader([]byte("ws")), 2); err != nil {
-		t.Fatal(err)
-	}
-	w2, _ := s.Create(ctx, "kept")
-	m := storetest.Manifest("kept")
-	m.WorkspaceRef = "kept.workspace"
-	if err := w2.Commit(ctx, m); err != nil {
-		t.Fatal(err)
-	}
+	m, body := storetest.Checkpoint("kept", []byte("blob"), []byte("ws"))
+	storetest.PutManifest(t, s, m, body)
 	if n, _ := s.GC(ctx); n != 0 {
 		t.Fatalf("GC before the TTL removed %d", n)
 	}
 	clock.Advance(time.Minute)
-	if n, _ := s.GC(ctx); n != 2 {
-		t.Fatalf("GC after the TTL removed %d, want 2 (the orphan upload and the loose workspace)", n)
+	if n, _ := s.GC(ctx); n != 1 {
+		t.Fatalf("GC after the TTL removed %d, want 1 (the orphan upload)", n)
 	}
-	if s.PendingUploads() != 0 || s.Workspaces() != 1 {
-		t.Fatalf("after GC: %d uploads, %d workspaces", s.PendingUploads(), s.Workspaces())
+	if _, ok := s.Peek("kept"); s.PendingUploads() != 0 || !ok {
+		t.Fatalf("after GC: %d uploads, committed package kept: %v", s.PendingUploads(), ok)
 	}
 	if err := w.Commit(ctx, storetest.Manifest("orphan")); !errors.Is(err, teleport.ErrStore) {
 		t.Fatalf("Commit of a collected upload: %v, want ErrStore", err)

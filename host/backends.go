@@ -9,8 +9,8 @@ import (
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/guest/image"
-	s3store "github.com/kelpie/teleport/store/s3"
 	"github.com/kelpie/teleport/store/fs"
+	s3store "github.com/kelpie/teleport/store/s3"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/qemu"
 	"github.com/kelpie/teleport/vm/sim"

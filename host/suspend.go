@@ -46,7 +46,9 @@ func (r *suspendRecord) info() VMInfo {
 
 func (h *Host) suspendedDir() string { return filepath.Join(h.o.Home, "suspended") }
 
-func (h *Host) suspendedPath(name string) string { return filepath.Join(h.suspendedDir(), name+".json") }
+func (h *Host) suspendedPath(name string) string {
+	return filepath.Join(h.suspendedDir(), name+".json")
+}
 
 func (h *Host) writeSuspended(r *suspendRecord) error {
 	b, err := json.MarshalIndent(r, "", "  ")

@@ -260,10 +260,14 @@ func (h *Host) TeleportIn(ctx context.Context, id string, req InRequest) (*InRes
 }
 
 // backendFor is the host's backend of that name, or "" (the default) when
-// it has none: the restore rules then say why the package cannot come.
+// it has none this caller can use: the restore rules then say why the
+// package cannot come here.
 func (h *Host) backendFor(name string) string {
 	for _, b := range h.o.Backends {
-		if b.Name == name {
+		if b.Name != name {
+			continue
+		}
+		if f, err := h.Factory(context.Background(), name, ""); err == nil && h.durable(f) == nil {
 			return name
 		}
 	}

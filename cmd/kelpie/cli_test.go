@@ -115,6 +115,9 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"blob"}, 2, "usage"},
 		{[]string{"blob", "pack", "--out", "x"}, 2, "usage"},
 		{[]string{"blob", "pack", "--format", "v2", "--metadata", "a", "--snapshot", "b", "--out", "c"}, 2, "v2"},
+		{[]string{"vm", "create", "x", "--backend", "hyperv"}, 2, "unknown backend"},
+		{[]string{"vm", "create", "x", "--accel", "hvf"}, 2, "--accel"},
+		{[]string{"vm", "snapshot", "x", "--out", "f", "--layout", "sideways"}, 2, "--layout"},
 		{[]string{"blob", "inspect", "/does/not/exist"}, 1, "no such file"},
 		{[]string{"blob", "inspect", "--bogus"}, 2, "flag provided but not defined"},
 		{[]string{"package", "show", "../../etc/passwd"}, 1, "invalid package id"},
@@ -138,7 +141,7 @@ func makePackage(t *testing.T, storeDir string, o sim.Options, kind teleport.Sna
 		t.Fatal(err)
 	}
 	f := sim.NewFactory(o)
-	svc := &service.Service{Store: st, Factory: f, Clock: f.Options().Clock, NewID: func() string { return newPackageID("test") }}
+	svc := service.New(st, f, service.WithClock(f.Options().Clock))
 	inst, _ := f.Create(ctx, vm.Config{VCPUs: 1, MemoryMiB: 64})
 	inst.Start(ctx)
 	inst.Exec(ctx, "set", []string{"k", "v"}, vm.ExecOptions{})

@@ -15,6 +15,7 @@ import (
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/guest/image"
+	"github.com/kelpie/teleport/host"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/fs"
 	"github.com/kelpie/teleport/vm"
@@ -82,9 +83,9 @@ func (c cli) ok(home string, args ...string) string {
 	return strings.TrimSpace(r.stdout)
 }
 
-func (c cli) ls(home string) []vmListEntry {
+func (c cli) ls(home string) []host.VMInfo {
 	c.t.Helper()
-	var l []vmListEntry
+	var l []host.VMInfo
 	if err := json.Unmarshal([]byte(c.ok(home, "vm", "ls", "--json")), &l); err != nil {
 		c.t.Fatal(err)
 	}
@@ -149,7 +150,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 	t.Cleanup(func() {
 		// VMs outlive kelpie by design: remove whatever a failure left.
 		for _, h := range []string{homeA, homeB} {
-			var l []vmListEntry
+			var l []host.VMInfo
 			json.Unmarshal([]byte(c.run(h, "vm", "ls", "--json").stdout), &l)
 			for _, v := range l {
 				c.run(h, "vm", "rm", v.Name)
@@ -332,7 +333,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 
 func TestQEMUUsageErrors(t *testing.T) {
 	for _, args := range [][]string{
-		{"vm"}, {"vm", "create"}, {"vm", "create", "x", "--backend", "sim"}, {"vm", "exec", "x"},
+		{"vm"}, {"vm", "create"}, {"vm", "create", "x", "--backend", "hyperv"}, {"vm", "exec", "x"},
 		{"vm", "snapshot", "x"}, {"teleport"}, {"teleport", "out"}, {"teleport", "in", "id"},
 		{"teleport", "out", "x", "--target-arch", "arm64"}, {"image"}, {"vm", "create", "x", "--accel", "hvf"},
 	} {
@@ -342,6 +343,11 @@ func TestQEMUUsageErrors(t *testing.T) {
 				t.Fatalf("kelpie %v: exit %d, stderr %q; want a one-line usage error (exit 2)", args, code, stderr)
 			}
 		})
+	}
+	// A backend whose VMs cannot outlive one command is refused, saying why.
+	_, stderr, code := kelpie(t, map[string]string{"KELPIE_HOME": t.TempDir()}, "vm", "create", "x", "--backend", "sim")
+	if code != 1 || strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, "backend sim keeps its VMs only inside the process") {
+		t.Fatalf("vm create --backend sim: exit %d, stderr %q", code, stderr)
 	}
 }
 
@@ -353,10 +359,10 @@ func simPackageInStore(t *testing.T, dir string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := sim.NewFactory(sim.Options{HostID: "sim-host", Arch: vm.HostArchitecture(), BaseImageVersion: baseImageVersion})
+	f := sim.NewFactory(sim.Options{HostID: "sim-host", Arch: vm.HostArchitecture(), BaseImageVersion: image.Version()})
 	inst, _ := f.Create(ctx, vm.Config{VCPUs: 1, MemoryMiB: 256})
 	inst.Start(ctx)
-	svc := &service.Service{Store: st, Factory: f, Clock: wallClock{}, NewID: func() string { return newPackageID("sim") }}
+	svc := service.New(st, f)
 	pkg, err := svc.Out(ctx, inst, service.OutRequest{AgentID: "sim-agent", Kind: teleport.KindTeleport})
 	if err != nil {
 		t.Fatal(err)

@@ -107,7 +107,7 @@ func TestS3PackageCommands(t *testing.T) {
 	st := openS3ForTest(t, envs, spec)
 	ctx := context.Background()
 	f := sim.NewFactory(sim.Options{HostID: "host-a", Arch: vm.HostArchitecture(), MemoryBytes: 20 << 20})
-	svc := &service.Service{Store: st, Factory: f, Clock: f.Options().Clock, NewID: func() string { return newPackageID("s3cli") }}
+	svc := service.New(st, f, service.WithClock(f.Options().Clock))
 	inst, _ := f.Create(ctx, vm.Config{VCPUs: 1, MemoryMiB: 64})
 	inst.Start(ctx)
 	inst.Exec(ctx, "set", []string{"k", "v"}, vm.ExecOptions{})

@@ -124,6 +124,9 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 1 || *name == "" {
 		return usagef("usage: %s", teleportUsage)
 	}
+	if err := checkAccel(*accel); err != nil {
+		return err
+	}
 	url, err := storeF.url()
 	if err != nil {
 		return err
@@ -136,7 +139,7 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	start := time.Now()
 	res, err := h.TeleportIn(ctx, pos[0], host.InRequest{Store: url, Name: *name, Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
 	if err != nil {
-		return err
+		return backendUsage(err)
 	}
 	got := res.Package
 	if *stateOut != "" {

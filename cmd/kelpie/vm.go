@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -59,6 +60,9 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 1 {
 		return usagef("usage: kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg]")
 	}
+	if err := checkAccel(*accel); err != nil {
+		return err
+	}
 	h, err := openHost(ctx, e, false, false)
 	if err != nil {
 		return err
@@ -67,13 +71,10 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	start := time.Now()
 	info, err := h.CreateVM(ctx, host.VMSpec{Name: pos[0], Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
 	if err != nil {
-		return err
+		return backendUsage(err)
 	}
-	accelNote := ""
-	if info.Accel != "" {
-		accelNote = ", " + info.Accel
-	}
-	fmt.Fprintf(e.stderr, "kelpie: vm %s running (%s%s, %d MiB, %d vCPU, ready in %.2f s)\n", info.Name, info.Backend, accelNote,
+	sayAccel(ctx, e, h, info.Backend, *accel)
+	fmt.Fprintf(e.stderr, "kelpie: vm %s running (%s, %d MiB, %d vCPU, ready in %.2f s)\n", info.Name, info.Backend,
 		info.MemoryMiB, info.VCPUs, time.Since(start).Seconds())
 	fmt.Fprintln(e.stdout, info.Name)
 	return nil
@@ -107,6 +108,36 @@ func vmList(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d\t%s\n", v.Name, v.Backend, v.State, dash(v.PID), v.MemoryMiB, v.VCPUs, orDash(v.Accel))
 	}
 	return tw.Flush()
+}
+
+// checkAccel refuses an --accel value no backend knows.
+func checkAccel(a string) error {
+	switch a {
+	case "", "auto", "kvm", "tcg":
+		return nil
+	}
+	return usagef("--accel %q: want auto, kvm or tcg", a)
+}
+
+// backendUsage makes an unknown --backend a usage mistake.
+func backendUsage(err error) error {
+	if errors.Is(err, host.ErrUnknownBackend) {
+		return usagef("%v", err)
+	}
+	return err
+}
+
+// sayAccel tells the user which accelerator a backend with a choice
+// picked, and why.
+func sayAccel(ctx context.Context, e *env, h *host.Host, backend, accel string) {
+	f, err := h.Factory(ctx, backend, accel)
+	if err != nil {
+		return
+	}
+	if r, ok := f.(vm.AccelReporter); ok {
+		name, why := r.Accelerator()
+		fmt.Fprintf(e.stderr, "kelpie: accelerator %s (%s)\n", name, why)
+	}
 }
 
 func dash(n int) string {

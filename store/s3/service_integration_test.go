@@ -1,10 +1,3 @@
-//go:build kelpie_service
-
-// This test drives package service through the S3 store. It is built only
-// with -tags kelpie_service while service is rewritten for the sectioned
-// Store (it does not compile against it yet, and would keep the whole
-// store/s3 test binary from building); drop the tag once it does.
-
 package s3
 
 import (
@@ -29,8 +22,8 @@ func TestIntegrationTeleportThroughS3(t *testing.T) {
 	mk := func(st teleport.Store, host string) (*sim.Factory, *service.Service) {
 		f := sim.NewFactory(sim.Options{HostID: host, MemoryBytes: memBytes})
 		n := 0
-		return f, &service.Service{Store: st, Factory: f, Clock: f.Options().Clock,
-			NewID: func() string { n++; return host + "-pkg-" + strconv.Itoa(n) }}
+		return f, service.New(st, f, service.WithClock(f.Options().Clock),
+			service.WithIDs(func() string { n++; return host + "-pkg-" + strconv.Itoa(n) }))
 	}
 	fa, sa := mk(a, "host-a")
 	_, sb := mk(b, "host-b")

@@ -75,10 +75,9 @@ func benchTeleport(b *testing.B, memMiB int) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	sa, sb := newService(st, fa), newService(st, fb)
 	stats := benchStats{}
-	sa.OnStep = func(step string, d time.Duration) { stats.add("out-"+step, d) }
-	sb.OnStep = func(step string, d time.Duration) { stats.add("in-"+step, d) }
+	sa := newService(st, fa, service.WithStepObserver(func(step string, d time.Duration) { stats.add("out-"+step, d) }))
+	sb := newService(st, fb, service.WithStepObserver(func(step string, d time.Duration) { stats.add("in-"+step, d) }))
 	var pkgBytes int64
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {

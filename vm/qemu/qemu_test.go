@@ -47,12 +47,8 @@ type wallClock struct{}
 
 func (wallClock) Now() time.Time { return time.Now() }
 
-func newService(st teleport.Store, f vm.Factory) *service.Service {
-	n := 0
-	return &service.Service{Store: st, Factory: f, Clock: wallClock{}, NewID: func() string {
-		n++
-		return fmt.Sprintf("pkg-%d-%d", time.Now().UnixNano(), n)
-	}}
+func newService(st teleport.Store, f vm.Factory, opts ...service.Option) *service.Service {
+	return service.New(st, f, opts...)
 }
 
 // counter is a guest process that counts in its own memory and publishes
@@ -339,7 +335,7 @@ func TestTeleport(t *testing.T) {
 			{"corrupt memory", corrupt, vm.Config{}, vm.ErrCorrupt, "memory section checksum mismatch"},
 			{"other accelerator", wrongAccel, vm.Config{}, vm.ErrIncompatible, `accel: the snapshot has "kvm", this host has "tcg"`},
 			{"other memory size", snap, vm.Config{MemoryMiB: 512, VCPUs: 1}, vm.ErrIncompatible, "256 MiB guest"},
-			{"sim backend", simSnap, vm.Config{}, vm.ErrIncompatible, `backend "sim"`},
+			{"sim backend", simSnap, vm.Config{}, vm.ErrIncompatible, "written by sim"},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
 				cfg := tc.cfg
@@ -450,7 +446,7 @@ func TestTeleport(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if pkg.Snapshot != nil || pkg.WorkspaceRef == "" {
+		if _, ok := pkg.Section(teleport.SectionWorkspace); pkg.Snapshot != nil || !ok {
 			t.Fatalf("checkpoint package: %+v", pkg)
 		}
 		dst, got, err := sb.In(ctx, pkg.ID, vm.Config{Name: "from-checkpoint", VCPUs: 1, MemoryMiB: 256}, service.InOptions{

@@ -58,6 +58,10 @@ type Options struct {
 	Faults           Faults // default: none
 	// HostBound marks snapshots as restorable only on this host (VZ-like).
 	HostBound bool
+	// Backend names the backend in snapshots and HostInfo (default
+	// BackendName), so a simulation can run kinds of backends that must
+	// not restore each other's snapshots.
+	Backend string
 }
 
 // Factory creates simulated VMs on one simulated host.
@@ -81,6 +85,9 @@ func NewFactory(o Options) *Factory {
 	if o.Layout == "" {
 		o.Layout = vm.LayoutSplit
 	}
+	if o.Backend == "" {
+		o.Backend = BackendName
+	}
 	if o.BaseImageVersion == "" {
 		o.BaseImageVersion = "1.0.0"
 	}
@@ -95,7 +102,7 @@ func NewFactory(o Options) *Factory {
 
 // Host describes the simulated host. It restores both layouts.
 func (f *Factory) Host() vm.HostInfo {
-	return vm.HostInfo{Arch: f.opts.Arch, Backend: BackendName, BackendVersion: BackendVersion, HostID: f.opts.HostID,
+	return vm.HostInfo{Arch: f.opts.Arch, Backend: f.opts.Backend, BackendVersion: BackendVersion, HostID: f.opts.HostID,
 		BaseImageVersion: f.opts.BaseImageVersion, Compat: f.compat(), HostBound: f.opts.HostBound,
 		Layouts: []vm.Layout{vm.LayoutSplit, vm.LayoutSingle}}
 }
@@ -160,6 +167,9 @@ type VM struct {
 	state vm.State
 	kv    map[string]string
 	execs uint64
+	// restored is the memory image a restore loaded, until the guest
+	// changes it (then the image is kv's encoding again).
+	restored []byte
 	// destroyed: Destroy succeeded; the VM accepts nothing more.
 	destroyed bool
 }
@@ -228,7 +238,7 @@ func (v *VM) Stop(ctx context.Context) error {
 		return err
 	}
 	v.state = vm.StateStopped
-	v.kv = map[string]string{}
+	v.kv, v.restored = map[string]string{}, nil
 	return nil
 }
 
@@ -259,7 +269,7 @@ func (v *VM) Crash() {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.state = vm.StateCrashed
-	v.kv = map[string]string{}
+	v.kv, v.restored = map[string]string{}, nil
 }
 
 // OpDestroy is the fault point of Destroy.
@@ -291,6 +301,10 @@ func (v *VM) Exec(ctx context.Context, cmd string, args []string, opts vm.ExecOp
 		return vm.ExecResult{}, err
 	}
 	v.execs++
+	switch cmd {
+	case "set", "incr", "del":
+		v.restored = nil // the guest wrote its memory
+	}
 	out, code := v.run(cmd, args)
 	res := vm.ExecResult{ExitCode: code}
 	if code == 0 {
@@ -417,7 +431,9 @@ func EncodeMemory(kv map[string]string, size int) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// DecodeMemory parses an EncodeMemory image; anything else is ErrCorrupt.
+// DecodeMemory parses an EncodeMemory image; a malformed one is ErrCorrupt.
+// What follows the entries is unused RAM: like a hypervisor, it restores
+// whatever is there without reading it (only a checksum can vouch for it).
 func DecodeMemory(mem []byte) (map[string]string, error) {
 	bad := fmt.Errorf("guest memory image is malformed: %w", vm.ErrCorrupt)
 	if len(mem) < 8 || string(mem[:4]) != memMagic {
@@ -446,11 +462,6 @@ func DecodeMemory(mem []byte) (map[string]string, error) {
 		}
 		kv[k] = val
 	}
-	for _, c := range p {
-		if c != 0 {
-			return nil, bad
-		}
-	}
 	return kv, nil
 }
 
@@ -469,6 +480,9 @@ func (v *VM) Snapshot(ctx context.Context) (*vm.Snapshot, error) {
 	mem, err := EncodeMemory(v.kv, v.f.opts.MemoryBytes)
 	if err != nil {
 		return nil, fmt.Errorf("vm %s: snapshot: %w", v.id, err)
+	}
+	if v.restored != nil {
+		mem = bytes.Clone(v.restored)
 	}
 	cpu, _ := json.Marshal(cpuState{VMID: v.id, Execs: v.execs})
 	var state, memory []byte
@@ -491,7 +505,7 @@ func (v *VM) Snapshot(ctx context.Context) (*vm.Snapshot, error) {
 		Checksum:    crc32.Checksum(state, crc32.MakeTable(crc32.Castagnoli)),
 		// Kelpie's field names.
 		Architecture: v.f.opts.Arch, VCPUCount: v.cfg.VCPUs, MemoryMiB: v.cfg.MemoryMiB, IsFullSnapshot: true,
-		Backend: BackendName, BackendVersion: BackendVersion, HostID: v.f.opts.HostID, Layout: v.f.opts.Layout,
+		Backend: v.f.opts.Backend, BackendVersion: BackendVersion, HostID: v.f.opts.HostID, Layout: v.f.opts.Layout,
 		BaseImageVersion:  v.f.opts.BaseImageVersion,
 		DeviceStateSHA256: sum(state), DeviceStateSize: int64(len(state)),
 		Compat: v.f.compat(), HostBound: v.f.opts.HostBound,
@@ -553,8 +567,20 @@ func (v *VM) restore(ctx context.Context, snap *vm.Snapshot) error {
 	if err != nil {
 		return fmt.Errorf("vm %s: %w", v.id, err)
 	}
-	v.kv, v.execs, v.state = kv, cs.Execs, vm.StatePaused
+	v.kv, v.execs, v.state, v.restored = kv, cs.Execs, vm.StatePaused, mem
 	return nil
+}
+
+// MemoryImage is the guest's RAM as a snapshot would capture it: byte for
+// byte what a restore loaded, until the guest writes.
+func (v *VM) MemoryImage() []byte {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.restored != nil {
+		return bytes.Clone(v.restored)
+	}
+	b, _ := EncodeMemory(v.kv, v.f.opts.MemoryBytes)
+	return b
 }
 
 // payloadMaxBytes bounds what the simulator reads into memory.
