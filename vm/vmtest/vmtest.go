@@ -5,9 +5,11 @@ package vmtest
 import (
 	"context"
 	"errors"
+	"maps"
 	"testing"
 	"time"
 
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/vm"
 )
 
@@ -214,6 +216,73 @@ func Run(t *testing.T, h Harness) {
 		other.Metadata.Backend = "not-" + snap.Metadata.Backend
 		if _, err := f.CreateFromSnapshot(ctx, h.Config(t), &other); !errors.Is(err, vm.ErrIncompatible) {
 			t.Fatalf("foreign backend snapshot: %v, want ErrIncompatible", err)
+		}
+	})
+
+	// The restore rules (teleport.Check, what `kelpie package show
+	// --can-restore-here` prints) and the backend decide alike: for each
+	// variant of a real snapshot's metadata, a package the rules allow is
+	// one the backend does not refuse as incompatible, and the other way
+	// round.
+	t.Run("RestoreRulesAgreeWithBackend", func(t *testing.T) {
+		ctx := ctxFor(t)
+		f := h.NewFactory(t)
+		inst := newVM(t, ctx, f)
+		if err := inst.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		snap, err := inst.Snapshot(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer snap.Close()
+		host := f.Host()
+		firstFact := ""
+		for k := range snap.Metadata.Compat {
+			if firstFact == "" || k < firstFact {
+				firstFact = k
+			}
+		}
+		otherArch := vm.ArchArm64
+		if host.Arch == vm.ArchArm64 {
+			otherArch = vm.ArchX86_64
+		}
+		otherLayout := vm.LayoutSingle
+		if snap.Metadata.Layout == vm.LayoutSingle {
+			otherLayout = vm.LayoutSplit
+		}
+		for _, c := range []struct {
+			name string
+			mut  func(md *vm.SnapshotMetadata)
+		}{
+			{"as taken", func(md *vm.SnapshotMetadata) {}},
+			{"other architecture", func(md *vm.SnapshotMetadata) { md.Architecture = otherArch }},
+			{"other backend", func(md *vm.SnapshotMetadata) { md.Backend = "other-" + md.Backend }},
+			{"no backend", func(md *vm.SnapshotMetadata) { md.Backend = "" }},
+			{"host-bound to this host", func(md *vm.SnapshotMetadata) { md.HostBound, md.HostID = true, host.HostID }},
+			{"host-bound to another host", func(md *vm.SnapshotMetadata) { md.HostBound, md.HostID = true, "elsewhere" }},
+			{"written on another host", func(md *vm.SnapshotMetadata) { md.HostID = "elsewhere" }},
+			{"a fact differs", func(md *vm.SnapshotMetadata) { md.Compat[firstFact] += "-other" }},
+			{"a fact missing", func(md *vm.SnapshotMetadata) { delete(md.Compat, firstFact) }},
+			{"an extra fact", func(md *vm.SnapshotMetadata) { md.Compat["kelpie_test_extra"] = "x" }},
+			{"no VM state", func(md *vm.SnapshotMetadata) { md.Layout, md.IsFullSnapshot = vm.LayoutNone, false }},
+			{"the other layout", func(md *vm.SnapshotMetadata) { md.Layout = otherLayout }},
+		} {
+			t.Run(c.name, func(t *testing.T) {
+				md := snap.Metadata
+				md.Compat = maps.Clone(md.Compat)
+				c.mut(&md)
+				pkg := &teleport.Package{ID: "p", AgentID: "a", SourceArch: md.Architecture, Kind: teleport.KindTeleport,
+					BaseImageVersion: host.BaseImageVersion, SourceHostID: md.HostID, Backend: md.Backend, Snapshot: &md}
+				_, rerr := teleport.Check(pkg, host)
+				restored, err := f.CreateFromSnapshot(ctx, h.Config(t), vm.NewSnapshot(md, snap.DeviceState, snap.Memory, nil))
+				if restored != nil {
+					restored.Destroy(ctx)
+				}
+				if accepted := !errors.Is(err, vm.ErrIncompatible); accepted != (rerr == nil) {
+					t.Fatalf("the rules say %v; the backend says %v", rerr, err)
+				}
+			})
 		}
 	})
 
