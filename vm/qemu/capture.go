@@ -66,8 +66,11 @@ func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (_ *vm.
 		release()
 		// A failed snapshot leaves the source as it was.
 		if wasRunning && !c.stopped.IsZero() && v.State() != vm.StateCrashed {
-			if q, qerr := v.qmpConn(context.WithoutCancel(ctx)); qerr == nil {
-				if cerr := q.Call(context.WithoutCancel(ctx), "cont", nil, nil); cerr != nil {
+			// The resume must run even when ctx ended, but not forever.
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+			defer cancel()
+			if q, qerr := v.qmpConn(rctx); qerr == nil {
+				if cerr := q.Call(rctx, "cont", nil, nil); cerr != nil {
 					err = fmt.Errorf("%w (and resuming the VM failed: %v)", err, cerr)
 				}
 			}

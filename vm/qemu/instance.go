@@ -219,7 +219,7 @@ func (v *Instance) failed(op string, err error) error {
 		return fmt.Errorf("%w (during %s: %v)", v.crashedErr(op), op, err)
 	}
 	if errors.Is(err, errTimeout) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, agent.ErrTimeout) {
-		return fmt.Errorf("vm %s: %s: %v: %w", v.rec.Name, op, err, vm.ErrTimeout)
+		return fmt.Errorf("vm %s: %s: %w: %w", v.rec.Name, op, err, vm.ErrTimeout)
 	}
 	return fmt.Errorf("vm %s: %s: %w", v.rec.Name, op, err)
 }
