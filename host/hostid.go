@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/kelpie/teleport/internal/atomicfile"
 )
 
 const hostIDFile = "host-id"
@@ -46,7 +48,7 @@ func loadHostID(home string) (string, error) {
 		}
 		return "", fmt.Errorf("host id: %w", err)
 	}
-	syncDir(home)
+	atomicfile.SyncDir(home)
 	return id, nil
 }
 

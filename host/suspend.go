@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/internal/atomicfile"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/vm"
 )
@@ -55,7 +56,7 @@ func (h *Host) writeSuspended(r *suspendRecord) error {
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(h.suspendedPath(r.Name), append(b, '\n')); err != nil {
+	if err := atomicfile.WriteFile(h.suspendedPath(r.Name), append(b, '\n'), 0o644, atomicfile.Sync); err != nil {
 		return fmt.Errorf("record suspended vm %s: %w", r.Name, err)
 	}
 	return nil
@@ -106,7 +107,7 @@ func (h *Host) dropSuspended(name string) error {
 	if err := os.Remove(h.suspendedPath(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	return syncDir(h.suspendedDir())
+	return atomicfile.SyncDir(h.suspendedDir())
 }
 
 func newPackageID(prefix string) string {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kelpie/teleport/guest/image"
+	"github.com/kelpie/teleport/internal/atomicfile"
 	"github.com/kelpie/teleport/vm"
 )
 
@@ -289,9 +290,10 @@ func readVerdict(path string) (accelVerdict, bool) {
 	return v, true
 }
 
-// writeVerdict replaces the verdict file: a synced temporary sibling
-// renamed over it. Concurrent kelpies each rename a whole file, so a reader
-// sees one verdict or another, never a torn one.
+// writeVerdict replaces the verdict file whole, durably: concurrent
+// kelpies each rename a whole file, so a reader sees one verdict or
+// another, never a torn one. It is readable by other users of a shared
+// KELPIE_ACCEL_CACHE.
 func writeVerdict(path string, v accelVerdict) error {
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
@@ -300,36 +302,8 @@ func writeVerdict(path string, v accelVerdict) error {
 	if err := enc.Encode(v); err != nil {
 		return fmt.Errorf("KVM verdict: %w", err)
 	}
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("KVM verdict: %w", err)
-	}
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("KVM verdict: %w", err)
-	}
-	defer os.Remove(tmp.Name()) // fails harmlessly once renamed
-	_, err = tmp.Write(buf.Bytes())
-	if err == nil {
-		// Readable by other users of a shared KELPIE_ACCEL_CACHE.
-		err = tmp.Chmod(0o644)
-	}
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
-	if err != nil {
+	if err := atomicfile.WriteFile(path, buf.Bytes(), 0o644, atomicfile.Sync); err != nil {
 		return fmt.Errorf("KVM verdict %s: %w", path, err)
-	}
-	// Make the rename itself durable; a lost rename only costs a probe.
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
 	}
 	return nil
 }
@@ -571,26 +545,4 @@ func probeKVM(ctx context.Context, in accelInputs) (probeOutcome, error) {
 	default:
 	}
 	return classifyProbe(readLogHead(logPath), exited, exitErr), nil
-}
-
-// writeFileAtomic writes path through a temporary sibling and a rename.
-func writeFileAtomic(path string, b []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		os.Remove(tmp.Name())
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		os.Remove(tmp.Name())
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		os.Remove(tmp.Name())
-		return err
-	}
-	return nil
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/kelpie/teleport/guest/agent"
 	"github.com/kelpie/teleport/guest/image"
+	"github.com/kelpie/teleport/internal/atomicfile"
 	"github.com/kelpie/teleport/vm"
 )
 
@@ -131,7 +132,7 @@ func (v *Instance) saveRecord() error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(v.path(recordFile), append(b, '\n'))
+	return atomicfile.WriteFile(v.path(recordFile), append(b, '\n'), 0o644, atomicfile.Crash)
 }
 
 // saveRun persists the run record; call with stmu held or before sharing.
@@ -140,7 +141,8 @@ func (v *Instance) saveRun() error {
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(v.path(runFile), append(b, '\n')); err != nil {
+	// A crash of the machine loses the VM with the record: no sync.
+	if err := atomicfile.WriteFile(v.path(runFile), append(b, '\n'), 0o644, atomicfile.Crash); err != nil {
 		return fmt.Errorf("vm %s: save state: %w", v.rec.Name, err)
 	}
 	return nil
