@@ -73,6 +73,25 @@ type Package struct {
 	// Set by the store on commit: the whole body's size and SHA-256 (hex).
 	SizeBytes  int64  `json:"size_bytes"`
 	BlobSHA256 string `json:"blob_sha256"`
+
+	// Format is the KLP1 version of the blob section (0 means 1). A
+	// version 2 blob in a store carries no chunk data: its chunks live in
+	// the store's chunk space (see ChunkStore).
+	Format int `json:"format,omitempty"`
+	// LogicalBytes is what the package stands for, set by its writer: the
+	// guest memory size plus the device state.
+	LogicalBytes int64 `json:"logical_bytes"`
+	// Set by the store on commit. StoredBytes: the stored size of the
+	// body and of the distinct chunks the package refers to, each counted
+	// once; NewBytes: what this package added to the store (the body and
+	// the chunks it put); Chunks and NewChunks count distinct chunks.
+	StoredBytes int64 `json:"stored_bytes"`
+	NewBytes    int64 `json:"new_bytes"`
+	Chunks      int   `json:"chunks"`
+	NewChunks   int   `json:"new_chunks"`
+	// ChunkPacks names the store's packs that hold the package's chunks,
+	// sorted (set by the store).
+	ChunkPacks []string `json:"chunk_packs,omitempty"`
 }
 
 // Section names.
@@ -126,7 +145,35 @@ func (p *Package) Validate() error {
 			return fmt.Errorf("package %s: the manifest says %s, its snapshot %s: %w", p.ID, p.SourceArch, p.Snapshot.Architecture, ErrInvalidPackage)
 		}
 	}
+	if err := p.validateChunks(); err != nil {
+		return err
+	}
 	return p.validateSections()
+}
+
+func (p *Package) validateChunks() error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("package %s: "+format+": %w", append(append([]any{p.ID}, args...), ErrInvalidPackage)...)
+	}
+	switch {
+	case p.Format != 0 && p.Format != 1 && p.Format != 2:
+		return bad("unknown blob format %d", p.Format)
+	case p.Chunks < 0 || p.NewChunks < 0 || p.NewChunks > p.Chunks:
+		return bad("%d new chunks of %d", p.NewChunks, p.Chunks)
+	case p.LogicalBytes < 0 || p.StoredBytes < 0 || p.NewBytes < 0:
+		return bad("negative sizes")
+	case p.Format != 2 && (p.Chunks != 0 || len(p.ChunkPacks) != 0):
+		return bad("a version %d package refers to chunks", max(p.Format, 1))
+	}
+	for i, n := range p.ChunkPacks {
+		if err := ValidatePackName(n); err != nil {
+			return fmt.Errorf("package %s: %w", p.ID, err)
+		}
+		if i > 0 && p.ChunkPacks[i-1] >= n {
+			return bad("chunk packs are not sorted and distinct")
+		}
+	}
+	return nil
 }
 
 func (p *Package) validateSections() error {

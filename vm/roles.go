@@ -66,6 +66,15 @@ type LayoutSnapshotter interface {
 	SnapshotLayout(ctx context.Context, layout Layout) (*Snapshot, error)
 }
 
+// ImageSnapshotter is an Instance that can capture its guest memory as
+// a raw image (MemoryFormatImage) rather than in its own encoding, for a
+// packer that chunks memory itself (KLP1 version 2): the backend then
+// neither encodes nor hashes guest RAM, and reads a paused guest's RAM in
+// place. layout "" is the backend's own.
+type ImageSnapshotter interface {
+	SnapshotImage(ctx context.Context, layout Layout) (*Snapshot, error)
+}
+
 // FactsReporter is an Instance whose snapshots record backend facts of
 // their own rather than its factory's (a QEMU VM keeps the accelerator it
 // was created with).
@@ -171,6 +180,16 @@ func SnapshotLayout(ctx context.Context, f Factory, inst Instance, layout Layout
 		return l.SnapshotLayout(ctx, layout)
 	}
 	return nil, lacks(f.Host().Backend, ErrNoLayout)
+}
+
+// SnapshotForImage snapshots inst in layout for a packer that chunks
+// memory itself: with its memory as a raw image where the backend can
+// (ImageSnapshotter), in its usual form otherwise.
+func SnapshotForImage(ctx context.Context, f Factory, inst Instance, layout Layout) (*Snapshot, error) {
+	if s, ok := inst.(ImageSnapshotter); ok {
+		return s.SnapshotImage(ctx, layout)
+	}
+	return SnapshotLayout(ctx, f, inst, layout)
 }
 
 // SnapshotHost is what a snapshot of inst would record about its host:

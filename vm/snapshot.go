@@ -56,7 +56,17 @@ type SnapshotMetadata struct {
 	// HostBound: the payload restores only on the host that wrote it
 	// (Apple VZ save files are encrypted with a host key).
 	HostBound bool `json:"host_bound,omitempty"`
+	// MemoryFormat says what the memory payload holds: "" the backend's
+	// own encoding, MemoryFormatImage the raw guest RAM.
+	MemoryFormat string `json:"memory_format,omitempty"`
 }
+
+// MemoryFormatImage: the memory payload is the guest RAM as a raw image
+// of MemorySize bytes, zero where the guest holds nothing. A backend that
+// hands out such an image (ImageSnapshotter) may leave its checksum out:
+// only a packer that verifies it chunk by chunk (KLP1 version 2) takes it,
+// and on restore it arrives as an ImagePayload.
+const MemoryFormatImage = "image"
 
 // metadataMaxBytes bounds the metadata section we are willing to parse.
 const metadataMaxBytes = 1 << 20

@@ -139,6 +139,20 @@ type Payload interface {
 	Open() (io.ReadCloser, error)
 }
 
+// ImagePayload is a memory payload that is a guest memory image made of
+// content-addressed chunks, each checked against its own hash as it is
+// read (KLP1 version 2): reading it verifies it, whether or not the
+// metadata records a checksum. Open streams the whole image, zeros
+// included; WriteImage writes only the pages that hold data into dst at
+// their offsets, fetching and verifying chunks in parallel, so dst (a
+// fresh file of Size bytes) keeps holes where the guest has nothing. A
+// chunk that is missing or does not match its hash fails with ErrCorrupt,
+// naming the chunk, and nothing written may then be used.
+type ImagePayload interface {
+	Payload
+	WriteImage(ctx context.Context, dst io.WriterAt) error
+}
+
 // Snapshot is metadata plus up to two payloads: the device state (KLP1's
 // "snapshot" section) and the guest memory (its "memory" section).
 // Single-file layouts (VZ-like, a QEMU stream with RAM inside) fill

@@ -26,7 +26,27 @@ func (v *Instance) Snapshot(ctx context.Context) (*vm.Snapshot, error) {
 // SnapshotLayout captures the VM in the given layout. A Running VM is
 // resumed afterwards (also when the snapshot fails); a Paused one stays
 // paused. The payloads are files owned by the returned snapshot.
-func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (_ *vm.Snapshot, err error) {
+func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (*vm.Snapshot, error) {
+	return v.snapshot(ctx, layout, false)
+}
+
+var _ vm.ImageSnapshotter = (*Instance)(nil)
+
+// SnapshotImage is SnapshotLayout for a packer that chunks guest memory
+// itself (KLP1 version 2): a split snapshot's memory payload is the guest
+// RAM as a raw, sparse image (vm.MemoryFormatImage), neither encoded nor
+// hashed here. A running guest's RAM is copied while it is stopped, as
+// for any split snapshot, and packed after it resumes; a paused guest's
+// RAM file is read in place, so it must stay paused until the snapshot is
+// closed (a teleport's move does).
+func (v *Instance) SnapshotImage(ctx context.Context, layout vm.Layout) (*vm.Snapshot, error) {
+	if layout == "" {
+		layout = v.rec.Layout
+	}
+	return v.snapshot(ctx, layout, true)
+}
+
+func (v *Instance) snapshot(ctx context.Context, layout vm.Layout, image bool) (_ *vm.Snapshot, err error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if err := v.check(ctx, vm.OpSnapshot); err != nil {
@@ -58,7 +78,9 @@ func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (_ *vm.
 		}
 		if c.raw != nil {
 			c.raw.Close()
-			os.Remove(c.raw.Name())
+			if !c.keepRaw {
+				os.Remove(c.raw.Name())
+			}
 		}
 		if err == nil {
 			return
@@ -123,7 +145,23 @@ func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (_ *vm.
 		return nil, err
 	}
 	var memory vm.Payload
-	if layout == vm.LayoutSplit {
+	switch {
+	case layout == vm.LayoutSplit && image:
+		// The private copy, or a paused guest's RAM file, as it is.
+		md.MemoryFormat, md.MemorySize = vm.MemoryFormatImage, c.ramBytes
+		p := v.ramPath()
+		if c.src == c.raw {
+			p, c.keepRaw = c.raw.Name(), true
+		}
+		fp, err := vm.NewFilePayload(p)
+		if err != nil {
+			return nil, err
+		}
+		if fp.Size() != c.ramBytes {
+			return nil, fmt.Errorf("guest RAM file %s has %d bytes, the VM %d", p, fp.Size(), c.ramBytes)
+		}
+		memory = fp
+	case layout == vm.LayoutSplit:
 		// Encode from the private copy or, for a paused guest, from its
 		// RAM file, which nothing writes while the guest is stopped.
 		memPath := filepath.Join(dir, "memory")
@@ -161,6 +199,7 @@ type capture struct {
 	ram        *os.File // the guest RAM file (split)
 	raw        *os.File // a private copy of it, when the guest ran on
 	src        *os.File // what the memory section is encoded from
+	keepRaw    bool     // the private copy is the snapshot's memory payload
 	stopped    time.Time
 	kind       string // kind of stream written to statePath
 	stats      SnapshotStats

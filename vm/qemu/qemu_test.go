@@ -137,53 +137,70 @@ func TestTeleport(t *testing.T) {
 		return dst
 	}
 
-	t.Run("SplitThroughStore", func(t *testing.T) {
-		before := counter.read(t, ctx, src)
-		pkg, err := sa.Out(ctx, src, service.OutRequest{AgentID: "agent-1", Kind: teleport.KindTeleport, KeepSource: true})
-		if err != nil {
-			t.Fatalf("Out: %v", err)
-		}
-		if src.State() != vm.StateRunning {
-			t.Fatalf("source is %s after a copy", src.State())
-		}
-		md := pkg.Snapshot
-		if md.Layout != vm.LayoutSplit || md.Backend != BackendName || md.Compat["accel"] != "tcg" || md.Compat["qemu_version"] == "" ||
-			md.Compat["machine"] != machineType || md.Compat["cpu"] == "" || md.Compat["devices"] == "" || md.MemoryMiB != 256 ||
-			md.BaseImageVersion == "" || md.MemorySHA256 == "" || md.DeviceStateSHA256 == "" {
-			t.Fatalf("metadata incomplete: %+v", md)
-		}
-		// The memory section is sparse: a 256 MiB guest sends far less.
-		if md.MemorySize <= 0 || md.MemorySize >= 200<<20 {
-			t.Errorf("memory section is %d bytes for a 256 MiB guest", md.MemorySize)
-		}
-		blobSum := fileSHA(t, st.BlobPath(pkg.ID))
-		dst, got, err := sb.In(ctx, pkg.ID, vm.Config{Name: "dst-split"}, service.InOptions{})
-		if err != nil {
-			t.Fatalf("In: %v", err)
-		}
-		defer dst.Destroy(context.Background())
-		if got.SourceHostID != "host-a" || dst.State() != vm.StateRunning {
-			t.Fatalf("package from %s, dst %s", got.SourceHostID, dst.State())
-		}
-		counter.checkContinues(t, ctx, dst, before)
-		if b := bootID(t, ctx, dst); b != srcBoot {
-			t.Errorf("boot id %s, source %s: the guest rebooted", b, srcBoot)
-		}
-		if out := mustShell(t, ctx, dst, "cat /tmp/note"); out != "kept-in-tmpfs" {
-			t.Errorf("tmpfs file = %q", out)
-		}
-		if after := fileSHA(t, st.BlobPath(pkg.ID)); after != blobSum {
-			t.Errorf("restoring modified the package blob")
-		}
-		// RAM file in the instance dir is sparse.
-		var sst syscall.Stat_t
-		if err := syscall.Stat(filepath.Join(dst.(*Instance).Dir(), memFile), &sst); err != nil {
-			t.Fatal(err)
-		}
-		if alloc := sst.Blocks * 512; alloc >= sst.Size {
-			t.Errorf("restored RAM file is not sparse: %d of %d bytes allocated", alloc, sst.Size)
-		}
-	})
+	// Both formats through a store: version 1 (the sparse KLPQMEM1 memory
+	// section) and version 2 (the raw RAM image, chunked and compressed,
+	// its chunks in the store's chunk space).
+	for _, format := range []int{blob.Version1, blob.Version2} {
+		t.Run(fmt.Sprintf("SplitThroughStore/v%d", format), func(t *testing.T) {
+			before := counter.read(t, ctx, src)
+			pkg, err := sa.Out(ctx, src, service.OutRequest{AgentID: "agent-1", Kind: teleport.KindTeleport, KeepSource: true, Format: format})
+			if err != nil {
+				t.Fatalf("Out: %v", err)
+			}
+			if src.State() != vm.StateRunning {
+				t.Fatalf("source is %s after a copy", src.State())
+			}
+			md := pkg.Snapshot
+			if md.Layout != vm.LayoutSplit || md.Backend != BackendName || md.Compat["accel"] != "tcg" || md.Compat["qemu_version"] == "" ||
+				md.Compat["machine"] != machineType || md.Compat["cpu"] == "" || md.Compat["devices"] == "" || md.MemoryMiB != 256 ||
+				md.BaseImageVersion == "" || md.DeviceStateSHA256 == "" || pkg.Format != format {
+				t.Fatalf("metadata incomplete: %+v", md)
+			}
+			switch format {
+			case blob.Version1:
+				// The memory section is sparse: a 256 MiB guest sends far less.
+				if md.MemorySHA256 == "" || md.MemorySize <= 0 || md.MemorySize >= 200<<20 {
+					t.Errorf("memory section is %d bytes (sha %q) for a 256 MiB guest", md.MemorySize, md.MemorySHA256)
+				}
+			case blob.Version2:
+				// The raw image, verified chunk by chunk; zero pages cost
+				// nothing and the rest is compressed.
+				if md.MemoryFormat != vm.MemoryFormatImage || md.MemorySize != 256<<20 || md.MemorySHA256 != "" {
+					t.Errorf("memory: format %q, %d bytes, sha %q; want the 256 MiB image", md.MemoryFormat, md.MemorySize, md.MemorySHA256)
+				}
+				if pkg.Chunks == 0 || pkg.StoredBytes <= 0 || pkg.StoredBytes >= 40<<20 || pkg.LogicalBytes < 256<<20 {
+					t.Errorf("a booted 256 MiB guest stored in %d bytes, %d chunks (logical %d)", pkg.StoredBytes, pkg.Chunks, pkg.LogicalBytes)
+				}
+			}
+			blobSum := fileSHA(t, st.BlobPath(pkg.ID))
+			dst, got, err := sb.In(ctx, pkg.ID, vm.Config{Name: fmt.Sprintf("dst-split-v%d", format)}, service.InOptions{})
+			if err != nil {
+				t.Fatalf("In: %v", err)
+			}
+			defer dst.Destroy(context.Background())
+			if got.SourceHostID != "host-a" || dst.State() != vm.StateRunning {
+				t.Fatalf("package from %s, dst %s", got.SourceHostID, dst.State())
+			}
+			counter.checkContinues(t, ctx, dst, before)
+			if b := bootID(t, ctx, dst); b != srcBoot {
+				t.Errorf("boot id %s, source %s: the guest rebooted", b, srcBoot)
+			}
+			if out := mustShell(t, ctx, dst, "cat /tmp/note"); out != "kept-in-tmpfs" {
+				t.Errorf("tmpfs file = %q", out)
+			}
+			if after := fileSHA(t, st.BlobPath(pkg.ID)); after != blobSum {
+				t.Errorf("restoring modified the package blob")
+			}
+			// RAM file in the instance dir is sparse.
+			var sst syscall.Stat_t
+			if err := syscall.Stat(filepath.Join(dst.(*Instance).Dir(), memFile), &sst); err != nil {
+				t.Fatal(err)
+			}
+			if alloc := sst.Blocks * 512; alloc >= sst.Size {
+				t.Errorf("restored RAM file is not sparse: %d of %d bytes allocated", alloc, sst.Size)
+			}
+		})
+	}
 
 	t.Run("SingleLayout", func(t *testing.T) {
 		before := counter.read(t, ctx, src)
@@ -356,14 +373,50 @@ func TestTeleport(t *testing.T) {
 	})
 
 	t.Run("StoreRefusals", func(t *testing.T) {
-		// A package whose memory section was damaged in the store.
-		pkg, err := sa.Out(ctx, src, service.OutRequest{AgentID: "agent-1", Kind: teleport.KindTeleport, KeepSource: true})
+		// A version 1 package whose memory section was damaged in the store.
+		pkg, err := sa.Out(ctx, src, service.OutRequest{AgentID: "agent-1", Kind: teleport.KindTeleport, KeepSource: true, Format: blob.Version1})
 		if err != nil {
 			t.Fatal(err)
 		}
 		flipMemorySection(t, st.BlobPath(pkg.ID))
 		if _, _, err := sb.In(ctx, pkg.ID, vm.Config{Name: "from-damaged"}, service.InOptions{}); !errors.Is(err, teleport.ErrChecksumMismatch) {
 			t.Fatalf("damaged package: %v, want ErrChecksumMismatch", err)
+		}
+		// A version 2 package whose chunk was damaged, then one whose
+		// chunks are gone: refused before QEMU starts, naming the chunk and
+		// the package.
+		pkg, err = sa.Out(ctx, src, service.OutRequest{AgentID: "agent-1", Kind: teleport.KindTeleport, KeepSource: true, Format: blob.Version2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Damage every pack the package lists (a byte in every 4 KiB), so
+		// whichever chunk the restore reads first is bad; put them back
+		// afterwards.
+		saved := t.TempDir()
+		for _, name := range pkg.ChunkPacks {
+			p := filepath.Join(st.Root(), "chunks", "packs", name+".pack")
+			copyFile(t, p, filepath.Join(saved, name))
+			fi, err := os.Stat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for off := int64(100); off < fi.Size(); off += 4096 {
+				flipByte(t, p, off)
+			}
+		}
+		_, _, err = sb.In(ctx, pkg.ID, vm.Config{Name: "from-damaged-chunk"}, service.InOptions{})
+		if !errors.Is(err, teleport.ErrChecksumMismatch) || !strings.Contains(err.Error(), "package "+pkg.ID+": chunk ") {
+			t.Fatalf("damaged chunk: %v, want ErrChecksumMismatch naming the package and the chunk", err)
+		}
+		for _, name := range pkg.ChunkPacks {
+			os.Remove(filepath.Join(st.Root(), "chunks", "packs", name+".pack"))
+		}
+		_, _, err = sb.In(ctx, pkg.ID, vm.Config{Name: "from-missing-chunk"}, service.InOptions{})
+		if !errors.Is(err, teleport.ErrChecksumMismatch) || !strings.Contains(err.Error(), "chunk ") || !strings.Contains(err.Error(), pkg.ID) {
+			t.Fatalf("missing chunk: %v, want ErrChecksumMismatch naming the package and the chunk", err)
+		}
+		for _, name := range pkg.ChunkPacks {
+			copyFile(t, filepath.Join(saved, name), filepath.Join(st.Root(), "chunks", "packs", name+".pack"))
 		}
 		// A suspend package restores only on its own host.
 		pkg, err = sa.Out(ctx, src, service.OutRequest{AgentID: "agent-1", Kind: teleport.KindSuspend, KeepSource: true})

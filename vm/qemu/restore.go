@@ -60,7 +60,7 @@ func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) (err error) {
 	}()
 	var stats RestoreStats
 	t := time.Now()
-	if err := v.stage(md, snap); err != nil {
+	if err := v.stage(ctx, md, snap); err != nil {
 		return fmt.Errorf("vm %s: restore: %w", v.rec.Name, err)
 	}
 	stats.Stage = time.Since(t)
@@ -117,8 +117,11 @@ func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) (err error) {
 
 // stage copies the payloads into the instance directory (guest RAM
 // decoded sparse) through vm.Stage, which verifies sizes and checksums in
-// the same pass; on any error nothing is left behind.
-func (v *Instance) stage(md vm.SnapshotMetadata, snap *vm.Snapshot) (err error) {
+// the same pass; on any error nothing is left behind. A raw memory image
+// (KLP1 version 2) goes through vm.StageImage: its pages are written into
+// the RAM file at their offsets, chunks fetched and verified in parallel,
+// and the pages that hold nothing stay holes.
+func (v *Instance) stage(ctx context.Context, md vm.SnapshotMetadata, snap *vm.Snapshot) (err error) {
 	switch {
 	case snap.DeviceState == nil:
 		return fmt.Errorf("snapshot %s has no device state: %w", md.SnapshotID, vm.ErrCorrupt)
@@ -132,6 +135,31 @@ func (v *Instance) stage(md vm.SnapshotMetadata, snap *vm.Snapshot) (err error) 
 			os.Remove(v.path(stagedState))
 		}
 	}()
+	deviceState := func(r io.Reader) error { return writeNewFile(v.path(stagedState), r) }
+	ramBytes := int64(v.rec.Config.MemoryMiB) << 20
+	if md.Layout == vm.LayoutSplit && md.MemoryFormat == vm.MemoryFormatImage {
+		if md.MemorySize != ramBytes {
+			return fmt.Errorf("snapshot %s holds %d MiB of RAM, the VM has %d MiB: %w", md.SnapshotID, md.MemorySize>>20, ramBytes>>20, vm.ErrIncompatible)
+		}
+		f, err := os.OpenFile(memTmp, os.O_CREATE|os.O_TRUNC|os.O_RDWR, 0o600)
+		if err != nil {
+			return err
+		}
+		err = f.Truncate(ramBytes)
+		if err == nil {
+			err = vm.StageImage(ctx, snap, deviceState, f)
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+		return os.Rename(memTmp, v.ramPath())
+	}
+	if md.MemoryFormat != "" {
+		return fmt.Errorf("snapshot %s: unknown memory format %q: %w", md.SnapshotID, md.MemoryFormat, vm.ErrIncompatible)
+	}
 	var memory vm.Sink
 	if md.Layout == vm.LayoutSplit {
 		memory = func(r io.Reader) error {
@@ -139,14 +167,13 @@ func (v *Instance) stage(md vm.SnapshotMetadata, snap *vm.Snapshot) (err error) 
 			if err != nil {
 				return err
 			}
-			err = decodeMemory(f, r, int64(v.rec.Config.MemoryMiB)<<20)
+			err = decodeMemory(f, r, ramBytes)
 			if cerr := f.Close(); err == nil {
 				err = cerr
 			}
 			return err
 		}
 	}
-	deviceState := func(r io.Reader) error { return writeNewFile(v.path(stagedState), r) }
 	if err := vm.Stage(snap, deviceState, memory); err != nil {
 		return err
 	}
