@@ -34,8 +34,40 @@ var (
 	ErrLengthMismatch     = errors.New("blob length mismatch")
 )
 
+// errVersion2 tells a version 1 reader that the blob is version 2 (see
+// OpenV2 and Version).
+var errVersion2 = fmt.Errorf("%w 2 where version 1 is expected", ErrUnsupportedVersion)
+
+// Version reads a blob's format version from its first bytes (1 or 2),
+// checking only the magic.
+func Version(r io.ReaderAt, size int64) (uint32, error) {
+	var b [8]byte
+	n, err := r.ReadAt(b[:min(max(size, 0), 8)], 0)
+	if n < 4 {
+		if err != nil && !errors.Is(err, io.EOF) {
+			return 0, fmt.Errorf("read blob header: %w", err)
+		}
+		if n > 0 && string(b[:n]) != Magic[:n] {
+			return 0, fmt.Errorf("%w (starts with %q)", ErrBadMagic, b[:n])
+		}
+		return 0, fmt.Errorf("%w: header has %d of %d bytes", ErrTruncated, n, HeaderSize)
+	}
+	if string(b[:4]) != Magic {
+		return 0, fmt.Errorf("%w (starts with %q)", ErrBadMagic, b[:4])
+	}
+	if n < 8 {
+		return 0, fmt.Errorf("%w: header has %d of %d bytes", ErrTruncated, n, HeaderSize)
+	}
+	v := binary.LittleEndian.Uint32(b[4:8])
+	if v != Version1 && v != Version2 {
+		return v, fmt.Errorf("%w %d (this build reads versions %d and %d)", ErrUnsupportedVersion, v, Version1, Version2)
+	}
+	return v, nil
+}
+
 // ErrorKind names the category of a decode error as the test vectors do:
-// "magic", "version", "truncated", "length", or "" when err is none of them.
+// "magic", "version", "truncated", "length", and for version 2 "malformed"
+// and "chunk", or "" when err is none of them.
 func ErrorKind(err error) string {
 	switch {
 	case errors.Is(err, ErrBadMagic):
@@ -46,6 +78,10 @@ func ErrorKind(err error) string {
 		return "truncated"
 	case errors.Is(err, ErrLengthMismatch):
 		return "length"
+	case errors.Is(err, ErrMalformed):
+		return "malformed"
+	case errors.Is(err, ErrChunkMismatch):
+		return "chunk"
 	}
 	return ""
 }
@@ -97,8 +133,11 @@ func ParseHeader(b []byte) (Header, error) {
 		return h, fmt.Errorf("%w (starts with %q)", ErrBadMagic, b[:4])
 	}
 	h.Version = binary.LittleEndian.Uint32(b[4:8])
+	if h.Version == Version2 {
+		return h, errVersion2
+	}
 	if h.Version != Version1 {
-		return h, fmt.Errorf("%w %d (this build reads version %d)", ErrUnsupportedVersion, h.Version, Version1)
+		return h, fmt.Errorf("%w %d (this build reads versions %d and %d)", ErrUnsupportedVersion, h.Version, Version1, Version2)
 	}
 	h.MetadataLen = binary.LittleEndian.Uint64(b[8:16])
 	h.SnapshotLen = binary.LittleEndian.Uint64(b[16:24])

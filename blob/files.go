@@ -1,11 +1,14 @@
 package blob
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+
+	"github.com/kelpie/teleport/vm"
 )
 
 // PackFiles writes a version 1 blob to out from up to three section files
@@ -37,8 +40,67 @@ func PackFiles(out, metadata, snapshot, memory string) (err error) {
 	})
 }
 
-// UnpackFile decodes the blob at path into dir/metadata, dir/snapshot and
-// dir/memory. On error, files already written are removed.
+// PackFilesV2 writes a version 2 blob to out from up to three section
+// files ("" for an empty section): the metadata as it is, the snapshot
+// file as the device state, and the memory file as a raw memory image
+// (its holes and pages of zeros cost nothing). The blob appears at out
+// only when complete.
+func PackFilesV2(ctx context.Context, out, metadata, snapshot, memory string, o V2Options) (*Encoded, error) {
+	var meta []byte
+	if metadata != "" {
+		b, err := readSmallFile(metadata, metadataSectionMaxBytes)
+		if err != nil {
+			return nil, fmt.Errorf("metadata section: %w", err)
+		}
+		meta = b
+	}
+	var ins [2]Input
+	for i, p := range []string{snapshot, memory} {
+		if p == "" {
+			continue
+		}
+		fp, err := vm.NewFilePayload(p)
+		if err != nil {
+			return nil, fmt.Errorf("%s section: %w", SectionNames[i+1], err)
+		}
+		if fi, err := os.Stat(p); err != nil || !fi.Mode().IsRegular() {
+			return nil, fmt.Errorf("%s section %s: not a regular file", SectionNames[i+1], p)
+		}
+		ins[i] = Input{Payload: fp}
+	}
+	var res *Encoded
+	err := writeAtomic(out, func(w *os.File) error {
+		var err error
+		res, err = EncodeV2(ctx, w, meta, ins[0], ins[1], o)
+		return err
+	})
+	return res, err
+}
+
+// metadataSectionMaxBytes bounds a metadata file packed into a blob.
+const metadataSectionMaxBytes = 16 << 20
+
+func readSmallFile(path string, limit int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("%s is larger than %d bytes", path, limit)
+	}
+	return b, nil
+}
+
+// UnpackFile decodes the blob at path, of either version, into
+// dir/metadata, dir/snapshot (the device state) and dir/memory. A version
+// 2 blob's memory comes out as a raw image with holes where its pages
+// hold zeros; every chunk is verified on the way. On error, files already
+// written are removed.
 func UnpackFile(path, dir string) (err error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -48,6 +110,13 @@ func UnpackFile(path, dir string) (err error) {
 	fi, err := f.Stat()
 	if err != nil {
 		return err
+	}
+	v, err := Version(f, fi.Size())
+	if err != nil {
+		return err
+	}
+	if v == Version2 {
+		return unpackV2(f, fi.Size(), path, dir)
 	}
 	b, err := Open(f, fi.Size())
 	if err != nil {
@@ -107,4 +176,66 @@ func writeAtomic(path string, write func(*os.File) error) (err error) {
 		return err
 	}
 	return os.Rename(tmp.Name(), path)
+}
+
+// unpackV2 writes the sections of a version 2 blob file to dir.
+func unpackV2(f *os.File, size int64, path, dir string) (err error) {
+	b, err := OpenV2(f, size, OpenOptions{Name: path})
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	var written []string
+	defer func() {
+		if err != nil {
+			for _, p := range written {
+				os.Remove(p)
+			}
+		}
+	}()
+	ctx := context.Background()
+	state, err := b.DeviceState()
+	if err != nil {
+		return err
+	}
+	mem, err := b.Memory()
+	if err != nil {
+		return err
+	}
+	for _, sec := range []struct {
+		name string
+		fill func(*os.File) error
+	}{
+		{"metadata", func(w *os.File) error { _, err := io.Copy(w, b.Metadata()); return err }},
+		{"snapshot", func(w *os.File) error {
+			if state == nil {
+				return nil
+			}
+			rc, err := state.Open()
+			if err != nil {
+				return err
+			}
+			defer rc.Close()
+			_, err = io.Copy(w, rc)
+			return err
+		}},
+		{"memory", func(w *os.File) error {
+			if mem == nil {
+				return nil
+			}
+			// Holes for the pages the page map leaves out.
+			if err := w.Truncate(mem.Size()); err != nil {
+				return err
+			}
+			return mem.WriteImage(ctx, w)
+		}},
+	} {
+		if err := writeAtomic(filepath.Join(dir, sec.name), sec.fill); err != nil {
+			return fmt.Errorf("unpack %s section: %w", sec.name, err)
+		}
+		written = append(written, filepath.Join(dir, sec.name))
+	}
+	return nil
 }

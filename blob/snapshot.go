@@ -2,6 +2,7 @@ package blob
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -10,25 +11,56 @@ import (
 	"github.com/kelpie/teleport/vm"
 )
 
-// The one mapping between a vm.Snapshot and a KLP1 blob: the metadata
-// section is the snapshot's metadata as JSON, the snapshot section its
-// device state, the memory section its guest memory. Every writer of a
+// The one mapping between a vm.Snapshot and a KLP1 blob of either
+// version: the metadata section is the snapshot's metadata as JSON, the
+// snapshot (version 2: device state) section its device state, the memory
+// section its guest memory. Every writer of a
 // snapshot blob (the teleport service, `kelpie vm snapshot`, the
 // simulation) and every reader goes through EncodeSnapshot and
 // OpenSnapshot.
 
-// EncodeSnapshot writes snap as a version 1 blob to w, streaming each
-// payload once, and returns the bytes written. While it streams it checks
-// each payload against the size and SHA-256 the metadata records: a
-// payload that changed after its checksum was taken, or a non-empty
-// payload without a recorded checksum, would make a blob that no host can
-// restore, so it fails with vm.ErrCorrupt instead. Any payload streams,
-// whatever it is backed by.
-func EncodeSnapshot(w io.Writer, snap *vm.Snapshot) (int64, error) {
+// EncodeOptions tune EncodeSnapshot.
+type EncodeOptions struct {
+	// Format is Version1 or Version2 (0: FormatDefault).
+	Format int
+	// V2 tunes a version 2 blob.
+	V2 V2Options
+}
+
+// FormatDefault is the format a snapshot is packed in unless asked.
+const FormatDefault = Version2
+
+// ParseFormat reads a format name: v1, v2 (or 1, 2).
+func ParseFormat(s string) (int, error) {
+	switch s {
+	case "v1", "1":
+		return Version1, nil
+	case "v2", "2":
+		return Version2, nil
+	}
+	return 0, fmt.Errorf("blob format %q: want v1 or v2: %w", s, ErrUnsupportedVersion)
+}
+
+// EncodeSnapshot writes snap as a blob of o.Format to w, streaming each
+// payload once. While it streams it checks each payload against the size
+// and SHA-256 the metadata records: a payload that changed after its
+// checksum was taken, or a non-empty payload without a recorded checksum,
+// would make a blob that no host can restore, so it fails with
+// vm.ErrCorrupt instead. The one exception is a raw memory image
+// (vm.MemoryFormatImage) in a version 2 blob: its chunks' hashes stand
+// for its checksum. Any payload streams, whatever it is backed by; a
+// version 2 blob with its chunks inline needs w to be a file.
+func EncodeSnapshot(ctx context.Context, w io.Writer, snap *vm.Snapshot, o EncodeOptions) (*Encoded, error) {
 	md := snap.Metadata
 	meta, err := md.Marshal()
 	if err != nil {
-		return 0, fmt.Errorf("snapshot %s: encode metadata: %w", md.SnapshotID, err)
+		return nil, fmt.Errorf("snapshot %s: encode metadata: %w", md.SnapshotID, err)
+	}
+	if o.Format == 0 {
+		o.Format = FormatDefault
+	}
+	if o.Format != Version1 && o.Format != Version2 {
+		return nil, fmt.Errorf("blob format %d: %w", o.Format, ErrUnsupportedVersion)
 	}
 	type payload struct {
 		name string
@@ -38,21 +70,37 @@ func EncodeSnapshot(w io.Writer, snap *vm.Snapshot) (int64, error) {
 	}
 	ps := [2]payload{{vm.SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256},
 		{vm.SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256}}
-	var secs [2]Section
-	var hashes [2]*vm.AsyncHash
 	for i, p := range ps {
 		n := vm.PayloadSize(p.p)
 		switch {
 		case n != p.size:
-			return 0, fmt.Errorf("snapshot %s: %s payload has %d bytes, its metadata says %d: %w", md.SnapshotID, p.name, n, p.size, vm.ErrCorrupt)
-		case n == 0:
+			return nil, fmt.Errorf("snapshot %s: %s payload has %d bytes, its metadata says %d: %w", md.SnapshotID, p.name, n, p.size, vm.ErrCorrupt)
+		case n == 0 || p.sum != "":
+		case i == 1 && md.MemoryFormat == vm.MemoryFormatImage && o.Format == Version2:
+		case i == 1 && md.MemoryFormat == vm.MemoryFormatImage:
+			return nil, fmt.Errorf("snapshot %s: a raw memory image without a checksum goes only in a version 2 blob: %w", md.SnapshotID, vm.ErrCorrupt)
+		default:
+			return nil, fmt.Errorf("snapshot %s: %s payload has no recorded checksum, so no host could restore it: %w", md.SnapshotID, p.name, vm.ErrCorrupt)
+		}
+	}
+	if o.Format == Version2 {
+		res, err := EncodeV2(ctx, w, meta, Input{Payload: snap.DeviceState, SHA256: md.DeviceStateSHA256},
+			Input{Payload: snap.Memory, SHA256: md.MemorySHA256}, o.V2)
+		if err != nil {
+			return nil, fmt.Errorf("snapshot %s: %w", md.SnapshotID, err)
+		}
+		return res, nil
+	}
+	var secs [2]Section
+	var hashes [2]*vm.AsyncHash
+	for i, p := range ps {
+		n := vm.PayloadSize(p.p)
+		if n == 0 {
 			continue
-		case p.sum == "":
-			return 0, fmt.Errorf("snapshot %s: %s payload has no recorded checksum, so no host could restore it: %w", md.SnapshotID, p.name, vm.ErrCorrupt)
 		}
 		rc, err := p.p.Open()
 		if err != nil {
-			return 0, fmt.Errorf("snapshot %s: open %s payload: %w", md.SnapshotID, p.name, err)
+			return nil, fmt.Errorf("snapshot %s: open %s payload: %w", md.SnapshotID, p.name, err)
 		}
 		defer rc.Close()
 		hashes[i] = vm.NewAsyncHash(sha256.New())
@@ -68,15 +116,48 @@ func EncodeSnapshot(w io.Writer, snap *vm.Snapshot) (int64, error) {
 			err = fmt.Errorf("snapshot %s: %s payload differs from its recorded checksum (sha256 %.12s, recorded %.12s): %w", md.SnapshotID, ps[i].name, got, ps[i].sum, vm.ErrCorrupt)
 		}
 	}
-	return written, err
+	if err != nil {
+		return nil, err
+	}
+	return &Encoded{Format: Version1, Bytes: written, LogicalBytes: md.DeviceStateSize + md.MemorySize}, nil
 }
 
-// OpenSnapshot maps the blob of the given size in r onto a vm.Snapshot:
-// it validates the header, parses the metadata (at most 1 MiB, whatever
-// the header claims) and returns payloads that read the sections from r on
-// demand, never whole. Their checksums are verified where they are used
-// (vm.Stage), not here.
-func OpenSnapshot(r io.ReaderAt, size int64) (*vm.Snapshot, error) {
+// OpenSnapshot maps the blob of the given size in r, of either version,
+// onto a vm.Snapshot: it validates the header (and a version 2 blob's
+// tables), parses the metadata (at most 1 MiB, whatever the header
+// claims) and returns payloads that read the sections from r on demand,
+// never whole. A version 1 blob's checksums are verified where the
+// payloads are used (vm.Stage); a version 2 blob's chunks are verified as
+// they are read, and its memory payload is a vm.ImagePayload. A version 2
+// blob whose chunks live in a package store reads them through o.Chunks.
+func OpenSnapshot(r io.ReaderAt, size int64, o OpenOptions) (*vm.Snapshot, error) {
+	v, err := Version(r, size)
+	if err != nil {
+		return nil, err
+	}
+	if v == Version2 {
+		b, err := OpenV2(r, size, o)
+		if err != nil {
+			return nil, err
+		}
+		md, err := vm.ParseMetadata(b.Metadata())
+		if err != nil {
+			return nil, err
+		}
+		state, err := b.DeviceState()
+		if err != nil {
+			return nil, err
+		}
+		mem, err := b.Memory()
+		if err != nil {
+			return nil, err
+		}
+		var memory vm.Payload
+		if mem != nil {
+			memory = mem
+		}
+		return vm.NewSnapshot(md, state, memory, nil), nil
+	}
 	b, err := Open(r, size)
 	if err != nil {
 		return nil, err
