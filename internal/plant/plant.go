@@ -16,3 +16,16 @@ type ServiceBugs struct {
 // SetServiceBugs plants bugs in a *service.Service; the service package
 // sets it in its init, so this package need not import it.
 var SetServiceBugs func(svc any, b ServiceBugs)
+
+// ChunkBugs break the chunk space every store shares (store/chunks). The
+// zero value is the correct chunk space.
+type ChunkBugs struct {
+	// SweepWithoutGrace makes GC remove every pack no committed manifest
+	// lists at once: no condemnation, no grace period, so a pack an
+	// upload in flight found present can vanish before its commit.
+	SweepWithoutGrace bool
+}
+
+// SetChunkBugs plants bugs in a *chunks.Space; that package sets it in
+// its init.
+var SetChunkBugs func(space any, b ChunkBugs)

@@ -11,6 +11,8 @@
 //	.tmp/deleted.<random>/       a package being deleted
 //	.tmp/unpublished.<random>/   a package a failed Commit takes back
 //	.tmp/.lock                   the store lock, which keeps GC off entries being made or used
+//	chunks/                      the chunk space (store/chunks): packs/, dead/, and tmp/ for
+//	                             objects being written, each locked by its writer
 //
 // The store works across processes on one host: locks are flock(2), and a
 // process that dies releases its own. GC removes what dead writers left.
@@ -35,6 +37,7 @@ import (
 	"time"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/store/chunks"
 )
 
 const (
@@ -46,14 +49,28 @@ const (
 
 // Store is a package store rooted at a directory.
 type Store struct {
-	root string
+	root   string
+	bucket *bucket
+	chunks *chunks.Space
 }
 
-var _ teleport.Store = (*Store)(nil)
+var _ teleport.ChunkStore = (*Store)(nil)
 var _ teleport.GarbageCollector = (*Store)(nil)
 
+// Options tune a Store; the zero value is the default.
+type Options struct {
+	// ChunkGrace is the chunk space's grace period (chunks.GraceDefault).
+	ChunkGrace time.Duration
+	// Clock replaces the system clock for the chunk space (tests make time
+	// pass with it).
+	Clock func() time.Time
+}
+
 // Open opens (creating if needed) a store rooted at dir.
-func Open(dir string) (*Store, error) {
+func Open(dir string) (*Store, error) { return OpenWith(dir, Options{}) }
+
+// OpenWith opens a store with options.
+func OpenWith(dir string, o Options) (*Store, error) {
 	if dir == "" {
 		return nil, fmt.Errorf("store directory is empty: %w", teleport.ErrStore)
 	}
@@ -62,7 +79,19 @@ func Open(dir string) (*Store, error) {
 			return nil, fmt.Errorf("open store %s: %v: %w", dir, err, teleport.ErrStore)
 		}
 	}
-	return &Store{root: dir}, nil
+	if o.Clock == nil {
+		o.Clock = time.Now
+	}
+	b, err := newBucket(dir, o.Clock)
+	if err != nil {
+		return nil, fmt.Errorf("open store %s: %v: %w", dir, err, teleport.ErrStore)
+	}
+	return &Store{root: dir, bucket: b, chunks: chunks.New(b, chunks.Options{Grace: o.ChunkGrace, Clock: o.Clock, ReadWorkers: 2})}, nil
+}
+
+// OpenChunks gives access to a committed package's chunks.
+func (s *Store) OpenChunks(ctx context.Context, pkg *teleport.Package) (teleport.ChunkReader, error) {
+	return s.chunks.Open(ctx, pkg.ChunkPacks)
 }
 
 // Root is the store's directory.
@@ -181,13 +210,14 @@ func (s *Store) Create(ctx context.Context, id string) (teleport.Writer, error) 
 		f.Close()
 		return nil, storeErr("create", id, err)
 	}
-	return &writer{s: s, id: id, dir: dir, f: f, h: sha256.New()}, nil
+	return &writer{s: s, id: id, dir: dir, f: f, h: sha256.New(), Writer: chunks.Writer{Space: s.chunks}}, nil
 }
 
 // writer is one upload. Its directory leaves .tmp (renamed into place or
 // removed) before its blob's lock is released, so an unlocked upload in
 // .tmp is always a dead one.
 type writer struct {
+	chunks.Writer
 	s    *Store
 	id   string
 	dir  string
@@ -236,6 +266,10 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 		return fmt.Errorf("commit package %s: wrote %d bytes sha256 %s, manifest expects %d bytes %s: %w", w.id, w.n, sum, m.SizeBytes, m.BlobSHA256, teleport.ErrChecksumMismatch)
 	}
 	m.SizeBytes, m.BlobSHA256 = w.n, sum
+	// The chunks are durable before the manifest refers to them.
+	if err := w.Seal(ctx, m, w.n); err != nil {
+		return err
+	}
 	// After the store's own fields, so that the sections are checked
 	// against the bytes actually written.
 	if err := m.Validate(); err != nil {
@@ -253,6 +287,10 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 	}
 	if err := syncDir(w.dir); err != nil {
 		return storeErr("commit", w.id, err)
+	}
+	// The chunk rule's last check comes just before the package appears.
+	if err := w.CheckDeadline(); err != nil {
+		return err
 	}
 	// rename(2) of a directory onto an existing non-empty one fails, so two
 	// committers of one id cannot both win.
@@ -332,10 +370,11 @@ func (w *writer) Abort(ctx context.Context) error {
 	w.done = true
 	err := os.RemoveAll(w.dir) // before the lock goes: see writer
 	w.f.Close()
+	cerr := w.Writer.Abort(ctx)
 	if err != nil {
 		return storeErr("abort", w.id, err)
 	}
-	return nil
+	return cerr
 }
 
 type reader struct {
@@ -438,10 +477,33 @@ func (s *Store) Delete(ctx context.Context, id string) error {
 
 // GC removes uploads whose writer is gone (its process died, or the writer
 // was dropped without Commit or Abort) and leftovers of interrupted
-// deletes, and reports how many entries it removed. With the store lock
-// held exclusively, every entry under .tmp is either a live upload, whose
-// blob its writer keeps locked, or dead.
+// deletes, then runs the chunk space's rule (teleport.ChunkID) over the
+// packs committed manifests list, and reports how many entries and packs
+// it removed.
 func (s *Store) GC(ctx context.Context) (int, error) {
+	n, err := s.gcUploads(ctx)
+	if err != nil {
+		return n, err
+	}
+	m, err := s.bucket.gcTemp(ctx)
+	n += m
+	if err != nil {
+		return n, err
+	}
+	m, err = s.chunks.GC(ctx, func(ctx context.Context) (map[string]bool, error) {
+		pkgs, err := s.List(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return chunks.Referenced(pkgs), nil
+	})
+	return n + m, err
+}
+
+// gcUploads removes dead entries under .tmp. With the store lock held
+// exclusively, every entry there is either a live upload, whose blob its
+// writer keeps locked, or dead.
+func (s *Store) gcUploads(ctx context.Context) (int, error) {
 	l, err := s.lock(ctx, syscall.LOCK_EX)
 	if err != nil {
 		return 0, storeErr("gc", "*", err)

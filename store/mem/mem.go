@@ -1,6 +1,6 @@
 // Package mem is an in-memory package store for unit tests. It keeps whole
-// bodies in memory, so it is never used for real snapshots. Nothing can be
-// orphaned (an upload lives in its writer), so it has no GC.
+// bodies and its chunk space in memory, so it is never used for real
+// snapshots. It has no GC: its chunks live as long as the store.
 package mem
 
 import (
@@ -14,6 +14,7 @@ import (
 	"sync"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/store/chunks"
 )
 
 type entry struct {
@@ -23,15 +24,21 @@ type entry struct {
 
 // Store is an in-memory teleport.Store. The zero value is not usable: call New.
 type Store struct {
-	mu   sync.Mutex
-	pkgs map[string]entry
+	mu     sync.Mutex
+	pkgs   map[string]entry
+	chunks *chunks.Space
 }
 
-var _ teleport.Store = (*Store)(nil)
+var _ teleport.ChunkStore = (*Store)(nil)
 
 // New returns an empty store.
 func New() *Store {
-	return &Store{pkgs: map[string]entry{}}
+	return &Store{pkgs: map[string]entry{}, chunks: chunks.New(chunks.NewMemBucket(nil), chunks.Options{})}
+}
+
+// OpenChunks gives access to a committed package's chunks.
+func (s *Store) OpenChunks(ctx context.Context, pkg *teleport.Package) (teleport.ChunkReader, error) {
+	return s.chunks.Open(ctx, pkg.ChunkPacks)
 }
 
 // Create starts a package upload.
@@ -44,15 +51,18 @@ func (s *Store) Create(ctx context.Context, id string) (teleport.Writer, error) 
 	if _, ok := s.pkgs[id]; ok {
 		return nil, fmt.Errorf("create package %s: %w", id, teleport.ErrAlreadyExists)
 	}
-	return &writer{s: s, id: id}, nil
+	return &writer{s: s, id: id, Writer: chunks.Writer{Space: s.chunks}}, nil
 }
 
 type writer struct {
+	chunks.Writer
 	s    *Store
 	id   string
 	buf  bytes.Buffer
 	done bool
 }
+
+var _ teleport.ChunkWriter = (*writer)(nil)
 
 func (w *writer) Write(p []byte) (int, error) {
 	if w.done {
@@ -82,9 +92,15 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) error {
 		return fmt.Errorf("commit package %s: blob does not match manifest: %w", w.id, teleport.ErrChecksumMismatch)
 	}
 	m.SizeBytes, m.BlobSHA256 = n, hexSum
+	if err := w.Seal(ctx, m, n); err != nil {
+		return err
+	}
 	// After the store's own fields, so that the sections are checked
 	// against the bytes actually written.
 	if err := m.Validate(); err != nil {
+		return err
+	}
+	if err := w.CheckDeadline(); err != nil {
 		return err
 	}
 	mb, err := json.Marshal(m)
@@ -103,7 +119,7 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) error {
 func (w *writer) Abort(ctx context.Context) error {
 	w.done = true
 	w.buf = bytes.Buffer{}
-	return nil
+	return w.Writer.Abort(ctx)
 }
 
 type reader struct{ *bytes.Reader }

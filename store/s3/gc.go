@@ -16,7 +16,8 @@ import (
 )
 
 // GC removes what dead uploads left behind: multipart uploads never
-// completed and blobs no manifest refers to. An upload is dead when its
+// completed and blobs no manifest refers to; then it runs the chunk
+// space's rule (teleport.ChunkID) over the packs the manifests list. An upload is dead when its
 // lease is older than LeaseTTL by the server's clock (hosts' clocks are
 // never compared). Expired leases and stale probe objects are removed too
 // but not counted. GC never probes for conditional writes: it publishes
@@ -116,7 +117,8 @@ func (s *Store) GC(ctx context.Context) (int, error) {
 	if err := s.removeStaleScratch(ctx, now); err != nil {
 		return removed, fmt.Errorf("gc: %w", err)
 	}
-	return removed, nil
+	n, err = s.gcChunks(ctx)
+	return removed + n, err
 }
 
 // removeStaleScratch removes probe objects whose probe died before it could

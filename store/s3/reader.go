@@ -459,15 +459,24 @@ func (r *reader) fetchParallel(dst []byte, off int64) error {
 	return first
 }
 
-// fetch fills dst with the object's bytes at off, retrying the whole range
-// when the connection breaks mid-body.
+// fetch fills dst with the object's bytes at off.
 func (r *reader) fetch(ctx context.Context, dst []byte, off int64) error {
+	err := r.s.getRange(ctx, r.key, dst, off)
+	if errors.Is(err, teleport.ErrNotFound) {
+		return fmt.Errorf("%w (the package was deleted while being read?)", err)
+	}
+	return err
+}
+
+// getRange fills dst with object key's bytes at off, retrying the whole
+// range when the connection breaks mid-body.
+func (s *Store) getRange(ctx context.Context, key string, dst []byte, off int64) error {
 	if len(dst) == 0 {
 		return nil
 	}
 	rng := fmt.Sprintf("bytes=%d-%d", off, off+int64(len(dst))-1)
-	err := r.s.do(ctx, "get", r.key, func(ctx context.Context) error {
-		res, err := r.s.client.GetObject(ctx, &s3.GetObjectInput{Bucket: &r.s.bucket, Key: &r.key, Range: &rng})
+	return s.do(ctx, "get", key, func(ctx context.Context) error {
+		res, err := s.client.GetObject(ctx, &s3.GetObjectInput{Bucket: &s.bucket, Key: &key, Range: &rng})
 		if err != nil {
 			return err
 		}
@@ -484,11 +493,4 @@ func (r *reader) fetch(ctx context.Context, dst []byte, off int64) error {
 		}
 		return nil
 	})
-	if err != nil {
-		if errors.Is(err, teleport.ErrNotFound) {
-			return fmt.Errorf("%w (the package was deleted while being read?)", err)
-		}
-		return err
-	}
-	return nil
 }

@@ -7,6 +7,7 @@
 //	manifests/<id>.json    the publish point: written last, with If-None-Match: *
 //	blobs/<id>/<upload>    the body, its sections back to back (one object per upload attempt)
 //	uploads/<upload>.json  a lease an upload refreshes while it is alive
+//	chunks/                the chunk space (store/chunks): packs/<name>.pack and .idx, dead/<name>
 //	scratch/<what>-<rand>  short-lived probe objects (the server's clock, conditional writes)
 //
 // A package is visible only once its manifest exists, and the manifest is
@@ -47,6 +48,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/store/chunks"
 )
 
 // Defaults. A part or chunk buffer is the unit of memory: an upload holds
@@ -104,6 +106,9 @@ type Options struct {
 	// SHA-256 when it has been read sequentially from start to end.
 	NoFullReadVerify bool
 
+	// ChunkGrace is the chunk space's grace period (chunks.GraceDefault).
+	ChunkGrace time.Duration
+
 	// UnsafeNoConditionalPut lets Create upload to a server that ignores
 	// If-None-Match (which the first Create otherwise probes for and
 	// refuses). Unsafe: two hosts publishing one id then both succeed, and
@@ -131,12 +136,14 @@ type Store struct {
 
 	cond conditional // does the server honour If-None-Match?
 
+	chunks *chunks.Space
+
 	attempts atomic.Int64 // requests sent, retries included (tests)
 	retries  atomic.Int64
 }
 
 var (
-	_ teleport.Store            = (*Store)(nil)
+	_ teleport.ChunkStore       = (*Store)(nil)
 	_ teleport.GarbageCollector = (*Store)(nil)
 )
 
@@ -204,11 +211,13 @@ func New(ctx context.Context, o Options) (*Store, error) {
 	})
 	var seed [16]byte
 	rand.Read(seed[:])
-	return &Store{
+	s := &Store{
 		client: client, bucket: o.Bucket, prefix: prefix, endpoint: o.Endpoint, region: cfg.Region, o: o,
 		rnd:  mrand.New(mrand.NewPCG(beUint64(seed[:8]), beUint64(seed[8:]))),
 		cond: conditional{sem: make(chan struct{}, 1)},
-	}, nil
+	}
+	s.chunks = chunks.New(bucket{s}, chunks.Options{Grace: o.ChunkGrace, ReadWorkers: o.ReadAheadChunks, ReadSpanBytes: o.ReadChunkBytes})
+	return s, nil
 }
 
 func setDefaults(o *Options) {

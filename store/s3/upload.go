@@ -21,6 +21,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/store/chunks"
 )
 
 // unsignedPayload sends bodies as UNSIGNED-PAYLOAD: SigV4 would otherwise
@@ -436,10 +437,11 @@ func (s *Store) Create(ctx context.Context, id string) (teleport.Writer, error) 
 	if err != nil {
 		return nil, err
 	}
-	return &writer{s: s, id: id, up: up}, nil
+	return &writer{s: s, id: id, up: up, Writer: chunks.Writer{Space: s.chunks}}, nil
 }
 
 type writer struct {
+	chunks.Writer
 	s    *Store
 	id   string
 	up   *upload
@@ -485,6 +487,7 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 			w.s.deleteObject(cleanup, "delete blob", w.up.key)
 		}
 		w.up.abort(cleanup)
+		w.Writer.Abort(cleanup)
 	}()
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("commit package %s: %w", w.id, err)
@@ -500,6 +503,10 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 		return fmt.Errorf("commit package %s: wrote %d bytes sha256 %s, manifest expects %d bytes %s: %w", w.id, n, sum, m.SizeBytes, m.BlobSHA256, teleport.ErrChecksumMismatch)
 	}
 	m.SizeBytes, m.BlobSHA256 = n, sum
+	// The chunks are durable before the manifest refers to them.
+	if err := w.Seal(ctx, m, n); err != nil {
+		return fmt.Errorf("commit package %s: %w", w.id, err)
+	}
 	// After the store's own fields, so that the sections are checked
 	// against the bytes actually uploaded.
 	if err := m.Validate(); err != nil {
@@ -515,6 +522,10 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) (err error) {
 	}
 	blobDone = true
 
+	// The chunk rule's last check comes just before the package appears.
+	if err := w.CheckDeadline(); err != nil {
+		return fmt.Errorf("commit package %s: %w", w.id, err)
+	}
 	perr := w.s.putBytes(ctx, "publish manifest", w.s.manifestKey(w.id), body, true)
 	if perr == nil {
 		w.up.release(cleanup)
@@ -546,5 +557,9 @@ func (w *writer) Abort(ctx context.Context) error {
 		return nil
 	}
 	w.done = true
-	return w.up.abort(ctx)
+	err := w.up.abort(ctx)
+	if cerr := w.Writer.Abort(ctx); err == nil {
+		err = cerr
+	}
+	return err
 }
