@@ -15,6 +15,9 @@ import (
 
 // check compares the model with the real objects after a step.
 func (r *run) check() {
+	// First, so that a package committed onto a chunk damaged at rest
+	// counts as damaged below.
+	r.checkChunks()
 	// Live VMs per agent, from the hosts themselves.
 	live := map[string][]*hostVM{}
 	for _, h := range r.hosts {
@@ -58,6 +61,82 @@ func (r *run) check() {
 	for _, id := range r.store.Committed() {
 		if t := r.truth(id); !t.blobOK && !r.rotted[id] {
 			r.violate(InvCommitAtomicity, "committed package %s is incomplete: %s", id, t.blobWhy)
+		}
+	}
+}
+
+// chunkSet is what a committed version 2 package refers to, worked out
+// from its body.
+type chunkSet struct {
+	version uint64
+	packs   []string
+	ids     []teleport.ChunkID
+	err     error
+}
+
+func (r *run) chunksOf(id string) *chunkSet {
+	obj, ok := r.store.Peek(id)
+	if !ok {
+		return nil
+	}
+	if cs := r.chunkSets[id]; cs != nil && cs.version == obj.Version {
+		return cs
+	}
+	cs := &chunkSet{version: obj.Version}
+	r.chunkSets[id] = cs
+	m, err := decodeManifest(id, obj.Manifest)
+	if err != nil || m.Format != blob.Version2 {
+		return cs
+	}
+	cs.packs = m.ChunkPacks
+	sec, ok := m.Section(teleport.SectionBlob)
+	if !ok || sec.Offset+sec.Size > int64(len(obj.Blob)) {
+		cs.err = fmt.Errorf("no blob section")
+		return cs
+	}
+	b, err := blob.OpenV2(bytes.NewReader(obj.Blob[sec.Offset:sec.Offset+sec.Size]), sec.Size, blob.OpenOptions{Workers: 1})
+	if err != nil {
+		cs.err = err
+		return cs
+	}
+	seen := map[teleport.ChunkID]bool{}
+	add := func(c teleport.ChunkID) {
+		if !seen[c] {
+			seen[c] = true
+			cs.ids = append(cs.ids, c)
+		}
+	}
+	for _, ref := range b.DeviceStateRefs() {
+		add(ref.ID)
+	}
+	for _, e := range b.PageMap() {
+		add(e.Ref.ID)
+	}
+	return cs
+}
+
+// checkChunks: every chunk a committed package refers to is in the
+// store (ChunkSafety); a package that refers to a chunk damaged at rest
+// is damaged too.
+func (r *run) checkChunks() {
+	for _, id := range r.store.Committed() {
+		cs := r.chunksOf(id)
+		if cs == nil || len(cs.ids) == 0 {
+			continue
+		}
+		for _, c := range cs.ids {
+			if r.rottenChunks[c] && !r.rotted[id] {
+				r.rotted[id], r.corrupt[id] = true, true
+				r.note("package %s refers to chunk %s, damaged at rest", id, c.Short())
+			}
+		}
+		cr, err := r.store.PeekChunks(r.ctx, cs.packs)
+		if err == nil {
+			err = cr.FetchChunks(r.ctx, cs.ids, func(teleport.ChunkID, []byte) error { return nil })
+		}
+		if err != nil {
+			r.violate(InvChunkSafety, "committed package %s refers to chunks that are not in the store: %v", id, err)
+			return
 		}
 	}
 }
@@ -168,7 +247,15 @@ func (r *run) probeRestore(e *pkgExpect, m *teleport.Package, b []byte) (map[str
 	if !ok || sec.Offset+sec.Size > int64(len(b)) {
 		return nil, fmt.Errorf("manifest has no blob section within the body")
 	}
-	snap, err := blob.OpenSnapshot(bytes.NewReader(b[sec.Offset:sec.Offset+sec.Size]), sec.Size)
+	o := blob.OpenOptions{Name: "package " + m.ID, Workers: 1}
+	if m.Format == blob.Version2 {
+		cr, err := r.store.PeekChunks(r.ctx, m.ChunkPacks)
+		if err != nil {
+			return nil, err
+		}
+		o.Chunks = cr
+	}
+	snap, err := blob.OpenSnapshot(bytes.NewReader(b[sec.Offset:sec.Offset+sec.Size]), sec.Size, o)
 	if err != nil {
 		return nil, err
 	}

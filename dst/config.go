@@ -20,10 +20,11 @@ const (
 	BugResumeSourceAfterMove Bug = "resume-source-after-move" // plant.ServiceBugs.ResumeSourceAfterMove
 	BugSkipChecksums         Bug = "skip-checksums"           // plant.ServiceBugs.SkipChecksums
 	BugVisibleBeforeComplete Bug = "visible-before-complete"  // StoreBugs.PublishBeforeComplete
+	BugGCWithoutGrace        Bug = "gc-without-grace"         // plant.ChunkBugs.SweepWithoutGrace
 )
 
 // Bugs lists the planted bugs.
-var Bugs = []Bug{BugSkipRestoreRules, BugResumeSourceAfterMove, BugSkipChecksums, BugVisibleBeforeComplete}
+var Bugs = []Bug{BugSkipRestoreRules, BugResumeSourceAfterMove, BugSkipChecksums, BugVisibleBeforeComplete, BugGCWithoutGrace}
 
 // ParseBug checks a bug name ("" or "none" for no bug).
 func ParseBug(s string) (Bug, error) {
@@ -114,6 +115,10 @@ func (c *Config) serviceBugs() plant.ServiceBugs {
 		SkipChecksums:         c.Bug == BugSkipChecksums,
 		ResumeSourceAfterMove: c.Bug == BugResumeSourceAfterMove,
 	}
+}
+
+func (c *Config) chunkBugs() plant.ChunkBugs {
+	return plant.ChunkBugs{SweepWithoutGrace: c.Bug == BugGCWithoutGrace}
 }
 
 func (c *Config) storeBugs() StoreBugs {

@@ -117,6 +117,7 @@ func TestPlantedBugsAreCaught(t *testing.T) {
 		{BugResumeSourceAfterMove, []string{InvSingleActivation}},
 		{BugSkipChecksums, []string{InvSnapshotConsistency, InvRefusalReason}},
 		{BugVisibleBeforeComplete, []string{InvCommitAtomicity, InvNoLoss}},
+		{BugGCWithoutGrace, []string{InvChunkSafety}},
 	} {
 		t.Run(string(c.bug), func(t *testing.T) {
 			firstCatch(t, Config{Steps: 200, Faults: "default", Bug: c.bug}, 40, c.want...)

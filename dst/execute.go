@@ -73,6 +73,12 @@ func (r *run) execute(op Op) {
 			r.note("skip: %s is not committed", op.Pkg)
 			break
 		}
+		if cs := r.chunksOf(op.Pkg); cs != nil && len(cs.ids) > 0 && op.Bit%2 == 1 {
+			// Damage a chunk of the package instead of its body: every
+			// package that shares the chunk is damaged with it.
+			r.corruptChunk(op, cs)
+			break
+		}
 		off, err := r.store.CorruptAtRest(op.Pkg, op.Bit)
 		if err != nil {
 			r.note("corrupt %s: %v", op.Pkg, err)
@@ -90,6 +96,29 @@ func (r *run) execute(op Op) {
 	r.repair()
 	r.check()
 	r.res.Steps++
+}
+
+// corruptChunk flips a bit of a chunk that package op.Pkg refers to.
+func (r *run) corruptChunk(op Op, cs *chunkSet) {
+	c := cs.ids[int(op.Bit/2%uint64(len(cs.ids)))]
+	cr, err := r.store.PeekChunks(r.ctx, cs.packs)
+	if err != nil {
+		r.note("corrupt a chunk of %s: %v", op.Pkg, err)
+		return
+	}
+	pack, off, n := r.store.ChunkLocation(cr, c)
+	if n == 0 {
+		r.note("corrupt a chunk of %s: chunk %s not found", op.Pkg, c.Short())
+		return
+	}
+	at, err := r.store.CorruptChunkAtRest(pack, uint64(off)*8+op.Bit/2%(uint64(n)*8))
+	if err != nil {
+		r.note("corrupt chunk %s of %s: %v", c.Short(), op.Pkg, err)
+		return
+	}
+	r.rottenChunks[c] = true
+	r.inj.fire(StoreCorruptAtRest, op.Pkg, fmt.Sprintf("chunk %s, byte %d of pack %s", c.Short(), at, pack))
+	r.checkChunks() // marks every package that shares it
 }
 
 // restoreReads reports whether restoring package id reads (and so
@@ -372,6 +401,7 @@ func (r *run) teleportInto(a *agent, dst *host, step int) {
 // corrupt reports a refusal for a checksum that the model knows is right.
 func (r *run) teleportIn(pkg string, dst *host, step int) (v *hostVM, ok, corrupt bool) {
 	e := r.expect[pkg]
+	r.checkChunks() // a package committed onto a damaged chunk is damaged
 	want := verdict(e.packageFacts, dst.cfg, r.corrupt[pkg])
 	cfg := vm.Config{Name: vmName(dst, step, 1)}
 	if e.kind == teleport.KindCheckpoint {

@@ -38,6 +38,8 @@ const (
 	HostCrash                          // per host call during an operation: the host process dies (before or after the call)
 	EnvHostCrash                       // per step: an idle host dies
 	EnvVMCrash                         // per step: a running agent's VM dies
+	StoreGCRace                        // per store call: GC runs right after it, inside the operation
+	StoreStall                         // per store call: it takes longer than half the chunk grace period
 	numPoints
 )
 
@@ -47,7 +49,7 @@ var pointNames = [numPoints]string{
 	"store.upload", "store.download", "store.stat", "store.delete", "store.timeout", "store.ack_lost",
 	"store.partial_write", "store.corrupt_at_rest",
 	"target.arch_mismatch", "target.version_mismatch",
-	"host.crash", "env.host_crash", "env.vm_crash",
+	"host.crash", "env.host_crash", "env.vm_crash", "store.gc_race", "store.stall",
 }
 
 func (p Point) String() string {
@@ -96,6 +98,7 @@ var (
 		StorePartialWrite: 0.02, StoreCorruptAtRest: 0.01,
 		TargetArchMismatch: 0.05, TargetVersionMismatch: 0.05,
 		HostCrash: 0.002, EnvHostCrash: 0.01, EnvVMCrash: 0.01,
+		StoreGCRace: 0.05, StoreStall: 0.005,
 	}}
 	profileHeavy = Profile{P: [numPoints]float64{
 		VMBoot: 0.05, VMCrash: 0.01, VMPause: 0.05, VMResume: 0.05, VMStop: 0.05, VMExec: 0.05, VMExecTimeout: 0.03,
@@ -104,6 +107,7 @@ var (
 		StorePartialWrite: 0.05, StoreCorruptAtRest: 0.03,
 		TargetArchMismatch: 0.1, TargetVersionMismatch: 0.1,
 		HostCrash: 0.005, EnvHostCrash: 0.02, EnvVMCrash: 0.02,
+		StoreGCRace: 0.1, StoreStall: 0.02,
 	}}
 )
 

@@ -8,6 +8,7 @@ import (
 	"io"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/internal/plant"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/vm"
@@ -31,6 +32,7 @@ type HostConfig struct {
 	BaseImage   string
 	Kind        string // KindVZ or KindFC
 	MemoryBytes int
+	Format      int // the KLP1 version its service writes
 }
 
 func (c HostConfig) hostBound() bool { return c.Kind == KindVZ }
@@ -45,7 +47,7 @@ func (c HostConfig) simOptions() sim.Options {
 }
 
 func (c HostConfig) String() string {
-	return fmt.Sprintf("%s(%s %s %s mem=%d)", c.ID, c.Arch, c.BaseImage, c.Kind, c.MemoryBytes)
+	return fmt.Sprintf("%s(%s %s %s mem=%d klp1=v%d)", c.ID, c.Arch, c.BaseImage, c.Kind, c.MemoryBytes, max(c.Format, 1))
 }
 
 // errHostDown: the host process is gone; nothing it was doing takes effect.
@@ -85,8 +87,13 @@ func (h *host) start() {
 	o := h.cfg.simOptions()
 	o.Clock, o.Faults = h.r.clock, h
 	h.fac = sim.NewFactory(o)
+	format := h.cfg.Format
+	if format == 0 {
+		format = blob.Version1
+	}
 	h.svc = service.New(&hostStore{h: h, epoch: h.epoch, s: h.r.store}, &hostFactory{h: h, epoch: h.epoch},
-		service.WithClock(h.r.clock), service.WithIDs(h.r.autoPackageID), service.WithStepObserver(h.r.onServiceStep))
+		service.WithClock(h.r.clock), service.WithIDs(h.r.autoPackageID), service.WithStepObserver(h.r.onServiceStep),
+		service.WithFormat(format), service.WithWorkers(1))
 	plant.SetServiceBugs(h.svc, h.r.cfg.serviceBugs())
 }
 
@@ -389,7 +396,35 @@ type hostStore struct {
 	s     *Store
 }
 
-var _ teleport.Store = (*hostStore)(nil)
+var _ teleport.ChunkStore = (*hostStore)(nil)
+
+func (s *hostStore) OpenChunks(ctx context.Context, pkg *teleport.Package) (teleport.ChunkReader, error) {
+	after, err := s.h.enter(s.epoch, "store open chunks "+pkg.ID)
+	if err != nil {
+		return nil, err
+	}
+	cr, err := s.s.OpenChunks(ctx, pkg)
+	if err = s.h.leave(after, "store open chunks "+pkg.ID, err); err != nil {
+		return nil, err
+	}
+	return &hostChunks{s: s, id: pkg.ID, r: cr}, nil
+}
+
+type hostChunks struct {
+	s  *hostStore
+	id string
+	r  teleport.ChunkReader
+}
+
+func (c *hostChunks) Close() error { return c.r.Close() }
+
+func (c *hostChunks) FetchChunks(ctx context.Context, ids []teleport.ChunkID, fn func(teleport.ChunkID, []byte) error) error {
+	after, err := c.s.h.enter(c.s.epoch, "store fetch chunks "+c.id)
+	if err != nil {
+		return err
+	}
+	return c.s.h.leave(after, "store fetch chunks "+c.id, c.r.FetchChunks(ctx, ids, fn))
+}
 
 func (s *hostStore) Create(ctx context.Context, id string) (teleport.Writer, error) {
 	after, err := s.h.enter(s.epoch, "store create "+id)
@@ -445,6 +480,25 @@ type hostWriter struct {
 	s  *hostStore
 	id string
 	w  teleport.Writer
+}
+
+var _ teleport.ChunkWriter = (*hostWriter)(nil)
+
+func (w *hostWriter) RefChunk(ctx context.Context, id teleport.ChunkID) (teleport.ChunkInfo, bool, error) {
+	after, err := w.s.h.enter(w.s.epoch, "store ref chunk "+w.id)
+	if err != nil {
+		return teleport.ChunkInfo{}, false, err
+	}
+	info, ok, err := w.w.(teleport.ChunkWriter).RefChunk(ctx, id)
+	return info, ok, w.s.h.leave(after, "store ref chunk "+w.id, err)
+}
+
+func (w *hostWriter) PutChunk(ctx context.Context, id teleport.ChunkID, info teleport.ChunkInfo, stored []byte) error {
+	after, err := w.s.h.enter(w.s.epoch, "store put chunk "+w.id)
+	if err != nil {
+		return err
+	}
+	return w.s.h.leave(after, "store put chunk "+w.id, w.w.(teleport.ChunkWriter).PutChunk(ctx, id, info, stored))
 }
 
 func (w *hostWriter) Write(p []byte) (int, error) {

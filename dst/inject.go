@@ -39,6 +39,9 @@ type injector struct {
 	counts [numPoints]int
 	total  int
 	tr     *tracer
+	// gc runs the store's GC in the middle of an operation (StoreGCRace).
+	gc   func()
+	inGC bool
 }
 
 // roll draws once for p; a point that is off draws nothing. (The profile is
@@ -88,21 +91,39 @@ func storePoint(op StoreOp) Point {
 	switch op {
 	case StoreOpOpen, StoreOpRead:
 		return StoreDownload
-	case StoreOpStat, StoreOpList:
+	case StoreOpStat, StoreOpList, StoreOpChunkList:
 		return StoreStat
 	case StoreOpDelete:
 		return StoreDelete
+	case StoreOpChunkGet:
+		return StoreDownload
 	}
 	return StoreUpload
 }
 
-// StoreFault implements StoreFaults: latency first, then at most one fault.
+// StoreFault implements StoreFaults: latency first (sometimes a stall
+// past the chunk rule's deadline), GC racing the call, then at most one
+// fault.
 func (in *injector) StoreFault(op StoreOp, id string, n int64) StoreOutcome {
 	in.clock.Advance(storeLatencyBase + time.Duration(n)*storeNsPerByte + time.Duration(in.rng.Int64N(int64(storeLatencyJitter))))
+	if in.roll(StoreStall) {
+		in.clock.Advance(chunkGraceDefault)
+		in.fire(StoreStall, id, op.String())
+	}
+	if !in.inGC && in.gc != nil && in.roll(StoreGCRace) {
+		in.fire(StoreGCRace, id, op.String())
+		in.inGC = true
+		in.gc()
+		in.inGC = false
+	}
 	if in.roll(StoreTimeout) {
 		in.clock.Advance(storeTimeout)
 		in.fire(StoreTimeout, id, op.String())
 		return Timeout
+	}
+	if op == StoreOpChunkPut && in.roll(StoreAckLost) {
+		in.fire(StoreAckLost, id, op.String())
+		return AckLost
 	}
 	if op == StoreOpCommit {
 		switch {

@@ -10,6 +10,9 @@ import (
 	"sort"
 	"time"
 
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
+	"github.com/kelpie/teleport/internal/plant"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
 )
@@ -45,11 +48,14 @@ const (
 	// InvCommitAtomicity: a committed package is complete: its blob is the
 	// one its manifest describes, unless corruption at rest was injected.
 	InvCommitAtomicity = "CommitAtomicity"
+	// InvChunkSafety: GC never removes a chunk that a committed package,
+	// or an upload in flight that may still commit, refers to.
+	InvChunkSafety = "ChunkSafety"
 )
 
 // Invariants lists every invariant.
 var Invariants = []string{InvSnapshotConsistency, InvArchitectureValidation, InvVersionCompatibility,
-	InvNoPartialRestore, InvNoLoss, InvSingleActivation, InvRefusalReason, InvOutAtomicity, InvCommitAtomicity}
+	InvNoPartialRestore, InvNoLoss, InvSingleActivation, InvRefusalReason, InvOutAtomicity, InvCommitAtomicity, InvChunkSafety}
 
 // Violation is one broken invariant.
 type Violation struct {
@@ -130,6 +136,10 @@ type run struct {
 	crashedVM map[string]bool // VMs an injected fault crashed
 	truths    map[string]*pkgTruth
 	probes    map[string]*sim.Factory
+	// rottenChunks are chunks damaged at rest: every package that refers
+	// to one, now or later, is damaged too.
+	rottenChunks map[teleport.ChunkID]bool
+	chunkSets    map[string]*chunkSet
 	autoIDs   int
 	// leftovers are VMs a failed operation could not remove (and said
 	// so); the controller retries.
@@ -147,14 +157,29 @@ func newRun(cfg Config) (*run, error) {
 		cfg: cfg, ctx: context.Background(), clock: NewClock(), byID: map[string]*agent{},
 		expect: map[string]*pkgExpect{}, corrupt: map[string]bool{}, rotted: map[string]bool{}, crashedVM: map[string]bool{},
 		truths: map[string]*pkgTruth{}, probes: map[string]*sim.Factory{}, objectLimit: objectLimitBytes,
+		rottenChunks: map[teleport.ChunkID]bool{}, chunkSets: map[string]*chunkSet{},
 		maxAgents: 2 * cfg.Hosts,
 	}
 	r.tr = newTracer(cfg.Trace)
 	r.inj = &injector{prof: &r.cfg.profile, clock: r.clock, tr: r.tr, rng: Stream(cfg.Seed, "setup")}
-	r.store = NewStore(StoreOptions{Clock: r.clock, Faults: r.inj, ObjectSizeMaxBytes: r.objectLimit, Bugs: cfg.storeBugs()})
+	r.store = NewStore(StoreOptions{Clock: r.clock, Faults: r.inj, ObjectSizeMaxBytes: r.objectLimit, Bugs: cfg.storeBugs(),
+		OnChunkViolation: func(d string) { r.violate(InvChunkSafety, "%s", d) }})
+	plant.SetChunkBugs(r.store.space, cfg.chunkBugs())
+	r.inj.gc = func() {
+		n, err := r.store.GC(r.ctx)
+		r.note("    gc (racing) removed %d (err %v)", n, err)
+		r.checkChunks()
+	}
 	r.res.Seed = cfg.Seed
 	r.tr.linef("dst seed=%d steps=%d hosts=%d faults=%s bug=%s", cfg.Seed, cfg.Steps, cfg.Hosts, cfg.Faults, bugName(cfg.Bug))
+	formats := Stream(cfg.Seed, "formats")
 	for i, hc := range topology(cfg.Seed, cfg.Hosts) {
+		// Most hosts write the compact format; some keep version 1, so
+		// both are written, read and mixed.
+		hc.Format = blob.Version2
+		if formats.IntN(4) == 0 {
+			hc.Format = blob.Version1
+		}
 		h := newHost(r, hc)
 		h.idx = i
 		r.hosts = append(r.hosts, h)

@@ -8,11 +8,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/store/chunks"
 )
 
 // StoreOp names a store call, for the fault hook.
@@ -28,9 +31,12 @@ const (
 	StoreOpStat
 	StoreOpList
 	StoreOpDelete
+	StoreOpChunkPut  // the chunk space writes an object (a pack, its index)
+	StoreOpChunkGet  // the chunk space reads an object
+	StoreOpChunkList // the chunk space lists its objects
 )
 
-var storeOpNames = [...]string{"create", "write", "commit", "open", "read", "stat", "list", "delete"}
+var storeOpNames = [...]string{"create", "write", "commit", "open", "read", "stat", "list", "delete", "chunk-put", "chunk-get", "chunk-list"}
 
 func (o StoreOp) String() string {
 	if int(o) >= 0 && int(o) < len(storeOpNames) {
@@ -43,8 +49,8 @@ func (o StoreOp) String() string {
 type StoreOutcome int
 
 // The outcomes. Fail and Timeout happen before the call takes effect;
-// AckLost (commit only) after it; Interrupt (commit only) cuts the
-// transfer part way through.
+// AckLost (commit and chunk-put only) after it; Interrupt (commit only)
+// cuts the transfer part way through.
 const (
 	Proceed StoreOutcome = iota
 	Fail
@@ -81,8 +87,16 @@ type StoreOptions struct {
 	// UploadTTL is how long an unfinished upload may sit idle before GC
 	// takes its writer for dead and removes it (default 1 h).
 	UploadTTL time.Duration
-	Bugs      StoreBugs
+	// ChunkGrace is the chunk space's grace period (default 20 s: short
+	// against a run, so that condemnations and sweeps happen in one).
+	ChunkGrace time.Duration
+	// OnChunkViolation is told when GC removes a pack that a live upload
+	// still refers to (the chunk rule broken); nil ignores it.
+	OnChunkViolation func(detail string)
+	Bugs             StoreBugs
 }
+
+const chunkGraceDefault = 20 * time.Second
 
 const uploadTTLDefault = time.Hour
 
@@ -98,6 +112,13 @@ type Store struct {
 	pkgs    map[string]*object
 	uploads []*writer // unfinished uploads, in creation order
 	version uint64
+
+	objs    map[string]*chunkObject // the chunk space's bucket
+	space   *chunks.Space
+	peek    *chunks.Space // the same objects, without faults
+	packSeq int
+	chunkV  uint64 // changes whenever objs does
+	inGC    bool
 }
 
 type object struct {
@@ -107,7 +128,7 @@ type object struct {
 }
 
 var (
-	_ teleport.Store            = (*Store)(nil)
+	_ teleport.ChunkStore       = (*Store)(nil)
 	_ teleport.GarbageCollector = (*Store)(nil)
 )
 
@@ -116,7 +137,19 @@ func NewStore(o StoreOptions) *Store {
 	if o.UploadTTL <= 0 {
 		o.UploadTTL = uploadTTLDefault
 	}
-	return &Store{opts: o, pkgs: map[string]*object{}}
+	if o.ChunkGrace <= 0 {
+		o.ChunkGrace = chunkGraceDefault
+	}
+	s := &Store{opts: o, pkgs: map[string]*object{}, objs: map[string]*chunkObject{}}
+	co := chunks.Options{Grace: o.ChunkGrace, Clock: s.now, ReadWorkers: 1, NewName: func() string {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.packSeq++
+		return fmt.Sprintf("p%d", s.packSeq)
+	}}
+	s.space = chunks.New(&simBucket{s: s, faults: true}, co)
+	s.peek = chunks.New(&simBucket{s: s}, co)
+	return s
 }
 
 func (s *Store) now() time.Time {
@@ -158,12 +191,13 @@ func (s *Store) Create(ctx context.Context, id string) (teleport.Writer, error) 
 	if _, ok := s.pkgs[id]; ok {
 		return nil, fmt.Errorf("create package %s: %w", id, teleport.ErrAlreadyExists)
 	}
-	w := &writer{s: s, id: id, last: s.now()}
+	w := &writer{s: s, id: id, last: s.now(), Writer: chunks.Writer{Space: s.space}}
 	s.uploads = append(s.uploads, w)
 	return w, nil
 }
 
 type writer struct {
+	chunks.Writer
 	s       *Store
 	id      string
 	buf     []byte
@@ -233,9 +267,19 @@ func (w *writer) Commit(ctx context.Context, m *teleport.Package) error {
 		return fmt.Errorf("commit package %s: blob does not match manifest: %w", w.id, teleport.ErrChecksumMismatch)
 	}
 	m.SizeBytes, m.BlobSHA256 = n, hexSum
+	// The chunks are durable before the manifest refers to them.
+	if err := w.Seal(ctx, m, n); err != nil {
+		s.drop(w)
+		return fmt.Errorf("commit package %s: %w", w.id, err)
+	}
 	if err := m.Validate(); err != nil {
 		s.drop(w)
 		return err
+	}
+	// The chunk rule's last check comes just before the package appears.
+	if err := w.CheckDeadline(); err != nil {
+		s.drop(w)
+		return fmt.Errorf("commit package %s: %w", w.id, err)
 	}
 	mb, err := json.Marshal(m)
 	if err != nil {
@@ -286,7 +330,7 @@ func (w *writer) Abort(ctx context.Context) error {
 	}
 	w.done = true
 	w.s.drop(w)
-	return nil
+	return w.Writer.Abort(ctx)
 }
 
 func (s *Store) drop(w *writer) {
@@ -416,7 +460,11 @@ func (s *Store) Delete(ctx context.Context, id string) error {
 func (s *Store) GC(ctx context.Context) (int, error) {
 	now := s.now()
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	if s.inGC {
+		s.mu.Unlock()
+		return 0, nil
+	}
+	s.inGC = true
 	removed := 0
 	kept := s.uploads[:0]
 	for _, u := range s.uploads {
@@ -428,7 +476,234 @@ func (s *Store) GC(ctx context.Context) (int, error) {
 		kept = append(kept, u)
 	}
 	s.uploads = kept
-	return removed, nil
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.inGC = false
+		s.mu.Unlock()
+	}()
+	n, err := s.space.GC(context.WithValue(ctx, gcKey{}, true), func(context.Context) (map[string]bool, error) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		refs := map[string]bool{}
+		for _, o := range s.pkgs {
+			m, err := decodeManifest("", o.manifest)
+			if err != nil {
+				return nil, err
+			}
+			for _, p := range m.ChunkPacks {
+				refs[p] = true
+			}
+		}
+		return refs, nil
+	})
+	return removed + n, err
+}
+
+// gcKey marks the chunk space's calls made by GC, which are the store's
+// own lifecycle and never fault points.
+type gcKey struct{}
+
+// OpenChunks gives access to a committed package's chunks.
+func (s *Store) OpenChunks(ctx context.Context, pkg *teleport.Package) (teleport.ChunkReader, error) {
+	if _, err := s.fault(StoreOpOpen, pkg.ID, 0); err != nil {
+		return nil, err
+	}
+	return s.space.Open(ctx, pkg.ChunkPacks)
+}
+
+// chunkObject is one object of the chunk space.
+type chunkObject struct {
+	b   []byte
+	mod time.Time
+}
+
+// simBucket is the chunk space's bucket: objects in memory, dated by the
+// simulated clock, every call a fault point (unless made by GC, or for
+// the god's-eye view).
+type simBucket struct {
+	s      *Store
+	faults bool
+}
+
+func (b *simBucket) fault(ctx context.Context, op StoreOp, key string, n int64) (StoreOutcome, error) {
+	if !b.faults || ctx.Value(gcKey{}) != nil {
+		return Proceed, nil
+	}
+	return b.s.fault(op, key, n)
+}
+
+func (b *simBucket) Put(ctx context.Context, key string, data []byte) error {
+	out, err := b.fault(ctx, StoreOpChunkPut, key, int64(len(data)))
+	if err != nil {
+		return err
+	}
+	b.s.mu.Lock()
+	b.s.objs[key] = &chunkObject{b: bytes.Clone(data), mod: b.s.now()}
+	b.s.chunkV++
+	b.s.mu.Unlock()
+	if out == AckLost {
+		return fmt.Errorf("chunk space put %s: connection lost before the answer: %w: %w", key, ErrInjected, teleport.ErrStore)
+	}
+	return nil
+}
+
+type simObjectWriter struct {
+	b    *simBucket
+	key  string
+	ctx  context.Context
+	buf  []byte
+	done bool
+}
+
+func (b *simBucket) Create(ctx context.Context, key string) (chunks.ObjectWriter, error) {
+	return &simObjectWriter{b: b, key: key, ctx: ctx}, nil
+}
+
+func (w *simObjectWriter) Write(p []byte) (int, error) {
+	w.buf = append(w.buf, p...)
+	return len(p), nil
+}
+
+func (w *simObjectWriter) Close(ctx context.Context) error {
+	if w.done {
+		return fmt.Errorf("chunk object %s: %w", w.key, teleport.ErrCommitted)
+	}
+	w.done = true
+	return w.b.Put(ctx, w.key, w.buf)
+}
+
+func (w *simObjectWriter) Abort(context.Context) error { w.done, w.buf = true, nil; return nil }
+
+func (b *simBucket) get(key string) (*chunkObject, error) {
+	b.s.mu.Lock()
+	defer b.s.mu.Unlock()
+	o, ok := b.s.objs[key]
+	if !ok {
+		return nil, fmt.Errorf("chunk object %s: %w", key, teleport.ErrNotFound)
+	}
+	return o, nil
+}
+
+func (b *simBucket) Get(ctx context.Context, key string, limit int64) ([]byte, error) {
+	if _, err := b.fault(ctx, StoreOpChunkGet, key, 0); err != nil {
+		return nil, err
+	}
+	o, err := b.get(key)
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(o.b)) > limit {
+		return nil, fmt.Errorf("chunk object %s is larger than %d bytes: %w", key, limit, teleport.ErrStore)
+	}
+	return bytes.Clone(o.b), nil
+}
+
+func (b *simBucket) ReadAt(ctx context.Context, key string, p []byte, off int64) error {
+	if _, err := b.fault(ctx, StoreOpChunkGet, key, int64(len(p))); err != nil {
+		return err
+	}
+	o, err := b.get(key)
+	if err != nil {
+		return err
+	}
+	if off < 0 || off > int64(len(o.b)) || int64(len(p)) > int64(len(o.b))-off {
+		return fmt.Errorf("chunk object %s: %d bytes at %d past its end: %w", key, len(p), off, teleport.ErrStore)
+	}
+	copy(p, o.b[off:])
+	return nil
+}
+
+func (b *simBucket) List(ctx context.Context, prefix string) ([]chunks.Object, error) {
+	if _, err := b.fault(ctx, StoreOpChunkList, prefix, 0); err != nil {
+		return nil, err
+	}
+	b.s.mu.Lock()
+	defer b.s.mu.Unlock()
+	var out []chunks.Object
+	for k, o := range b.s.objs {
+		if strings.HasPrefix(k, prefix) {
+			out = append(out, chunks.Object{Key: k, Size: int64(len(o.b)), ModTime: o.mod})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
+	return out, nil
+}
+
+// Delete is only ever GC's: it checks the chunk rule as it removes a
+// pack's bytes, against every upload still in flight.
+func (b *simBucket) Delete(ctx context.Context, key string) error {
+	s := b.s
+	s.mu.Lock()
+	delete(s.objs, key)
+	s.chunkV++
+	var live []*writer
+	if pack, ok := strings.CutSuffix(strings.TrimPrefix(key, "packs/"), ".pack"); ok {
+		for _, u := range s.uploads {
+			if !u.expired && slices.Contains(u.Packs(), pack) && u.Remaining() > 0 {
+				live = append(live, u)
+			}
+		}
+	}
+	s.mu.Unlock()
+	if len(live) > 0 && s.opts.OnChunkViolation != nil {
+		s.opts.OnChunkViolation(fmt.Sprintf("GC removed chunk pack %s, which the upload of package %s in flight refers to", strings.TrimSuffix(strings.TrimPrefix(key, "packs/"), ".pack"), live[0].id))
+	}
+	return nil
+}
+
+func (b *simBucket) Now(context.Context) (time.Time, error) { return b.s.now(), nil }
+
+// The god's-eye view of the chunk space.
+
+// PeekChunks reads a committed package's chunks without faults.
+func (s *Store) PeekChunks(ctx context.Context, packs []string) (teleport.ChunkReader, error) {
+	return s.peek.Open(ctx, packs)
+}
+
+// ChunkLocation says where chunk c lies, as cr (a PeekChunks reader)
+// finds it: its pack, offset and stored length (0 if not found).
+func (s *Store) ChunkLocation(cr teleport.ChunkReader, c teleport.ChunkID) (pack string, off int64, n int) {
+	r, ok := cr.(*chunks.Reader)
+	if !ok {
+		return "", 0, 0
+	}
+	return r.Locate(c)
+}
+
+// ChunkObjects counts the chunk space's objects and their bytes.
+func (s *Store) ChunkObjects() (n int, bytes int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, o := range s.objs {
+		n++
+		bytes += int64(len(o.b))
+	}
+	return n, bytes
+}
+
+// ChunkVersion changes whenever the chunk space's objects do.
+func (s *Store) ChunkVersion() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.chunkV
+}
+
+// CorruptChunkAtRest flips one bit of a pack of the chunk space (bit is
+// taken modulo the pack's bits) and returns the pack and offset hit.
+func (s *Store) CorruptChunkAtRest(pack string, bit uint64) (int64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o, ok := s.objs["packs/"+pack+".pack"]
+	if !ok || len(o.b) == 0 {
+		return 0, fmt.Errorf("corrupt chunk pack %s: %w", pack, teleport.ErrNotFound)
+	}
+	bit %= uint64(len(o.b)) * 8
+	b := bytes.Clone(o.b)
+	b[bit/8] ^= 1 << (bit % 8)
+	s.objs["packs/"+pack+".pack"] = &chunkObject{b: b, mod: o.mod}
+	s.chunkV++
+	return int64(bit / 8), nil
 }
 
 // The god's-eye view: what the checker reads, bypassing faults.

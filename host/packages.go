@@ -156,7 +156,20 @@ func (h *Host) VerifyPackage(ctx context.Context, url, id string) (*Verification
 	if !ok {
 		sec = teleport.Section{Name: teleport.SectionBlob, Size: r.Size()}
 	}
-	snap, err := blob.OpenSnapshot(io.NewSectionReader(r, sec.Offset, sec.Size), sec.Size)
+	o := blob.OpenOptions{Name: "package " + id}
+	if p.Format == blob.Version2 {
+		cs, ok := st.(teleport.ChunkStore)
+		if !ok {
+			return fail(fmt.Errorf("package %s is version 2 and this store has no chunk space: %w", id, teleport.ErrStore))
+		}
+		cr, err := cs.OpenChunks(ctx, p)
+		if err != nil {
+			return mismatch("%v", err)
+		}
+		defer cr.Close()
+		o.Chunks = cr
+	}
+	snap, err := blob.OpenSnapshot(io.NewSectionReader(r, sec.Offset, sec.Size), sec.Size, o)
 	if err != nil {
 		return mismatch("its blob is unreadable: %v", err)
 	}
@@ -168,7 +181,14 @@ func (h *Host) VerifyPackage(ctx context.Context, url, id string) (*Verification
 		return mismatch("the blob's sections have %d and %d bytes, its metadata says %d and %d",
 			vm.PayloadSize(snap.DeviceState), vm.PayloadSize(snap.Memory), md.DeviceStateSize, md.MemorySize)
 	}
-	if len(p.Sections) == 0 {
+	if p.Format == blob.Version2 {
+		// Every chunk, against its hash (and the payloads against the
+		// checksums the metadata records, where it does).
+		if err := verifyChunks(ctx, snap); err != nil {
+			return mismatch("%v", err)
+		}
+		res.Sections = append(res.Sections, "chunks")
+	} else if len(p.Sections) == 0 {
 		// No section checksums: verify the payloads the metadata records.
 		if err := vm.VerifyPayloads(snap); err != nil {
 			return mismatch("%v", err)
@@ -185,3 +205,28 @@ func (h *Host) VerifyPackage(ctx context.Context, url, id string) (*Verification
 	res.OK, res.SectionsVerified = true, len(res.Sections)
 	return res, nil
 }
+
+// verifyChunks reads every chunk of a version 2 snapshot, verifying it:
+// the memory image through its page map (holes are not streamed) unless
+// the metadata records a checksum of the whole, which a stream checks.
+func verifyChunks(ctx context.Context, snap *vm.Snapshot) error {
+	md := snap.Metadata
+	img, isImage := snap.Memory.(vm.ImagePayload)
+	if !isImage || md.MemorySHA256 != "" {
+		return vm.VerifyPayloads(snap)
+	}
+	if snap.DeviceState != nil {
+		sum, err := vm.HashPayload(snap.DeviceState)
+		if err != nil {
+			return err
+		}
+		if sum != md.DeviceStateSHA256 {
+			return fmt.Errorf("the device state has sha256 %.12s, its metadata says %.12s", sum, md.DeviceStateSHA256)
+		}
+	}
+	return img.WriteImage(ctx, discardAt{})
+}
+
+type discardAt struct{}
+
+func (discardAt) WriteAt(p []byte, _ int64) (int, error) { return len(p), nil }

@@ -36,6 +36,9 @@ type OutRequest struct {
 	AgentState []byte
 	// PackageID is optional.
 	PackageID string
+	// Format is the package's KLP1 version (0: blob.FormatDefault; a
+	// version 2 package needs a store with a chunk space).
+	Format int
 }
 
 // Target is the host a package is meant for (OutRequest.Kind auto).
@@ -97,7 +100,7 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 		res.Kind, res.KindReason = teleport.ChooseKind(src, dst)
 	}
 	out := service.OutRequest{AgentID: req.AgentID, AgentState: req.AgentState, Kind: res.Kind, KeepSource: req.KeepSource,
-		PackageID: req.PackageID}
+		PackageID: req.PackageID, Format: req.Format}
 	if out.AgentID == "" {
 		out.AgentID = name
 	}

@@ -365,6 +365,9 @@ type SnapshotResult struct {
 	SnapshotID string
 	Layout     vm.Layout
 	SizeBytes  int64 // the blob file
+	Format     int   // its KLP1 version
+	// LogicalBytes: the device state and guest memory it stands for.
+	LogicalBytes int64
 	// Downtime is how long the snapshot kept a running guest stopped,
 	// where the backend measures it (DowntimeKnown).
 	Downtime      time.Duration
@@ -372,9 +375,16 @@ type SnapshotResult struct {
 }
 
 // SnapshotVM writes a snapshot of VM name to the KLP1 blob file out, in
-// layout ("" for the backend's own). The VM keeps running (or stays
-// paused). The file appears only when complete.
-func (h *Host) SnapshotVM(ctx context.Context, name, out string, layout vm.Layout) (*SnapshotResult, error) {
+// layout ("" for the backend's own) and format (a KLP1 version; 0 for
+// blob.FormatDefault). The VM keeps running (or stays paused). The file
+// appears only when complete.
+func (h *Host) SnapshotVM(ctx context.Context, name, out string, layout vm.Layout, format int) (*SnapshotResult, error) {
+	if format == 0 {
+		format = blob.FormatDefault
+	}
+	if format != blob.Version1 && format != blob.Version2 {
+		return nil, fmt.Errorf("blob format %d: %w", format, blob.ErrUnsupportedVersion)
+	}
 	unlock, err := h.lockVM(ctx, name)
 	if err != nil {
 		return nil, err
@@ -384,24 +394,30 @@ func (h *Host) SnapshotVM(ctx context.Context, name, out string, layout vm.Layou
 	if err != nil {
 		return nil, err
 	}
-	snap, err := vm.SnapshotLayout(ctx, lv.f, lv.inst, layout)
+	capture := vm.SnapshotLayout
+	if format == blob.Version2 {
+		capture = vm.SnapshotForImage // the packer chunks guest memory itself
+	}
+	snap, err := capture(ctx, lv.f, lv.inst, layout)
 	if err != nil {
 		return nil, err
 	}
 	defer snap.Close()
-	res := &SnapshotResult{SnapshotID: snap.Metadata.SnapshotID, Layout: snap.Metadata.Layout}
+	res := &SnapshotResult{SnapshotID: snap.Metadata.SnapshotID, Layout: snap.Metadata.Layout, Format: format}
 	res.Downtime, res.DowntimeKnown = vm.LastSnapshotDowntime(lv.inst)
-	if res.SizeBytes, err = writeBlobFile(out, snap); err != nil {
+	enc, err := writeBlobFile(ctx, out, snap, format)
+	if err != nil {
 		return nil, fmt.Errorf("write %s: %w", out, err)
 	}
+	res.SizeBytes, res.LogicalBytes = enc.Bytes, enc.LogicalBytes
 	return res, nil
 }
 
 // writeBlobFile packs snap into the file out through a temporary sibling.
-func writeBlobFile(out string, snap *vm.Snapshot) (n int64, err error) {
+func writeBlobFile(ctx context.Context, out string, snap *vm.Snapshot, format int) (enc *blob.Encoded, err error) {
 	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	defer func() {
 		if err != nil {
@@ -409,13 +425,13 @@ func writeBlobFile(out string, snap *vm.Snapshot) (n int64, err error) {
 			os.Remove(tmp.Name())
 		}
 	}()
-	if n, err = blob.EncodeSnapshot(tmp, snap); err != nil {
-		return 0, err
+	if enc, err = blob.EncodeSnapshot(ctx, tmp, snap, blob.EncodeOptions{Format: format}); err != nil {
+		return nil, err
 	}
 	if err = tmp.Close(); err != nil {
-		return 0, err
+		return nil, err
 	}
-	return n, os.Rename(tmp.Name(), out)
+	return enc, os.Rename(tmp.Name(), out)
 }
 
 // liveNames lists the VMs this process holds, for tests and the daemon.

@@ -57,7 +57,8 @@ func TestOutErrorsKeepTheirCategory(t *testing.T) {
 	}{
 		{vm.OpPause, vm.ErrTimeout, false, nil},
 		{vm.OpSnapshot, vm.ErrCrashed, false, nil},
-		{vm.OpResume, vm.ErrCrashed, true, service.ErrSourceNotSettled},
+		// A copy's capture is the backend's: its failure keeps its category.
+		{vm.OpSnapshot, vm.ErrCrashed, true, nil},
 		{vm.OpStop, vm.ErrTimeout, false, service.ErrSourceNotSettled},
 	} {
 		t.Run(c.point, func(t *testing.T) {

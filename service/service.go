@@ -41,6 +41,8 @@ type Service struct {
 	log     *slog.Logger
 	onStep  func(step string, d time.Duration)
 	settle  time.Duration
+	format  int
+	workers int
 	bugs    plant.ServiceBugs
 }
 
@@ -71,10 +73,20 @@ func WithSettleTimeout(d time.Duration) Option { return func(s *Service) { s.set
 
 const settleTimeoutDefault = 30 * time.Second
 
+// WithFormat sets the KLP1 version packages are written in (default
+// blob.FormatDefault, 2). A version 2 package needs a store with a chunk
+// space (teleport.ChunkStore); into any other store it is version 1.
+func WithFormat(v int) Option { return func(s *Service) { s.format = v } }
+
+// WithWorkers sets how many goroutines chunk, compress and decode a
+// version 2 package (default: one per CPU). 1 keeps all of it on the
+// caller's goroutine, in order: what the deterministic simulation needs.
+func WithWorkers(n int) Option { return func(s *Service) { s.workers = n } }
+
 // New returns the teleport service of a host over store and factory.
 func New(store teleport.Store, factory vm.Factory, opts ...Option) *Service {
 	s := &Service{store: store, factory: factory, clock: systemClock{}, newID: randomID,
-		log: slog.New(slog.DiscardHandler), settle: settleTimeoutDefault}
+		log: slog.New(slog.DiscardHandler), settle: settleTimeoutDefault, format: blob.FormatDefault}
 	for _, o := range opts {
 		o(s)
 	}
@@ -115,6 +127,8 @@ type OutRequest struct {
 	// Workspace, when set, becomes the package's workspace section (a
 	// checkpoint's /workspace archive).
 	Workspace vm.Payload
+	// Format is the KLP1 version of the package (0: the service's).
+	Format int
 }
 
 // Errors that say what a failed flow could not undo.
@@ -195,13 +209,20 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 		return cause
 	}
 
+	format, err := s.formatFor(req)
+	if err != nil {
+		return nil, err
+	}
 	var snap *vm.Snapshot
 	if full {
 		if err := vm.CheckTransition(inst.ID(), vm.OpSnapshot, inst.State()); err != nil {
 			return nil, fmt.Errorf("teleport out: %w", err)
 		}
 		t := s.clock.Now()
-		if inst.State() == vm.StateRunning {
+		// A move stays paused until the package is committed. A copy's
+		// source is paused only by the capture itself: the backend resumes
+		// it before the snapshot is packed and uploaded.
+		if inst.State() == vm.StateRunning && !req.KeepSource {
 			if err := inst.Pause(ctx); err != nil {
 				return nil, fmt.Errorf("teleport out: pause: %w", err)
 			}
@@ -209,8 +230,12 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 		}
 		s.step("pause", t)
 		t = s.clock.Now()
-		var err error
-		if snap, err = inst.Snapshot(ctx); err != nil {
+		capture := inst.Snapshot
+		if format == blob.Version2 {
+			// The packer chunks guest memory itself: take it raw.
+			capture = func(ctx context.Context) (*vm.Snapshot, error) { return vm.SnapshotForImage(ctx, s.factory, inst, "") }
+		}
+		if snap, err = capture(ctx); err != nil {
 			return nil, rollback(fmt.Errorf("teleport out: snapshot: %w", err))
 		}
 		defer snap.Close()
@@ -231,7 +256,7 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 	}
 
 	t := s.clock.Now()
-	pkg, err := s.upload(ctx, id, req, snap)
+	pkg, err := s.upload(ctx, id, req, snap, format)
 	if err != nil {
 		err = fmt.Errorf("teleport out: %w", err)
 		if inst == nil {
@@ -268,10 +293,34 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 	return pkg, nil
 }
 
-// upload packs and commits the package: the snapshot as a KLP1 blob, then
-// the workspace, each a section with its own size and SHA-256. On failure
-// nothing is visible, or ErrOutcomeUnknown says the store could not tell.
-func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *vm.Snapshot) (*teleport.Package, error) {
+// formatFor is the KLP1 version req's package is written in: version 2
+// only into a store with a chunk space.
+func (s *Service) formatFor(req OutRequest) (int, error) {
+	f := req.Format
+	if f == 0 {
+		f = s.format
+	}
+	switch f {
+	case blob.Version1:
+		return f, nil
+	case blob.Version2:
+		if _, ok := s.store.(teleport.ChunkStore); ok {
+			return f, nil
+		}
+		if req.Format == blob.Version2 {
+			return 0, fmt.Errorf("teleport out: this store has no chunk space for a version 2 package (use format v1): %w", teleport.ErrStore)
+		}
+		return blob.Version1, nil
+	}
+	return 0, fmt.Errorf("teleport out: blob format %d (want 1 or 2): %w", f, teleport.ErrInvalidPackage)
+}
+
+// upload packs and commits the package: the snapshot as a KLP1 blob of
+// the given format (version 2: its chunks go to the store's chunk space,
+// only those it lacks), then the workspace, each a section with its own
+// size and SHA-256. On failure nothing is visible, or ErrOutcomeUnknown
+// says the store could not tell.
+func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *vm.Snapshot, format int) (*teleport.Package, error) {
 	host := s.factory.Host()
 	md := snap.Metadata
 	pkg := &teleport.Package{
@@ -305,10 +354,17 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 		}
 	}()
 	sw := &sectionWriter{w: w}
-	if _, err := blob.EncodeSnapshot(sw.begin(teleport.SectionBlob), snap); err != nil {
+	eo := blob.EncodeOptions{Format: format, V2: blob.V2Options{Workers: s.workers}}
+	if format == blob.Version2 {
+		eo.V2.Chunks = w.(teleport.ChunkWriter)
+	}
+	enc, err := blob.EncodeSnapshot(ctx, sw.begin(teleport.SectionBlob), snap, eo)
+	if err != nil {
+		sw.end()
 		return nil, fmt.Errorf("pack package %s: %w", id, err)
 	}
 	sw.end()
+	pkg.Format, pkg.LogicalBytes = enc.Format, enc.LogicalBytes
 	if ws := req.Workspace; ws != nil {
 		rc, err := ws.Open()
 		if err != nil {
@@ -468,10 +524,11 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 
 	if pkg.Kind.FullVM() {
 		t = s.clock.Now()
-		snap, err := s.snapshotFromBlob(pkg, r)
+		snap, closeChunks, err := s.snapshotFromBlob(ctx, pkg, r)
 		if err != nil {
 			return nil, pkg, err
 		}
+		defer closeChunks()
 		inst, err = s.factory.CreateFromSnapshot(ctx, cfg, snap)
 		if err != nil {
 			inst = nil // the factory cleaned up, or said it could not
@@ -522,7 +579,9 @@ func refuse(pkg *teleport.Package, format string, args ...any) error {
 // that were read and found wrong make a package corrupt; a failed read
 // says nothing about the package (the caller may retry), so it must not be
 // reported as a checksum refusal.
-func readFailed(err error) bool { return !errors.Is(err, vm.ErrCorrupt) && blob.ErrorKind(err) == "" }
+func readFailed(err error) bool {
+	return !errors.Is(err, vm.ErrCorrupt) && !errors.Is(err, teleport.ErrChunkMissing) && blob.ErrorKind(err) == ""
+}
 
 // blobSection locates the KLP1 blob in a package's body; a package from
 // before sections existed is all blob.
@@ -535,14 +594,43 @@ func blobSection(pkg *teleport.Package, bodySize int64) teleport.Section {
 
 // snapshotFromBlob maps a package's blob onto a snapshot whose payloads
 // read straight from the store (blob.OpenSnapshot), after checking its
-// metadata against the manifest. The payloads' checksums are verified by
-// the backend while it stages them (vm.Stage), in the same single read.
-func (s *Service) snapshotFromBlob(pkg *teleport.Package, r teleport.Reader) (*vm.Snapshot, error) {
+// metadata against the manifest. A version 2 package's chunks come from
+// the store's chunk space, each verified against its hash as it is read;
+// the payloads' checksums are verified by the backend while it stages
+// them (vm.Stage), in the same single read. The caller calls the returned
+// func when done with the snapshot.
+func (s *Service) snapshotFromBlob(ctx context.Context, pkg *teleport.Package, r teleport.Reader) (*vm.Snapshot, func(), error) {
+	none := func() {}
 	sec := blobSection(pkg, r.Size())
 	if sec.Offset+sec.Size > r.Size() {
-		return nil, refuse(pkg, "its body has %d bytes, its blob section ends at %d", r.Size(), sec.Offset+sec.Size)
+		return nil, none, refuse(pkg, "its body has %d bytes, its blob section ends at %d", r.Size(), sec.Offset+sec.Size)
 	}
-	snap, err := blob.OpenSnapshot(io.NewSectionReader(r, sec.Offset, sec.Size), sec.Size)
+	o := blob.OpenOptions{Name: "package " + pkg.ID, Workers: s.workers}
+	closeChunks := none
+	if pkg.Format == blob.Version2 {
+		cs, ok := s.store.(teleport.ChunkStore)
+		if !ok {
+			return nil, none, fmt.Errorf("teleport in: package %s is version 2 and this store has no chunk space: %w", pkg.ID, teleport.ErrStore)
+		}
+		cr, err := cs.OpenChunks(ctx, pkg)
+		if errors.Is(err, teleport.ErrChunkMissing) {
+			return nil, none, refuse(pkg, "%v", err)
+		}
+		if err != nil {
+			return nil, none, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)
+		}
+		o.Chunks, closeChunks = cr, func() { cr.Close() }
+	}
+	snap, err := s.openBlob(pkg, io.NewSectionReader(r, sec.Offset, sec.Size), sec.Size, o)
+	if err != nil {
+		closeChunks()
+		return nil, none, err
+	}
+	return snap, closeChunks, nil
+}
+
+func (s *Service) openBlob(pkg *teleport.Package, r io.ReaderAt, size int64, o blob.OpenOptions) (*vm.Snapshot, error) {
+	snap, err := blob.OpenSnapshot(r, size, o)
 	if err != nil {
 		if readFailed(err) {
 			return nil, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/internal/plant"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/mem"
@@ -315,7 +316,7 @@ func TestInRefusesCorruptPayloadAndLeavesNoVM(t *testing.T) {
 	store := mem.New()
 	a := newHost(store, sim.Options{HostID: "a"})
 	src := running(t, a, map[string]string{"k": "v"})
-	pkg, err := a.svc.Out(ctx, src, service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport})
+	pkg, err := a.svc.Out(ctx, src, service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport, Format: blob.Version1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -348,6 +349,65 @@ func TestInRefusesCorruptPayloadAndLeavesNoVM(t *testing.T) {
 	}
 	if guest(inst)["k"] == "v" {
 		t.Fatalf("planted bug had no effect: the restored guest holds the undamaged state %v", guest(inst))
+	}
+}
+
+// corruptChunks flips a bit of the first chunk a package's restore
+// fetches.
+type corruptChunks struct {
+	teleport.ChunkStore
+}
+
+func (s corruptChunks) OpenChunks(ctx context.Context, pkg *teleport.Package) (teleport.ChunkReader, error) {
+	cr, err := s.ChunkStore.OpenChunks(ctx, pkg)
+	return &flipFirst{ChunkReader: cr}, err
+}
+
+type flipFirst struct {
+	teleport.ChunkReader
+	done bool
+}
+
+func (f *flipFirst) FetchChunks(ctx context.Context, ids []teleport.ChunkID, fn func(teleport.ChunkID, []byte) error) error {
+	return f.ChunkReader.FetchChunks(ctx, ids, func(id teleport.ChunkID, b []byte) error {
+		if !f.done {
+			f.done = true
+			b = bytes.Clone(b)
+			b[len(b)/2] ^= 0x40
+		}
+		return fn(id, b)
+	})
+}
+
+// A version 2 package whose chunk was damaged in the store is refused
+// before the VM exists, naming the chunk and the package; a missing chunk
+// too.
+func TestInRefusesCorruptChunkAndLeavesNoVM(t *testing.T) {
+	ctx := context.Background()
+	store := mem.New()
+	a := newHost(store, sim.Options{HostID: "a"})
+	src := running(t, a, map[string]string{"k": "v"})
+	pkg, err := a.svc.Out(ctx, src, service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pkg.Format != blob.Version2 || pkg.Chunks == 0 || len(pkg.ChunkPacks) == 0 {
+		t.Fatalf("package %+v is not a version 2 package with chunks", pkg)
+	}
+	b := newHost(corruptChunks{store}, sim.Options{HostID: "b"})
+	inst, _, err := b.svc.In(ctx, pkg.ID, vm.Config{}, service.InOptions{})
+	if !errors.Is(err, teleport.ErrChecksumMismatch) || inst != nil {
+		t.Fatalf("In of a package with a damaged chunk: %v (inst %v), want ErrChecksumMismatch and no VM", err, inst)
+	}
+	if !strings.Contains(err.Error(), "package "+pkg.ID+": chunk ") {
+		t.Fatalf("%q does not name the package and the chunk", err)
+	}
+	if vms, _ := vm.List(ctx, b.f); len(vms) != 0 {
+		t.Fatalf("VMs left behind: %v", vms)
+	}
+	// The untouched store restores it.
+	if inst, _, err := newHost(store, sim.Options{HostID: "c"}).svc.In(ctx, pkg.ID, vm.Config{}, service.InOptions{}); err != nil || guest(inst)["k"] != "v" {
+		t.Fatalf("In from the intact store: %v", err)
 	}
 }
 

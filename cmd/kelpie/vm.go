@@ -250,7 +250,7 @@ func vmSnapshot(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer h.Close()
-	res, err := h.SnapshotVM(ctx, pos[0], *out, vm.Layout(*layout))
+	res, err := h.SnapshotVM(ctx, pos[0], *out, vm.Layout(*layout), 0)
 	if err != nil {
 		return err
 	}
