@@ -258,8 +258,8 @@ const streamBatchChunks = 32
 type v2Stream struct {
 	p     *v2Payload
 	ctx   context.Context
-	next  int    // the next table entry to fetch
-	pos   int64  // stream offset of pending[0]
+	next  int   // the next table entry to fetch
+	pos   int64 // stream offset of pending[0]
 	raws  map[teleport.ChunkID][]byte
 	queue []int  // fetched table entries, in order
 	cur   []byte // bytes ready to read

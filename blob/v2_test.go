@@ -204,9 +204,9 @@ func newFakeChunks() *fakeChunks {
 	return &fakeChunks{chunks: map[teleport.ChunkID][]byte{}, infos: map[teleport.ChunkID]teleport.ChunkInfo{}}
 }
 
-func (f *fakeChunks) Write(p []byte) (int, error)            { return len(p), nil }
+func (f *fakeChunks) Write(p []byte) (int, error)                     { return len(p), nil }
 func (f *fakeChunks) Commit(context.Context, *teleport.Package) error { return nil }
-func (f *fakeChunks) Abort(context.Context) error              { return nil }
+func (f *fakeChunks) Abort(context.Context) error                     { return nil }
 func (f *fakeChunks) RefChunk(_ context.Context, id teleport.ChunkID) (teleport.ChunkInfo, bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -454,7 +454,10 @@ func checkRefusal(t *testing.T, err error, kind, want string) {
 // discardAt counts what is written, whatever the offset.
 type discardAt struct{ n int64 }
 
-func (d *discardAt) WriteAt(p []byte, off int64) (int, error) { d.n += int64(len(p)); return len(p), nil }
+func (d *discardAt) WriteAt(p []byte, off int64) (int, error) {
+	d.n += int64(len(p))
+	return len(p), nil
+}
 
 // reseal gives a (mutated) blob correct digests: the header's and those
 // of its table sections, as far as its section table can be read, so that

@@ -140,7 +140,7 @@ type run struct {
 	// to one, now or later, is damaged too.
 	rottenChunks map[teleport.ChunkID]bool
 	chunkSets    map[string]*chunkSet
-	autoIDs   int
+	autoIDs      int
 	// leftovers are VMs a failed operation could not remove (and said
 	// so); the controller retries.
 	leftovers []*hostVM

@@ -162,5 +162,5 @@ func ExampleHost_VerifyPackage() {
 	}
 	fmt.Println("ok:", v.OK, "sections:", v.Sections)
 	// Output:
-	// ok: true sections: [blob]
+	// ok: true sections: [blob chunks]
 }

@@ -1,6 +1,7 @@
 package host_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -296,8 +297,26 @@ func TestVerifyPackage(t *testing.T) {
 		t.Fatal(err)
 	}
 	v, err := h.VerifyPackage(ctx, "", out.Package.ID)
-	if err != nil || !v.OK || v.SectionsVerified != 1 || v.Sections[0] != teleport.SectionBlob {
+	if err != nil || !v.OK || v.SectionsVerified != 2 || v.Sections[0] != teleport.SectionBlob || v.Sections[1] != "chunks" {
 		t.Fatalf("verify: %+v %v", v, err)
+	}
+	// A damaged chunk fails it too, naming the chunk.
+	packs, _ := filepath.Glob(filepath.Join(home, "packages", "chunks", "packs", "*.pack"))
+	if len(packs) == 0 {
+		t.Fatal("no chunk packs in the store")
+	}
+	for _, p := range packs {
+		pb, _ := os.ReadFile(p)
+		orig := bytes.Clone(pb)
+		for i := 10; i < len(pb); i += 512 {
+			pb[i] ^= 1
+		}
+		os.WriteFile(p, pb, 0o644)
+		v, err = h.VerifyPackage(ctx, "", out.Package.ID)
+		os.WriteFile(p, orig, 0o644)
+		if !errors.Is(err, teleport.ErrChecksumMismatch) || v.OK || !strings.Contains(err.Error(), "chunk ") {
+			t.Fatalf("verify of a package with a damaged chunk: %+v %v", v, err)
+		}
 	}
 	blobPath := filepath.Join(home, "packages", "packages", out.Package.ID, "blob")
 	b, err := os.ReadFile(blobPath)

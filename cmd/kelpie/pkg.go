@@ -60,9 +60,11 @@ func cmdPackage(ctx context.Context, e *env, args []string) error {
 			return out(l)
 		}
 		tw := tabwriter.NewWriter(e.stdout, 2, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tAGENT\tKIND\tARCH\tBACKEND\tIMAGE\tSIZE\tCREATED")
+		fmt.Fprintln(tw, "ID\tAGENT\tKIND\tARCH\tBACKEND\tIMAGE\tKLP1\tLOGICAL\tSTORED\tNEW\tCHUNKS\tCREATED")
 		for _, p := range l {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.ID, p.AgentID, p.Kind, p.SourceArch, p.Backend, p.BaseImageVersion, humanBytes(p.SizeBytes), p.CreatedAt.Format("2006-01-02 15:04:05"))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\tv%d\t%s\t%s\t%s\t%d/%d\t%s\n", p.ID, p.AgentID, p.Kind, p.SourceArch, p.Backend, p.BaseImageVersion,
+				max(p.Format, 1), humanBytes(p.LogicalBytes), humanBytes(p.StoredBytes), humanBytes(p.NewBytes), p.NewChunks, p.Chunks,
+				p.CreatedAt.Format("2006-01-02 15:04:05"))
 		}
 		return tw.Flush()
 	case "show":
@@ -124,7 +126,7 @@ func cmdPackage(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(e.stdout, "removed %d orphaned uploads\n", n)
+	fmt.Fprintf(e.stdout, "removed %d orphaned uploads and unused chunk packs\n", n)
 	return nil
 }
 

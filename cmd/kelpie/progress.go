@@ -256,12 +256,97 @@ func (c countingReaderAt) ReadAt(b []byte, off int64) (int, error) {
 }
 
 // withProgress wraps st so that uploads and downloads report progress;
-// st itself when there is nowhere to report to.
+// st itself when there is nowhere to report to. A store with a chunk
+// space stays one, its chunks counted too.
 func withProgress(e *env, st teleport.Store, asJSON bool) teleport.Store {
 	if !asJSON && !isTerminal(e) {
 		return st
 	}
-	return &progressStore{Store: st, e: e, json: asJSON}
+	ps := &progressStore{Store: st, e: e, json: asJSON}
+	if cs, ok := st.(teleport.ChunkStore); ok {
+		return &progressChunkStore{progressStore: ps, cs: cs}
+	}
+	return ps
+}
+
+type progressChunkStore struct {
+	*progressStore
+	cs teleport.ChunkStore
+}
+
+var _ teleport.ChunkStore = (*progressChunkStore)(nil)
+
+func (s *progressChunkStore) Create(ctx context.Context, id string) (teleport.Writer, error) {
+	w, err := s.progressStore.Create(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	pw := w.(*progressWriter)
+	if cw, ok := pw.Writer.(teleport.ChunkWriter); ok {
+		return &progressChunkWriter{progressWriter: pw, cw: cw}, nil
+	}
+	return w, nil
+}
+
+// OpenChunks reports the chunks' download as its own progress.
+func (s *progressChunkStore) OpenChunks(ctx context.Context, pkg *teleport.Package) (teleport.ChunkReader, error) {
+	r, err := s.cs.OpenChunks(ctx, pkg)
+	if err != nil {
+		return nil, err
+	}
+	total := max(pkg.StoredBytes-pkg.SizeBytes, 0)
+	return &progressChunks{ChunkReader: r, p: newProgressTo(s.e.stderr, "download chunks", pkg.ID, total, s.json, time.Now)}, nil
+}
+
+type progressChunks struct {
+	teleport.ChunkReader
+	p   *progress
+	mu  sync.Mutex
+	err error
+}
+
+func (r *progressChunks) FetchChunks(ctx context.Context, ids []teleport.ChunkID, fn func(teleport.ChunkID, []byte) error) error {
+	err := r.ChunkReader.FetchChunks(ctx, ids, func(id teleport.ChunkID, b []byte) error {
+		r.mu.Lock()
+		r.p.add(int64(len(b)))
+		r.mu.Unlock()
+		return fn(id, b)
+	})
+	if err != nil {
+		r.mu.Lock()
+		r.err = err
+		r.mu.Unlock()
+	}
+	return err
+}
+
+func (r *progressChunks) Close() error {
+	r.mu.Lock()
+	err := r.err
+	r.mu.Unlock()
+	r.p.finish(err)
+	return r.ChunkReader.Close()
+}
+
+type progressChunkWriter struct {
+	*progressWriter
+	cw teleport.ChunkWriter
+	mu sync.Mutex
+}
+
+var _ teleport.ChunkWriter = (*progressChunkWriter)(nil)
+
+func (w *progressChunkWriter) RefChunk(ctx context.Context, id teleport.ChunkID) (teleport.ChunkInfo, bool, error) {
+	return w.cw.RefChunk(ctx, id)
+}
+
+// PutChunk counts the chunks uploaded: they are most of the bytes.
+func (w *progressChunkWriter) PutChunk(ctx context.Context, id teleport.ChunkID, info teleport.ChunkInfo, stored []byte) error {
+	err := w.cw.PutChunk(ctx, id, info, stored)
+	w.mu.Lock()
+	w.p.add(int64(len(stored)))
+	w.mu.Unlock()
+	return err
 }
 
 type progressStore struct {

@@ -205,11 +205,38 @@ func TestQEMUEndToEnd(t *testing.T) {
 		f := filepath.Join(tmp, "a1.klp1")
 		c.ok(homeA, "vm", "snapshot", "a1", "--out", f)
 		var h struct {
-			S uint64 `json:"snapshot_len"`
-			M uint64 `json:"memory_len"`
+			V      uint64 `json:"version"`
+			S      uint64 `json:"snapshot_len"`
+			M      uint64 `json:"memory_len"`
+			Stored int64  `json:"stored_bytes"`
+			Chunks int    `json:"chunks"`
 		}
-		if err := json.Unmarshal([]byte(c.ok(homeA, "blob", "inspect", f, "--json")), &h); err != nil || h.S == 0 || h.M == 0 {
-			t.Fatalf("blob inspect: %+v %v", h, err)
+		if err := json.Unmarshal([]byte(c.ok(homeA, "blob", "inspect", f, "--json")), &h); err != nil || h.V != 2 || h.S == 0 || h.M != 256<<20 ||
+			h.Chunks == 0 || h.Stored <= 0 || h.Stored >= 40<<20 {
+			t.Fatalf("blob inspect of a v2 snapshot: %+v %v", h, err)
+		}
+		// The memory comes back as a raw image with holes, and packs again
+		// from it.
+		un := filepath.Join(tmp, "un")
+		c.ok(homeA, "blob", "unpack", f, "--out-dir", un)
+		var st syscall.Stat_t
+		if err := syscall.Stat(filepath.Join(un, "memory"), &st); err != nil || st.Size != 256<<20 || st.Blocks*512 >= st.Size {
+			t.Fatalf("unpacked memory image: size %d, %d bytes allocated (%v): want 256 MiB with holes", st.Size, st.Blocks*512, err)
+		}
+		again := filepath.Join(tmp, "again.klp1")
+		c.ok(homeA, "blob", "pack", "--metadata", filepath.Join(un, "metadata"), "--snapshot", filepath.Join(un, "snapshot"),
+			"--memory", filepath.Join(un, "memory"), "--out", again)
+		var h2 struct {
+			M      uint64 `json:"memory_len"`
+			Stored int64  `json:"stored_bytes"`
+		}
+		if err := json.Unmarshal([]byte(c.ok(homeA, "blob", "inspect", again, "--json")), &h2); err != nil || h2.M != h.M || h2.Stored != h.Stored {
+			t.Fatalf("repacked: %+v vs %+v (%v)", h2, h, err)
+		}
+		f1 := filepath.Join(tmp, "a1-v1.klp1")
+		c.ok(homeA, "vm", "snapshot", "a1", "--out", f1, "--format", "v1")
+		if err := json.Unmarshal([]byte(c.ok(homeA, "blob", "inspect", f1, "--json")), &h); err != nil || h.V != 1 || h.M == 0 || h.M >= 200<<20 {
+			t.Fatalf("blob inspect of a v1 snapshot: %+v %v", h, err)
 		}
 		if l := c.ls(homeA); l[0].State != "running" {
 			t.Fatalf("after snapshot: %+v", l)
@@ -219,8 +246,43 @@ func TestQEMUEndToEnd(t *testing.T) {
 	var before int
 	t.Run("TeleportBetweenHomes", func(t *testing.T) {
 		c := cli{t, bin}
+		// A copy first, with --json: one JSON object on stdout.
+		r := c.run(homeA, "teleport", "out", "a1", "--store", store, "--keep-source", "--json")
+		var res struct {
+			ID                   string
+			Logical, Stored, New int64
+			Chunks, NewChunks    int
+		}
+		var raw map[string]any
+		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &raw) != nil || strings.Count(strings.TrimSpace(r.stdout), "\n") != 0 {
+			t.Fatalf("teleport out --json: stdout must be one JSON object: %+v", r)
+		}
+		json.Unmarshal([]byte(r.stdout), &struct {
+			ID        *string `json:"id"`
+			Logical   *int64  `json:"logical_bytes"`
+			Stored    *int64  `json:"stored_bytes"`
+			New       *int64  `json:"new_bytes"`
+			Chunks    *int    `json:"chunks"`
+			NewChunks *int    `json:"new_chunks"`
+		}{&res.ID, &res.Logical, &res.Stored, &res.New, &res.Chunks, &res.NewChunks})
+		if res.ID == "" || res.Logical < 256<<20 || res.Stored <= 0 || res.Stored >= 40<<20 || res.New != res.Stored || res.Chunks == 0 || res.NewChunks != res.Chunks {
+			t.Fatalf("first package of the guest: %+v", res)
+		}
+		var shown map[string]any
+		if err := json.Unmarshal([]byte(c.ok(homeA, "package", "show", res.ID, "--store", store, "--json")), &shown); err != nil {
+			t.Fatal(err)
+		}
+		for k, want := range map[string]float64{"logical_bytes": float64(res.Logical), "stored_bytes": float64(res.Stored), "new_bytes": float64(res.New),
+			"chunks": float64(res.Chunks), "new_chunks": float64(res.NewChunks)} {
+			if shown[k] != want {
+				t.Fatalf("package show --json: %s = %v, teleport out said %v", k, shown[k], want)
+			}
+		}
+		if ls := c.ok(homeA, "package", "ls", "--store", store); !strings.Contains(ls, "STORED") || !strings.Contains(ls, "NEW") || !strings.Contains(ls, res.ID) {
+			t.Fatalf("package ls: %q", ls)
+		}
 		before = c.counter(homeA, "a1")
-		r := c.run(homeA, "teleport", "out", "a1", "--store", store)
+		r = c.run(homeA, "teleport", "out", "a1", "--store", store)
 		id := strings.TrimSpace(r.stdout)
 		if r.code != 0 || strings.Contains(id, "\n") || teleport.ValidateID(id) != nil {
 			t.Fatalf("teleport out: stdout must be the id only: %+v", r)
@@ -231,6 +293,13 @@ func TestQEMUEndToEnd(t *testing.T) {
 		if pidAlive(pidA1) {
 			t.Fatalf("source QEMU %d still running after a move", pidA1)
 		}
+		// The second teleport of the same guest shares almost every chunk.
+		var second map[string]any
+		json.Unmarshal([]byte(c.ok(homeA, "package", "show", id, "--store", store, "--json")), &second)
+		if nb, _ := second["new_bytes"].(float64); nb <= 0 || nb > 12<<20 {
+			t.Fatalf("second teleport of the guest added %v bytes", second["new_bytes"])
+		}
+		t.Logf("first package %d bytes stored for %d logical; the second added %v", res.Stored, res.Logical, second["new_bytes"])
 		if name := c.ok(homeB, "teleport", "in", id, "--store", store, "--name", "b1", "--accel", "tcg"); name != "b1" {
 			t.Fatalf("teleport in printed %q", name)
 		}

@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"time"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/host"
 )
 
@@ -14,7 +16,7 @@ func init() {
 	register(command{"teleport", "move a VM to a package store (out) and restore it on this host (in)", cmdTeleport})
 }
 
-const teleportUsage = `kelpie teleport out NAME --store STORE [--kind teleport|suspend|checkpoint|auto] [--keep-source]
+const teleportUsage = `kelpie teleport out NAME --store STORE [--kind teleport|suspend|checkpoint|auto] [--keep-source] [--format v1|v2] [--json]
            [--agent-id ID] [--agent-state FILE] [--target-arch A --target-backend B --target-host H --target-cpu C]
        kelpie teleport in PACKAGE_ID --store STORE --name NEW [--backend B] [--accel auto|kvm|tcg] [--memory MIB --cpus N]
            [--agent-state-out FILE]`
@@ -33,12 +35,14 @@ func cmdTeleport(ctx context.Context, e *env, args []string) error {
 }
 
 // teleportOut sends a VM to a store and prints the package id (stdout: the
-// id only). Without --keep-source it is a move: the source is stopped and
-// removed once the package is committed, and resumed if anything fails.
+// id only; with --json one JSON object: the id and the package's sizes).
+// Without --keep-source it is a move: the source is stopped and removed
+// once the package is committed, and resumed if anything fails.
 func teleportOut(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "teleport out")
 	storeF := addStoreFlags(fs)
-	progressJSON := fs.Bool("json", false, "report upload progress as JSON lines on stderr")
+	progressJSON := fs.Bool("json", false, "print the result as one JSON object on stdout, and progress as JSON lines on stderr")
+	format := fs.String("format", "v2", "package format: v1, or v2 (chunked, compressed, only chunks the store lacks are uploaded)")
 	kindFlag := fs.String("kind", "teleport", "teleport, suspend, checkpoint or auto (choose for the target)")
 	keep := fs.Bool("keep-source", false, "copy: keep the source VM running")
 	agentID := fs.String("agent-id", "", "agent id recorded in the package (default: the VM name)")
@@ -63,11 +67,15 @@ func teleportOut(ctx context.Context, e *env, args []string) error {
 			return usagef("--target-* flags only go with --kind auto")
 		}
 	}
+	ver, err := blob.ParseFormat(*format)
+	if err != nil {
+		return usagef("--format: %v", err)
+	}
 	url, err := storeF.url()
 	if err != nil {
 		return err
 	}
-	req := host.OutRequest{Store: url, Kind: *kindFlag, Target: t, KeepSource: *keep, AgentID: *agentID}
+	req := host.OutRequest{Store: url, Kind: *kindFlag, Target: t, KeepSource: *keep, AgentID: *agentID, Format: ver}
 	if *agentState != "" {
 		if req.AgentState, err = os.ReadFile(*agentState); err != nil {
 			return fmt.Errorf("--agent-state: %w", err)
@@ -100,10 +108,31 @@ func teleportOut(ctx context.Context, e *env, args []string) error {
 		}
 	}
 	pkg := res.Package
-	fmt.Fprintf(e.stderr, "kelpie: %s package %s committed (%s) in %.0f ms; source %s\n", pkg.Kind, pkg.ID, humanBytes(pkg.SizeBytes),
-		ms(time.Since(start)), source)
+	fmt.Fprintf(e.stderr, "kelpie: %s package %s committed (KLP1 v%d, %s for %s, %s new) in %.0f ms; source %s\n", pkg.Kind, pkg.ID,
+		max(pkg.Format, 1), humanBytes(pkg.StoredBytes), humanBytes(pkg.LogicalBytes), humanBytes(pkg.NewBytes), ms(time.Since(start)), source)
+	if *progressJSON {
+		return json.NewEncoder(e.stdout).Encode(outResult{ID: pkg.ID, Kind: pkg.Kind, Format: max(pkg.Format, 1), LogicalBytes: pkg.LogicalBytes,
+			StoredBytes: pkg.StoredBytes, NewBytes: pkg.NewBytes, Chunks: pkg.Chunks, NewChunks: pkg.NewChunks, SizeBytes: pkg.SizeBytes,
+			SourceRemoved: res.SourceRemoved, Warning: res.Warning, DurationMs: ms(time.Since(start))})
+	}
 	fmt.Fprintln(e.stdout, pkg.ID)
 	return nil
+}
+
+// outResult is what `teleport out --json` prints on stdout.
+type outResult struct {
+	ID            string                `json:"id"`
+	Kind          teleport.SnapshotKind `json:"kind"`
+	Format        int                   `json:"format"`
+	LogicalBytes  int64                 `json:"logical_bytes"`
+	StoredBytes   int64                 `json:"stored_bytes"`
+	NewBytes      int64                 `json:"new_bytes"`
+	Chunks        int                   `json:"chunks"`
+	NewChunks     int                   `json:"new_chunks"`
+	SizeBytes     int64                 `json:"size_bytes"` // the package's body in the store
+	SourceRemoved bool                  `json:"source_removed"`
+	Warning       string                `json:"warning,omitempty"`
+	DurationMs    float64               `json:"duration_ms"`
 }
 
 // teleportIn restores a package as a new VM of this host.

@@ -8,6 +8,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/host"
 	"github.com/kelpie/teleport/vm"
 )
@@ -20,7 +21,7 @@ const vmUsage = `kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N
        kelpie vm ls [--json]
        kelpie vm exec NAME [--timeout DURATION] [--workdir DIR] -- CMD [ARG...]
        kelpie vm start|pause|resume|stop|rm NAME
-       kelpie vm snapshot NAME --out FILE [--layout split|single]
+       kelpie vm snapshot NAME --out FILE [--layout split|single] [--format v1|v2]
        kelpie vm suspend NAME [--store STORE]`
 
 func cmdVM(ctx context.Context, e *env, args []string) error {
@@ -233,12 +234,17 @@ func vmSnapshot(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "vm snapshot")
 	out := fs.String("out", "", "output KLP1 blob file")
 	layout := fs.String("layout", "", "split (device state + sparse RAM) or single (one migration stream); default the backend's")
+	format := fs.String("format", "v2", "blob format: v1, or v2 (page-aligned, chunked, compressed)")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 || *out == "" {
-		return usagef("usage: kelpie vm snapshot NAME --out FILE [--layout split|single]")
+		return usagef("usage: kelpie vm snapshot NAME --out FILE [--layout split|single] [--format v1|v2]")
+	}
+	ver, err := blob.ParseFormat(*format)
+	if err != nil {
+		return usagef("--format: %v", err)
 	}
 	switch l := vm.Layout(*layout); l {
 	case "", vm.LayoutSplit, vm.LayoutSingle:
@@ -250,7 +256,7 @@ func vmSnapshot(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer h.Close()
-	res, err := h.SnapshotVM(ctx, pos[0], *out, vm.Layout(*layout), 0)
+	res, err := h.SnapshotVM(ctx, pos[0], *out, vm.Layout(*layout), ver)
 	if err != nil {
 		return err
 	}
@@ -258,7 +264,8 @@ func vmSnapshot(ctx context.Context, e *env, args []string) error {
 	if res.DowntimeKnown {
 		paused = fmt.Sprintf(", guest paused %.1f ms", ms(res.Downtime))
 	}
-	fmt.Fprintf(e.stderr, "kelpie: snapshot %s of vm %s (%s layout): %s%s\n", res.SnapshotID, pos[0], res.Layout, humanBytes(res.SizeBytes), paused)
+	fmt.Fprintf(e.stderr, "kelpie: snapshot %s of vm %s (%s layout, KLP1 v%d): %s for %s%s\n", res.SnapshotID, pos[0], res.Layout, res.Format,
+		humanBytes(res.SizeBytes), humanBytes(res.LogicalBytes), paused)
 	return nil
 }
 

@@ -25,6 +25,9 @@ import (
 type bucket struct {
 	dir   string
 	clock func() time.Time
+	// lock takes the store lock (see Store.lock): held shared while a
+	// temporary file is made and locked, exclusively by GC.
+	lock func(ctx context.Context, how int) (*os.File, error)
 }
 
 var _ chunks.Bucket = (*bucket)(nil)
@@ -32,11 +35,10 @@ var _ chunks.Bucket = (*bucket)(nil)
 const (
 	chunksDir    = "chunks"
 	chunksTmpDir = "tmp"
-	tmpAgeMin    = time.Minute
 )
 
-func newBucket(root string, clock func() time.Time) (*bucket, error) {
-	b := &bucket{dir: filepath.Join(root, chunksDir), clock: clock}
+func newBucket(root string, clock func() time.Time, lock func(context.Context, int) (*os.File, error)) (*bucket, error) {
+	b := &bucket{dir: filepath.Join(root, chunksDir), clock: clock, lock: lock}
 	for _, d := range []string{"packs", "dead", chunksTmpDir} {
 		if err := os.MkdirAll(filepath.Join(b.dir, d), 0o755); err != nil {
 			return nil, err
@@ -93,6 +95,11 @@ func (b *bucket) Create(ctx context.Context, key string) (chunks.ObjectWriter, e
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	l, err := b.lock(ctx, syscall.LOCK_SH)
+	if err != nil {
+		return nil, objErr("create", key, err)
+	}
+	defer l.Close()
 	f, err := os.CreateTemp(filepath.Join(b.dir, chunksTmpDir), "obj.")
 	if err != nil {
 		return nil, objErr("create", key, err)
@@ -239,7 +246,8 @@ func (b *bucket) Delete(ctx context.Context, key string) error {
 func (b *bucket) Now(context.Context) (time.Time, error) { return b.clock(), nil }
 
 // gcTemp removes temporary files no live writer holds, and reports how
-// many.
+// many. The caller holds the store lock exclusively, so every file there
+// is locked by its writer or dead.
 func (b *bucket) gcTemp(ctx context.Context) (int, error) {
 	dir := filepath.Join(b.dir, chunksTmpDir)
 	ents, err := os.ReadDir(dir)
@@ -252,9 +260,7 @@ func (b *bucket) gcTemp(ctx context.Context) (int, error) {
 			return n, err
 		}
 		p := filepath.Join(dir, e.Name())
-		// A writer locks its file right after making it; a young file
-		// may be in between.
-		if fi, err := e.Info(); err != nil || fi.ModTime().After(b.clock().Add(-tmpAgeMin)) || inUse(p) {
+		if inUse(p) {
 			continue
 		}
 		if err := os.Remove(p); err == nil {

@@ -82,11 +82,13 @@ func OpenWith(dir string, o Options) (*Store, error) {
 	if o.Clock == nil {
 		o.Clock = time.Now
 	}
-	b, err := newBucket(dir, o.Clock)
+	s := &Store{root: dir}
+	b, err := newBucket(dir, o.Clock, s.lock)
 	if err != nil {
 		return nil, fmt.Errorf("open store %s: %v: %w", dir, err, teleport.ErrStore)
 	}
-	return &Store{root: dir, bucket: b, chunks: chunks.New(b, chunks.Options{Grace: o.ChunkGrace, Clock: o.Clock, ReadWorkers: 2})}, nil
+	s.bucket, s.chunks = b, chunks.New(b, chunks.Options{Grace: o.ChunkGrace, Clock: o.Clock, ReadWorkers: 2})
+	return s, nil
 }
 
 // OpenChunks gives access to a committed package's chunks.
@@ -485,12 +487,7 @@ func (s *Store) GC(ctx context.Context) (int, error) {
 	if err != nil {
 		return n, err
 	}
-	m, err := s.bucket.gcTemp(ctx)
-	n += m
-	if err != nil {
-		return n, err
-	}
-	m, err = s.chunks.GC(ctx, func(ctx context.Context) (map[string]bool, error) {
+	m, err := s.chunks.GC(ctx, func(ctx context.Context) (map[string]bool, error) {
 		pkgs, err := s.List(ctx)
 		if err != nil {
 			return nil, err
@@ -539,7 +536,8 @@ func (s *Store) gcUploads(ctx context.Context) (int, error) {
 		}
 		removed++
 	}
-	return removed, nil
+	n, err := s.bucket.gcTemp(ctx)
+	return removed + n, err
 }
 
 // inUse reports whether a live writer holds the upload's lock.

@@ -4,7 +4,9 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/store/fs"
@@ -54,4 +56,49 @@ func TestGCRemovesOrphansOnly(t *testing.T) {
 	if err := live.Commit(ctx, storetest.Manifest("live")); err != nil {
 		t.Fatalf("live upload broken by GC: %v", err)
 	}
+}
+
+// testClock is the system clock moved on by a test.
+type testClock struct {
+	mu  sync.Mutex
+	off time.Duration
+}
+
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Now().Add(c.off)
+}
+
+func (c *testClock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.off += d
+	c.mu.Unlock()
+}
+
+func TestChunkConformance(t *testing.T) {
+	var mu sync.Mutex
+	clocks := map[teleport.Store]*testClock{}
+	const grace = time.Hour
+	storetest.RunChunks(t, storetest.ChunkHarness{
+		Grace: grace,
+		New: func(t *testing.T) teleport.Store {
+			c := &testClock{}
+			s, err := fs.OpenWith(t.TempDir(), fs.Options{ChunkGrace: grace, Clock: c.Now})
+			if err != nil {
+				t.Fatal(err)
+			}
+			mu.Lock()
+			clocks[s] = c
+			mu.Unlock()
+			return s
+		},
+		Advance: func(t *testing.T, s teleport.Store, d time.Duration) {
+			mu.Lock()
+			c := clocks[s]
+			mu.Unlock()
+			c.advance(d)
+		},
+		Uploaders: 4, Uploads: 8,
+	})
 }

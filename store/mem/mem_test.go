@@ -2,6 +2,7 @@ package mem_test
 
 import (
 	"testing"
+	"time"
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/store/mem"
@@ -10,4 +11,8 @@ import (
 
 func TestConformance(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) teleport.Store { return mem.New() })
+}
+
+func TestChunkConformance(t *testing.T) {
+	storetest.RunChunks(t, storetest.ChunkHarness{Grace: time.Hour, New: func(t *testing.T) teleport.Store { return mem.New() }})
 }

@@ -123,6 +123,22 @@ func TestIntegrationGCConformance(t *testing.T) {
 	})
 }
 
+// The chunk space against the real server, with real time: a grace period
+// of seconds condemns and sweeps packs while uploads that rely on them run.
+func TestIntegrationChunkConformance(t *testing.T) {
+	realEndpoint(t)
+	const grace = 2 * time.Second
+	storetest.RunChunks(t, storetest.ChunkHarness{
+		Grace: grace,
+		New: func(t *testing.T) teleport.Store {
+			return realStore(t, "", func(o *Options) { o.ChunkGrace = grace })
+		},
+		// Last-Modified has whole seconds.
+		Slack:     1100 * time.Millisecond,
+		Uploaders: 3, Uploads: 4,
+	})
+}
+
 // The server under test must honour If-None-Match; the probe says so at
 // the first Create, for three requests.
 func TestIntegrationProbeConditionalPut(t *testing.T) {

@@ -108,6 +108,9 @@ type Options struct {
 
 	// ChunkGrace is the chunk space's grace period (chunks.GraceDefault).
 	ChunkGrace time.Duration
+	// ChunkClock is the uploaders' clock for the chunk rule's deadline
+	// (default: the system's; tests move it).
+	ChunkClock func() time.Time
 
 	// UnsafeNoConditionalPut lets Create upload to a server that ignores
 	// If-None-Match (which the first Create otherwise probes for and
@@ -216,7 +219,7 @@ func New(ctx context.Context, o Options) (*Store, error) {
 		rnd:  mrand.New(mrand.NewPCG(beUint64(seed[:8]), beUint64(seed[8:]))),
 		cond: conditional{sem: make(chan struct{}, 1)},
 	}
-	s.chunks = chunks.New(bucket{s}, chunks.Options{Grace: o.ChunkGrace, ReadWorkers: o.ReadAheadChunks, ReadSpanBytes: o.ReadChunkBytes})
+	s.chunks = chunks.New(bucket{s}, chunks.Options{Grace: o.ChunkGrace, Clock: o.ChunkClock, ReadWorkers: o.ReadAheadChunks, ReadSpanBytes: o.ReadChunkBytes})
 	return s, nil
 }
 

@@ -64,6 +64,36 @@ func TestConformanceFake(t *testing.T) {
 	})
 }
 
+func TestChunkConformanceFake(t *testing.T) {
+	var mu sync.Mutex
+	fakes := map[teleport.Store]*fakeS3{}
+	const grace = time.Hour
+	storetest.RunChunks(t, storetest.ChunkHarness{
+		Grace: grace,
+		New: func(t *testing.T) teleport.Store {
+			var f *fakeS3
+			s, f := newFakeStore(t, func(o *Options) {
+				o.ChunkGrace = grace
+				o.ChunkClock = func() time.Time {
+					f.mu.Lock()
+					defer f.mu.Unlock()
+					return f.now
+				}
+			})
+			mu.Lock()
+			fakes[s] = f
+			mu.Unlock()
+			return s
+		},
+		Advance: func(t *testing.T, s teleport.Store, d time.Duration) {
+			mu.Lock()
+			f := fakes[s]
+			mu.Unlock()
+			f.advance(d)
+		},
+	})
+}
+
 func TestGCConformanceFake(t *testing.T) {
 	var mu sync.Mutex
 	fakes := map[teleport.Store]*fakeS3{}
