@@ -16,6 +16,9 @@ import (
 // the hash").
 const HashDefault = HashBLAKE3
 
+// Sum is a chunk's id: the hash of its uncompressed bytes.
+func (h HashID) Sum(b []byte) teleport.ChunkID { return h.sum(b) }
+
 func (h HashID) sum(b []byte) teleport.ChunkID {
 	if h == HashSHA256 {
 		return sha256.Sum256(b)
@@ -41,7 +44,7 @@ func encoder() *zstd.Encoder {
 		// Level 1 ("fastest"), no frame checksum (every chunk has a hash),
 		// a window no larger than a chunk.
 		e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderCRC(false),
-			zstd.WithWindowSize(ChunkBytesMax), zstd.WithSingleSegment(true), zstd.WithLowerEncoderMem(true),
+			zstd.WithWindowSize(ChunkBytesMax), zstd.WithSingleSegment(true),
 			zstd.WithEncoderConcurrency(4))
 		if err != nil {
 			panic(err) // only for bad options
@@ -56,7 +59,7 @@ func decoder() *zstd.Decoder {
 		// DecodeAll never writes past cap(dst): a frame that claims more
 		// than its chunk's length fails instead of allocating.
 		d, err := zstd.NewReader(nil, zstd.WithDecodeAllCapLimit(true), zstd.WithDecoderMaxMemory(ChunkBytesMax),
-			zstd.WithDecoderMaxWindow(ChunkBytesMax), zstd.WithDecoderConcurrency(4), zstd.WithDecoderLowmem(true))
+			zstd.WithDecoderMaxWindow(ChunkBytesMax), zstd.WithDecoderConcurrency(4))
 		if err != nil {
 			panic(err)
 		}
@@ -65,8 +68,10 @@ func decoder() *zstd.Decoder {
 	return dec
 }
 
-// compress returns the stored form of raw: zstd into buf when that pays,
-// raw itself otherwise.
+// Compress returns a chunk's stored form as version 2 stores it: zstd
+// (level 1) into buf when that saves at least 1/16, raw itself otherwise.
+func Compress(raw, buf []byte) ([]byte, Codec) { return compress(raw, buf) }
+
 func compress(raw, buf []byte) ([]byte, Codec) {
 	c := encoder().EncodeAll(raw, buf[:0])
 	if compressionPays(len(c), len(raw)) {
@@ -89,7 +94,8 @@ func decodeChunk(h HashID, ref ChunkRef, stored, buf []byte, where string) ([]by
 	raw := stored
 	if ref.Codec == CodecZstd {
 		var err error
-		raw, err = decoder().DecodeAll(stored, buf[:0:ref.RawBytes])
+		// 16 bytes of slack let the decoder use its fast copies.
+		raw, err = decoder().DecodeAll(stored, buf[:0:min(cap(buf), int(ref.RawBytes)+16)])
 		if err != nil {
 			return nil, bad("does not decompress to its %d bytes (%v)", ref.RawBytes, err)
 		}

@@ -306,7 +306,7 @@ func (s *v2Stream) fetch() error {
 		if !ok {
 			return fmt.Errorf("%s: the store returned chunk %s, which was not asked for: %w", s.p.where, id.Short(), teleport.ErrStore)
 		}
-		raw, err := decodeChunk(s.p.b.h.Hash, ref, stored, make([]byte, ref.RawBytes), s.p.where)
+		raw, err := decodeChunk(s.p.b.h.Hash, ref, stored, make([]byte, ref.RawBytes, ref.RawBytes+16), s.p.where)
 		if err != nil {
 			return err
 		}

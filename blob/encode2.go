@@ -92,7 +92,6 @@ func EncodeV2(ctx context.Context, w io.Writer, metadata []byte, state, memory I
 	h := &HeaderV2{ChunkBytes: uint32(o.ChunkBytes), Hash: o.Hash}
 	c := &chunker{ctx: ctx, o: o, res: res, emitted: map[teleport.ChunkID]ChunkRef{}}
 	var wa io.WriterAt
-	var dataW *bufio.Writer
 	if o.Chunks != nil {
 		h.Flags = FlagChunksElsewhere
 		c.sink = storeSink{o.Chunks}
@@ -101,8 +100,7 @@ func EncodeV2(ctx context.Context, w io.Writer, metadata []byte, state, memory I
 		if wa, ok = w.(io.WriterAt); !ok {
 			return nil, fmt.Errorf("a version 2 blob with its chunks inline needs a file to write to")
 		}
-		dataW = bufio.NewWriterSize(io.NewOffsetWriter(wa, HeaderPageBytes), 1<<20)
-		c.sink = &inlineSink{w: dataW}
+		c.sink = &inlineSink{wa: wa, base: HeaderPageBytes}
 	}
 	var stateRefs []ChunkRef
 	var memEntries []PageEntry
@@ -130,11 +128,8 @@ func EncodeV2(ctx context.Context, w io.Writer, metadata []byte, state, memory I
 		b []byte
 	}
 	var outs []out
-	if dataW != nil {
-		if err := dataW.Flush(); err != nil {
-			return nil, fmt.Errorf("write chunk data: %w", err)
-		}
-		if n := c.sink.(*inlineSink).off; n > 0 {
+	if is, ok := c.sink.(*inlineSink); ok {
+		if n := is.off; n > 0 {
 			outs = append(outs, out{s: SectionV2{Kind: KindChunkData, Offset: pos, Length: n, LogicalBytes: n}})
 			pos = roundUpPage(pos + n)
 		}
@@ -234,10 +229,13 @@ func (s storeSink) put(ctx context.Context, id teleport.ChunkID, info teleport.C
 	return 0, s.cw.PutChunk(ctx, id, info, stored)
 }
 
-// inlineSink appends chunks to the chunk data section.
+// inlineSink lays chunks out in the chunk data section: put assigns each
+// its place, in blob order, and the write itself (writeAt) runs on a
+// writer goroutine, several at once.
 type inlineSink struct {
-	w   *bufio.Writer
-	off uint64
+	wa   io.WriterAt
+	base int64
+	off  uint64
 }
 
 func (s *inlineSink) lookup(context.Context, teleport.ChunkID) (teleport.ChunkInfo, bool, error) {
@@ -246,12 +244,15 @@ func (s *inlineSink) lookup(context.Context, teleport.ChunkID) (teleport.ChunkIn
 
 func (s *inlineSink) put(_ context.Context, _ teleport.ChunkID, _ teleport.ChunkInfo, stored []byte) (uint64, error) {
 	off := s.off
-	n, err := s.w.Write(stored)
-	s.off += uint64(n)
-	if err != nil {
-		return 0, fmt.Errorf("write chunk data: %w", err)
-	}
+	s.off += uint64(len(stored))
 	return off, nil
+}
+
+func (s *inlineSink) writeAt(stored []byte, off uint64) error {
+	if _, err := s.wa.WriteAt(stored, s.base+int64(off)); err != nil {
+		return fmt.Errorf("write chunk data: %w", err)
+	}
+	return nil
 }
 
 // chunker cuts sections into chunks: workers read, hash and compress
@@ -283,6 +284,10 @@ type job struct {
 	codec  Codec
 	err    error
 	done   chan struct{}
+	// write: the emitter placed stored at writeOff of the chunk data
+	// section, and a writer must put it there.
+	write    bool
+	writeOff uint64
 }
 
 // source is what a section's chunker reads.
@@ -481,6 +486,9 @@ func (c *chunker) run(src *source, windows uint64, image bool, emit func(*job) e
 			if err := emit(j); err != nil {
 				return err
 			}
+			if err := c.flush(j); err != nil {
+				return err
+			}
 		}
 	}
 
@@ -534,6 +542,29 @@ func (c *chunker) run(src *source, windows uint64, image bool, emit func(*job) e
 			work <- j
 		}
 	}()
+	// Writers put new chunks in place, several at once, and free the
+	// buffers.
+	writes := make(chan *job, inflight)
+	var ww sync.WaitGroup
+	var wmu sync.Mutex
+	var writeErr error
+	for i := 0; i < c.o.Workers; i++ {
+		ww.Add(1)
+		go func() {
+			defer ww.Done()
+			for j := range writes {
+				if err := c.flush(j); err != nil {
+					wmu.Lock()
+					if writeErr == nil {
+						writeErr = err
+					}
+					wmu.Unlock()
+					cancel()
+				}
+				free <- [2][]byte{j.buf[:cap(j.buf)], j.cbuf[:cap(j.cbuf)]}
+			}
+		}()
+	}
 	var err error
 	for j := range order {
 		<-j.done
@@ -545,9 +576,18 @@ func (c *chunker) run(src *source, windows uint64, image bool, emit func(*job) e
 				cancel()
 			}
 		}
+		if err == nil && j.write {
+			writes <- j
+			continue
+		}
 		free <- [2][]byte{j.buf[:cap(j.buf)], j.cbuf[:cap(j.cbuf)]}
 	}
+	close(writes)
+	ww.Wait()
 	wg.Wait()
+	if err == nil {
+		err = writeErr
+	}
 	if err == nil {
 		err = genErr
 	}
@@ -616,6 +656,15 @@ func (c *chunker) process(j *job, src *source, image bool) {
 	j.stored, j.codec = compress(b, j.cbuf)
 }
 
+// flush writes a chunk the emitter placed in the chunk data section.
+func (c *chunker) flush(j *job) error {
+	if !j.write {
+		return nil
+	}
+	j.write = false
+	return c.sink.(*inlineSink).writeAt(j.stored, j.writeOff)
+}
+
 // emit turns a processed window into its reference, storing the chunk if
 // it is new to the blob and its destination.
 func (c *chunker) emit(j *job) (ChunkRef, error) {
@@ -641,6 +690,9 @@ func (c *chunker) emit(j *job) (ChunkRef, error) {
 			return ref, err
 		}
 		ref.DataOffset = off
+		if _, inline := c.sink.(*inlineSink); inline {
+			j.write, j.writeOff = true, off
+		}
 		c.res.NewChunks++
 		c.res.NewBytes += int64(len(j.stored))
 		if j.codec == CodecZstd {
