@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/internal/workpool"
 	"github.com/kelpie/teleport/vm"
 )
 
@@ -49,22 +50,23 @@ func (c *inlineChunks) FetchChunks(ctx context.Context, ids []teleport.ChunkID, 
 	}
 	ranges := coalesce(refs, func(r ChunkRef) uint64 { return r.DataOffset }, inlineRangeMaxBytes, inlineGapMaxBytes)
 	base := int64(c.b.data.Offset)
-	return parallel(ctx, c.workers, len(ranges), func(i int, buf []byte) ([]byte, error) {
+	bufs := make([][]byte, max(c.workers, 1))
+	return workpool.Run(ctx, c.workers, len(ranges), func(w, i int) error {
 		rg := ranges[i]
 		n := int(rg.end - rg.start)
-		if cap(buf) < n {
-			buf = make([]byte, n)
+		if cap(bufs[w]) < n {
+			bufs[w] = make([]byte, n)
 		}
-		buf = buf[:n]
+		buf := bufs[w][:n]
 		if m, err := c.b.r.ReadAt(buf, base+int64(rg.start)); m != n {
-			return buf, fmt.Errorf("read chunk data at %d: %w", rg.start, err)
+			return fmt.Errorf("read chunk data at %d: %w", rg.start, err)
 		}
 		for _, r := range rg.refs {
 			if err := fn(r.ID, buf[r.DataOffset-rg.start:r.DataOffset-rg.start+uint64(r.StoredBytes)]); err != nil {
-				return buf, err
+				return err
 			}
 		}
-		return buf, nil
+		return nil
 	})
 }
 
@@ -93,65 +95,6 @@ func coalesce(refs []ChunkRef, off func(ChunkRef) uint64, maxBytes, gapBytes uin
 		out = append(out, span{start: o, end: e, refs: []ChunkRef{r}})
 	}
 	return out
-}
-
-// parallel runs fn for 0..n-1 on up to workers goroutines, each with a
-// buffer it keeps between calls, and returns the first error. workers 1
-// runs in order on the caller's goroutine.
-func parallel(ctx context.Context, workers, n int, fn func(i int, buf []byte) ([]byte, error)) error {
-	if workers <= 1 || n <= 1 {
-		var buf []byte
-		for i := 0; i < n; i++ {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			var err error
-			if buf, err = fn(i, buf); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	next := make(chan int)
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		first error
-	)
-	for w := 0; w < min(workers, n); w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var buf []byte
-			for i := range next {
-				var err error
-				if buf, err = fn(i, buf); err != nil {
-					mu.Lock()
-					if first == nil {
-						first = err
-					}
-					mu.Unlock()
-					cancel()
-				}
-			}
-		}()
-	}
-	for i := 0; i < n; i++ {
-		select {
-		case next <- i:
-			continue
-		case <-ctx.Done():
-		}
-		break
-	}
-	close(next)
-	wg.Wait()
-	if first != nil {
-		return first
-	}
-	return ctx.Err()
 }
 
 // chunkBufs recycles raw chunk buffers of restores.
@@ -206,9 +149,14 @@ func (p *v2Payload) WriteImage(ctx context.Context, dst io.WriterAt) error {
 		if idx == nil {
 			return fmt.Errorf("%s: the store returned chunk %s, which was not asked for: %w", p.where, id.Short(), teleport.ErrStore)
 		}
-		bp := chunkBufs.Get().(*[]byte)
-		defer chunkBufs.Put(bp)
-		raw, err := decodeChunk(p.b.h.Hash, p.b.mem[idx[0]].Ref, stored, *bp, p.where)
+		ref := p.b.mem[idx[0]].Ref
+		var buf []byte
+		if ref.Codec != CodecRaw { // a raw chunk is used as it is
+			bp := chunkBufs.Get().(*[]byte)
+			defer chunkBufs.Put(bp)
+			buf = *bp
+		}
+		raw, err := decodeChunk(p.b.h.Hash, ref, stored, buf, p.where)
 		if err != nil {
 			return err
 		}

@@ -113,11 +113,10 @@ type Store struct {
 	uploads []*writer // unfinished uploads, in creation order
 	version uint64
 
-	objs    map[string]*chunkObject // the chunk space's bucket
+	objs    *chunks.MemBucket // the chunk space's objects
 	space   *chunks.Space
 	peek    *chunks.Space // the same objects, without faults
 	packSeq int
-	chunkV  uint64 // changes whenever objs does
 	inGC    bool
 }
 
@@ -140,7 +139,8 @@ func NewStore(o StoreOptions) *Store {
 	if o.ChunkGrace <= 0 {
 		o.ChunkGrace = chunkGraceDefault
 	}
-	s := &Store{opts: o, pkgs: map[string]*object{}, objs: map[string]*chunkObject{}}
+	s := &Store{opts: o, pkgs: map[string]*object{}}
+	s.objs = chunks.NewMemBucket(s.now)
 	co := chunks.Options{Grace: o.ChunkGrace, Clock: s.now, ReadWorkers: 1, NewName: func() string {
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -512,15 +512,9 @@ func (s *Store) OpenChunks(ctx context.Context, pkg *teleport.Package) (teleport
 	return s.space.Open(ctx, pkg.ChunkPacks)
 }
 
-// chunkObject is one object of the chunk space.
-type chunkObject struct {
-	b   []byte
-	mod time.Time
-}
-
-// simBucket is the chunk space's bucket: objects in memory, dated by the
-// simulated clock, every call a fault point (unless made by GC, or for
-// the god's-eye view).
+// simBucket is the chunk space's bucket: the store's objects, dated by
+// the simulated clock, every call a fault point (unless made by GC, or
+// for the god's-eye view).
 type simBucket struct {
 	s      *Store
 	faults bool
@@ -538,10 +532,9 @@ func (b *simBucket) Put(ctx context.Context, key string, data []byte) error {
 	if err != nil {
 		return err
 	}
-	b.s.mu.Lock()
-	b.s.objs[key] = &chunkObject{b: bytes.Clone(data), mod: b.s.now()}
-	b.s.chunkV++
-	b.s.mu.Unlock()
+	if err := b.s.objs.Put(ctx, key, data); err != nil {
+		return err
+	}
 	if out == AckLost {
 		return fmt.Errorf("chunk space put %s: connection lost before the answer: %w: %w", key, ErrInjected, teleport.ErrStore)
 	}
@@ -551,13 +544,12 @@ func (b *simBucket) Put(ctx context.Context, key string, data []byte) error {
 type simObjectWriter struct {
 	b    *simBucket
 	key  string
-	ctx  context.Context
 	buf  []byte
 	done bool
 }
 
 func (b *simBucket) Create(ctx context.Context, key string) (chunks.ObjectWriter, error) {
-	return &simObjectWriter{b: b, key: key, ctx: ctx}, nil
+	return &simObjectWriter{b: b, key: key}, nil
 }
 
 func (w *simObjectWriter) Write(p []byte) (int, error) {
@@ -575,79 +567,48 @@ func (w *simObjectWriter) Close(ctx context.Context) error {
 
 func (w *simObjectWriter) Abort(context.Context) error { w.done, w.buf = true, nil; return nil }
 
-func (b *simBucket) get(key string) (*chunkObject, error) {
-	b.s.mu.Lock()
-	defer b.s.mu.Unlock()
-	o, ok := b.s.objs[key]
-	if !ok {
-		return nil, fmt.Errorf("chunk object %s: %w", key, teleport.ErrNotFound)
-	}
-	return o, nil
-}
-
 func (b *simBucket) Get(ctx context.Context, key string, limit int64) ([]byte, error) {
 	if _, err := b.fault(ctx, StoreOpChunkGet, key, 0); err != nil {
 		return nil, err
 	}
-	o, err := b.get(key)
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(o.b)) > limit {
-		return nil, fmt.Errorf("chunk object %s is larger than %d bytes: %w", key, limit, teleport.ErrStore)
-	}
-	return bytes.Clone(o.b), nil
+	return b.s.objs.Get(ctx, key, limit)
 }
 
 func (b *simBucket) ReadAt(ctx context.Context, key string, p []byte, off int64) error {
 	if _, err := b.fault(ctx, StoreOpChunkGet, key, int64(len(p))); err != nil {
 		return err
 	}
-	o, err := b.get(key)
-	if err != nil {
-		return err
-	}
-	if off < 0 || off > int64(len(o.b)) || int64(len(p)) > int64(len(o.b))-off {
-		return fmt.Errorf("chunk object %s: %d bytes at %d past its end: %w", key, len(p), off, teleport.ErrStore)
-	}
-	copy(p, o.b[off:])
-	return nil
+	return b.s.objs.ReadAt(ctx, key, p, off)
 }
 
 func (b *simBucket) List(ctx context.Context, prefix string) ([]chunks.Object, error) {
 	if _, err := b.fault(ctx, StoreOpChunkList, prefix, 0); err != nil {
 		return nil, err
 	}
-	b.s.mu.Lock()
-	defer b.s.mu.Unlock()
-	var out []chunks.Object
-	for k, o := range b.s.objs {
-		if strings.HasPrefix(k, prefix) {
-			out = append(out, chunks.Object{Key: k, Size: int64(len(o.b)), ModTime: o.mod})
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
-	return out, nil
+	return b.s.objs.List(ctx, prefix)
 }
 
 // Delete is only ever GC's: it checks the chunk rule as it removes a
 // pack's bytes, against every upload still in flight.
 func (b *simBucket) Delete(ctx context.Context, key string) error {
 	s := b.s
+	if err := s.objs.Delete(ctx, key); err != nil {
+		return err
+	}
+	pack, isPack := strings.CutSuffix(strings.TrimPrefix(key, "packs/"), ".pack")
+	if !isPack || s.opts.OnChunkViolation == nil {
+		return nil
+	}
 	s.mu.Lock()
-	delete(s.objs, key)
-	s.chunkV++
 	var live []*writer
-	if pack, ok := strings.CutSuffix(strings.TrimPrefix(key, "packs/"), ".pack"); ok {
-		for _, u := range s.uploads {
-			if !u.expired && slices.Contains(u.Packs(), pack) && u.Remaining() > 0 {
-				live = append(live, u)
-			}
+	for _, u := range s.uploads {
+		if !u.expired && slices.Contains(u.Packs(), pack) && u.Remaining() > 0 {
+			live = append(live, u)
 		}
 	}
 	s.mu.Unlock()
-	if len(live) > 0 && s.opts.OnChunkViolation != nil {
-		s.opts.OnChunkViolation(fmt.Sprintf("GC removed chunk pack %s, which the upload of package %s in flight refers to", strings.TrimSuffix(strings.TrimPrefix(key, "packs/"), ".pack"), live[0].id))
+	if len(live) > 0 {
+		s.opts.OnChunkViolation(fmt.Sprintf("GC removed chunk pack %s, which the upload of package %s in flight refers to", pack, live[0].id))
 	}
 	return nil
 }
@@ -671,39 +632,16 @@ func (s *Store) ChunkLocation(cr teleport.ChunkReader, c teleport.ChunkID) (pack
 	return r.Locate(c)
 }
 
-// ChunkObjects counts the chunk space's objects and their bytes.
-func (s *Store) ChunkObjects() (n int, bytes int64) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, o := range s.objs {
-		n++
-		bytes += int64(len(o.b))
-	}
-	return n, bytes
-}
+// ChunkObjects lists the chunk space's objects.
+func (s *Store) ChunkObjects() []string { return s.objs.Keys() }
 
 // ChunkVersion changes whenever the chunk space's objects do.
-func (s *Store) ChunkVersion() uint64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.chunkV
-}
+func (s *Store) ChunkVersion() uint64 { return s.objs.Version() }
 
 // CorruptChunkAtRest flips one bit of a pack of the chunk space (bit is
-// taken modulo the pack's bits) and returns the pack and offset hit.
+// taken modulo the pack's bits) and returns the offset hit.
 func (s *Store) CorruptChunkAtRest(pack string, bit uint64) (int64, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	o, ok := s.objs["packs/"+pack+".pack"]
-	if !ok || len(o.b) == 0 {
-		return 0, fmt.Errorf("corrupt chunk pack %s: %w", pack, teleport.ErrNotFound)
-	}
-	bit %= uint64(len(o.b)) * 8
-	b := bytes.Clone(o.b)
-	b[bit/8] ^= 1 << (bit % 8)
-	s.objs["packs/"+pack+".pack"] = &chunkObject{b: b, mod: o.mod}
-	s.chunkV++
-	return int64(bit / 8), nil
+	return s.objs.FlipBit("packs/"+pack+".pack", bit)
 }
 
 // The god's-eye view: what the checker reads, bypassing faults.

@@ -35,6 +35,7 @@ import (
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/internal/plant"
+	"github.com/kelpie/teleport/internal/workpool"
 )
 
 // Object is one object of a bucket listing.
@@ -589,85 +590,28 @@ func (r *Reader) FetchChunks(ctx context.Context, ids []teleport.ChunkID, fn fun
 		}
 		spans = append(spans, span{pack: it.lc.pack, start: o, end: e, ids: []teleport.ChunkID{it.id}})
 	}
-	read := func(sp span, buf []byte) ([]byte, error) {
+	bufs := make([][]byte, r.s.o.ReadWorkers)
+	return workpool.Run(ctx, r.s.o.ReadWorkers, len(spans), func(w, i int) error {
+		sp := spans[i]
 		n := int(sp.end - sp.start)
-		if cap(buf) < n {
-			buf = make([]byte, n)
+		if cap(bufs[w]) < n {
+			bufs[w] = make([]byte, n)
 		}
-		buf = buf[:n]
+		buf := bufs[w][:n]
 		if err := r.s.b.ReadAt(ctx, packKey(sp.pack), buf, int64(sp.start)); err != nil {
 			if errors.Is(err, teleport.ErrNotFound) {
-				return buf, fmt.Errorf("chunk %s: pack %s is gone: %w", sp.ids[0].Short(), sp.pack, teleport.ErrChunkMissing)
+				return fmt.Errorf("chunk %s: pack %s is gone: %w", sp.ids[0].Short(), sp.pack, teleport.ErrChunkMissing)
 			}
-			return buf, fmt.Errorf("read chunk pack %s at %d: %w", sp.pack, sp.start, err)
+			return fmt.Errorf("read chunk pack %s at %d: %w", sp.pack, sp.start, err)
 		}
 		for _, id := range sp.ids {
 			lc := r.locs[id]
 			if err := fn(id, buf[lc.off-sp.start:lc.off-sp.start+uint64(lc.info.StoredBytes)]); err != nil {
-				return buf, err
-			}
-		}
-		return buf, nil
-	}
-	return parallel(ctx, r.s.o.ReadWorkers, spans, read)
-}
-
-// parallel reads spans on up to workers goroutines (1: in order, on the
-// caller's), each with its own buffer, and returns the first error.
-func parallel(ctx context.Context, workers int, spans []span, read func(span, []byte) ([]byte, error)) error {
-	if workers <= 1 || len(spans) <= 1 {
-		var buf []byte
-		for _, sp := range spans {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			var err error
-			if buf, err = read(sp, buf); err != nil {
 				return err
 			}
 		}
 		return nil
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	next := make(chan span)
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		first error
-	)
-	for w := 0; w < min(workers, len(spans)); w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var buf []byte
-			for sp := range next {
-				var err error
-				if buf, err = read(sp, buf); err != nil {
-					mu.Lock()
-					if first == nil {
-						first = err
-					}
-					mu.Unlock()
-					cancel()
-				}
-			}
-		}()
-	}
-send:
-	for _, sp := range spans {
-		select {
-		case next <- sp:
-		case <-ctx.Done():
-			break send
-		}
-	}
-	close(next)
-	wg.Wait()
-	if first != nil {
-		return first
-	}
-	return ctx.Err()
+	})
 }
 
 // GC applies the rule to the space: with referenced, the packs every

@@ -17,8 +17,9 @@ import (
 type MemBucket struct {
 	clock func() time.Time
 
-	mu   sync.Mutex
-	objs map[string]memObject
+	mu      sync.Mutex
+	objs    map[string]memObject
+	version uint64 // changes whenever an object does
 }
 
 type memObject struct {
@@ -44,6 +45,7 @@ func (m *MemBucket) Put(ctx context.Context, key string, b []byte) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.objs[key] = memObject{b: bytes.Clone(b), mod: m.clock()}
+	m.version++
 	return nil
 }
 
@@ -112,6 +114,7 @@ func (m *MemBucket) Delete(ctx context.Context, key string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	delete(m.objs, key)
+	m.version++
 	return nil
 }
 
@@ -128,4 +131,29 @@ func (m *MemBucket) Keys() []string {
 	}
 	sort.Strings(ks)
 	return ks
+}
+
+// Version changes whenever an object does (the simulation caches checks
+// by it).
+func (m *MemBucket) Version() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.version
+}
+
+// FlipBit flips one bit of object key (bit taken modulo its bits), as
+// damage at rest would, and returns the byte offset it hit.
+func (m *MemBucket) FlipBit(key string, bit uint64) (int64, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	o, ok := m.objs[key]
+	if !ok || len(o.b) == 0 {
+		return 0, fmt.Errorf("object %s: %w", key, teleport.ErrNotFound)
+	}
+	bit %= uint64(len(o.b)) * 8
+	b := bytes.Clone(o.b) // readers keep what they read
+	b[bit/8] ^= 1 << (bit % 8)
+	m.objs[key] = memObject{b: b, mod: o.mod}
+	m.version++
+	return int64(bit / 8), nil
 }

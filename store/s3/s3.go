@@ -68,6 +68,9 @@ const (
 	manifestMaxBytes         = 64 << 20
 	listConcurrency          = 8
 	manifestFormat           = "kelpie-s3-manifest/1"
+	// chunkSpanBytes bounds one ranged read of a chunk pack: small enough
+	// that fetching one span overlaps decoding another.
+	chunkSpanBytes = 2 << 20
 	scratchDir               = "scratch/"
 	// A probe object lives for a few requests; GC leaves younger ones
 	// alone however short LeaseTTL is, so it never pulls one from under a
@@ -219,7 +222,7 @@ func New(ctx context.Context, o Options) (*Store, error) {
 		rnd:  mrand.New(mrand.NewPCG(beUint64(seed[:8]), beUint64(seed[8:]))),
 		cond: conditional{sem: make(chan struct{}, 1)},
 	}
-	s.chunks = chunks.New(bucket{s}, chunks.Options{Grace: o.ChunkGrace, Clock: o.ChunkClock, ReadWorkers: o.ReadAheadChunks, ReadSpanBytes: o.ReadChunkBytes})
+	s.chunks = chunks.New(bucket{s}, chunks.Options{Grace: o.ChunkGrace, Clock: o.ChunkClock, ReadWorkers: o.ReadAheadChunks, ReadSpanBytes: chunkSpanBytes})
 	return s, nil
 }
 
