@@ -71,7 +71,7 @@ const (
 	// chunkSpanBytes bounds one ranged read of a chunk pack: small enough
 	// that fetching one span overlaps decoding another.
 	chunkSpanBytes = 2 << 20
-	scratchDir               = "scratch/"
+	scratchDir     = "scratch/"
 	// A probe object lives for a few requests; GC leaves younger ones
 	// alone however short LeaseTTL is, so it never pulls one from under a
 	// probe still running (or retrying).
