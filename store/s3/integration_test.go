@@ -127,6 +127,9 @@ func TestIntegrationGCConformance(t *testing.T) {
 // of seconds condemns and sweeps packs while uploads that rely on them run.
 func TestIntegrationChunkConformance(t *testing.T) {
 	realEndpoint(t)
+	if testing.Short() {
+		t.Skip("-short: real-time grace periods take half a minute (the full pass runs it)")
+	}
 	const grace = 2 * time.Second
 	storetest.RunChunks(t, storetest.ChunkHarness{
 		Grace: grace,

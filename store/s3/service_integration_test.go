@@ -47,9 +47,32 @@ func TestIntegrationTeleportThroughS3(t *testing.T) {
 	if src.State() != vm.StateStopped {
 		t.Fatalf("source %s after a move", src.State())
 	}
-	if pkg.SizeBytes < memBytes {
-		t.Fatalf("package of %d bytes is smaller than guest memory", pkg.SizeBytes)
+	// Version 2: the guest's memory is mostly zero pages, which cost
+	// nothing; its chunks went to the store's chunk space.
+	if pkg.Format != 2 || pkg.LogicalBytes < memBytes || pkg.Chunks == 0 || pkg.StoredBytes >= memBytes/100 {
+		t.Fatalf("package: format %d, logical %d, stored %d bytes in %d chunks; want v2 standing for the %d-byte memory in far fewer",
+			pkg.Format, pkg.LogicalBytes, pkg.StoredBytes, pkg.Chunks, memBytes)
 	}
+	// Version 1 carries the memory whole.
+	src2, err := fa.Create(ctx, vm.Config{VCPUs: 2, MemoryMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src2.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	p1, err := sa.Out(ctx, src2, service.OutRequest{AgentID: "ag-2", Kind: teleport.KindTeleport, Format: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p1.SizeBytes < memBytes || p1.Format != 1 || p1.Chunks != 0 {
+		t.Fatalf("v1 package of %d bytes (format %d, %d chunks): want the whole memory", p1.SizeBytes, p1.Format, p1.Chunks)
+	}
+	d1, _, err := sb.In(ctx, p1.ID, vm.Config{}, service.InOptions{})
+	if err != nil {
+		t.Fatalf("v1 package: %v", err)
+	}
+	d1.Destroy(ctx)
 	dst, got, err := sb.In(ctx, pkg.ID, vm.Config{}, service.InOptions{})
 	if err != nil {
 		t.Fatal(err)
