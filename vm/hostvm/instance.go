@@ -384,7 +384,7 @@ func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) error {
 	if _, _, err := v.begin(ctx, vm.OpRestore); err != nil {
 		return err
 	}
-	files, err := v.stage(snap)
+	files, err := v.stage(ctx, snap)
 	if err != nil {
 		return fmt.Errorf("vm %s: restore: %w", v.id, err)
 	}
@@ -400,8 +400,10 @@ func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) error {
 }
 
 // stage copies snap's payloads into a fresh restore directory through
-// vm.Stage, which verifies sizes and checksums in the same pass.
-func (v *Instance) stage(snap *vm.Snapshot) (Files, error) {
+// vm.Stage, which verifies sizes and checksums in the same pass; the
+// memory file through vm.StageImage, so pages of zeros stay holes (and a
+// KLP1 version 2 image is written chunk by chunk, in parallel).
+func (v *Instance) stage(ctx context.Context, snap *vm.Snapshot) (Files, error) {
 	dir := filepath.Join(v.dir, restoreDirName)
 	if err := os.RemoveAll(dir); err != nil {
 		return Files{}, err
@@ -410,16 +412,35 @@ func (v *Instance) stage(snap *vm.Snapshot) (Files, error) {
 		return Files{}, err
 	}
 	files := Files{State: filepath.Join(dir, stateFileName)}
-	var memory vm.Sink
+	var err error
 	if v.f.spec.Layout == vm.LayoutSplit {
 		files.Memory = filepath.Join(dir, memoryFileName)
-		memory = fileSink(files.Memory)
+		err = stageMemory(ctx, snap, files)
+	} else {
+		err = vm.Stage(snap, fileSink(files.State), nil)
 	}
-	if err := vm.Stage(snap, fileSink(files.State), memory); err != nil {
+	if err != nil {
 		os.RemoveAll(dir)
 		return Files{}, err
 	}
 	return files, nil
+}
+
+// stageMemory stages a split snapshot's payloads, the memory into a file
+// of its size.
+func stageMemory(ctx context.Context, snap *vm.Snapshot, files Files) error {
+	f, err := os.OpenFile(files.Memory, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	err = f.Truncate(snap.Metadata.MemorySize)
+	if err == nil {
+		err = vm.StageImage(ctx, snap, fileSink(files.State), f)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // Destroy ends the hypervisor if it runs and removes the VM directory. A
