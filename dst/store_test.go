@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"sync"
 	"testing"
 	"time"
 
@@ -44,23 +43,11 @@ func TestStoreGCConformance(t *testing.T) {
 // The simulation's store runs the chunk space every store shares, on the
 // simulated clock.
 func TestStoreChunkConformance(t *testing.T) {
-	clocks := map[teleport.Store]*Clock{}
-	var mu sync.Mutex
 	storetest.RunChunks(t, storetest.ChunkHarness{
 		Grace: time.Minute,
-		New: func(t *testing.T) teleport.Store {
+		New: func(t *testing.T) (teleport.Store, func(time.Duration)) {
 			c := NewClock()
-			s := NewStore(StoreOptions{Clock: c, ChunkGrace: time.Minute})
-			mu.Lock()
-			clocks[s] = c
-			mu.Unlock()
-			return s
-		},
-		Advance: func(t *testing.T, s teleport.Store, d time.Duration) {
-			mu.Lock()
-			c := clocks[s]
-			mu.Unlock()
-			c.Advance(d)
+			return NewStore(StoreOptions{Clock: c, ChunkGrace: time.Minute}), c.Advance
 		},
 	})
 }

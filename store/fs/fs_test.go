@@ -77,27 +77,16 @@ func (c *testClock) advance(d time.Duration) {
 }
 
 func TestChunkConformance(t *testing.T) {
-	var mu sync.Mutex
-	clocks := map[teleport.Store]*testClock{}
 	const grace = time.Hour
 	storetest.RunChunks(t, storetest.ChunkHarness{
 		Grace: grace,
-		New: func(t *testing.T) teleport.Store {
+		New: func(t *testing.T) (teleport.Store, func(time.Duration)) {
 			c := &testClock{}
 			s, err := fs.OpenWith(t.TempDir(), fs.Options{ChunkGrace: grace, Clock: c.Now})
 			if err != nil {
 				t.Fatal(err)
 			}
-			mu.Lock()
-			clocks[s] = c
-			mu.Unlock()
-			return s
-		},
-		Advance: func(t *testing.T, s teleport.Store, d time.Duration) {
-			mu.Lock()
-			c := clocks[s]
-			mu.Unlock()
-			c.advance(d)
+			return s, c.advance
 		},
 		Uploaders: 4, Uploads: 8,
 	})

@@ -14,5 +14,6 @@ func TestConformance(t *testing.T) {
 }
 
 func TestChunkConformance(t *testing.T) {
-	storetest.RunChunks(t, storetest.ChunkHarness{Grace: time.Hour, New: func(t *testing.T) teleport.Store { return mem.New() }})
+	storetest.RunChunks(t, storetest.ChunkHarness{Grace: time.Hour, RealTime: true,
+		New: func(t *testing.T) (teleport.Store, func(time.Duration)) { return mem.New(), nil }})
 }

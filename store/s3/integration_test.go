@@ -133,9 +133,10 @@ func TestIntegrationChunkConformance(t *testing.T) {
 	const grace = 2 * time.Second
 	storetest.RunChunks(t, storetest.ChunkHarness{
 		Grace: grace,
-		New: func(t *testing.T) teleport.Store {
-			return realStore(t, "", func(o *Options) { o.ChunkGrace = grace })
+		New: func(t *testing.T) (teleport.Store, func(time.Duration)) {
+			return realStore(t, "", func(o *Options) { o.ChunkGrace = grace }), nil
 		},
+		RealTime: true,
 		// Last-Modified has whole seconds.
 		Slack:     1100 * time.Millisecond,
 		Uploaders: 3, Uploads: 4,

@@ -65,12 +65,10 @@ func TestConformanceFake(t *testing.T) {
 }
 
 func TestChunkConformanceFake(t *testing.T) {
-	var mu sync.Mutex
-	fakes := map[teleport.Store]*fakeS3{}
 	const grace = time.Hour
 	storetest.RunChunks(t, storetest.ChunkHarness{
 		Grace: grace,
-		New: func(t *testing.T) teleport.Store {
+		New: func(t *testing.T) (teleport.Store, func(time.Duration)) {
 			var f *fakeS3
 			s, f := newFakeStore(t, func(o *Options) {
 				o.ChunkGrace = grace
@@ -80,16 +78,7 @@ func TestChunkConformanceFake(t *testing.T) {
 					return f.now
 				}
 			})
-			mu.Lock()
-			fakes[s] = f
-			mu.Unlock()
-			return s
-		},
-		Advance: func(t *testing.T, s teleport.Store, d time.Duration) {
-			mu.Lock()
-			f := fakes[s]
-			mu.Unlock()
-			f.advance(d)
+			return s, f.advance
 		},
 	})
 }

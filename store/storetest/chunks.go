@@ -18,13 +18,14 @@ import (
 // ChunkHarness is what RunChunks needs to know about a store with a
 // chunk space (teleport.ChunkStore).
 type ChunkHarness struct {
-	// New returns an empty store whose chunk space has grace period Grace.
-	New   func(t *testing.T) teleport.Store
+	// New returns an empty store whose chunk space has grace period Grace,
+	// and a func that makes d pass for its chunk space (its clock and its
+	// uploaders'), or nil when only real time can: the suite then sleeps.
+	New   func(t *testing.T) (teleport.Store, func(d time.Duration))
 	Grace time.Duration
-	// Advance makes d pass for the store's chunk space (its clock and its
-	// uploaders'); nil means the store has no way to but real time, and
-	// the suite sleeps.
-	Advance func(t *testing.T, s teleport.Store, d time.Duration)
+	// RealTime says New's stores have no func to move time (the suite
+	// sizes some tests by it before it makes a store).
+	RealTime bool
 	// Slack is added to every sleep or advance (a server whose times have
 	// whole seconds needs one more).
 	Slack time.Duration
@@ -163,17 +164,27 @@ func mustFetch(t *testing.T, s teleport.Store, id string, cs ...chunk) {
 // a store without a chunk space.
 func RunChunks(t *testing.T, h ChunkHarness) {
 	ctx := context.Background()
+	var mu sync.Mutex
+	moves := map[teleport.Store]func(time.Duration){}
 	newStore := func(t *testing.T) teleport.Store {
 		t.Helper()
-		s := h.New(t)
+		s, move := h.New(t)
 		if _, ok := s.(teleport.ChunkStore); !ok {
 			t.Skipf("%T has no chunk space", s)
 		}
+		mu.Lock()
+		moves[s] = move
+		mu.Unlock()
 		return s
 	}
+	moverOf := func(s teleport.Store) func(time.Duration) {
+		mu.Lock()
+		defer mu.Unlock()
+		return moves[s]
+	}
 	advance := func(t *testing.T, s teleport.Store, d time.Duration) {
-		if h.Advance != nil {
-			h.Advance(t, s, d+h.Slack)
+		if move := moverOf(s); move != nil {
+			move(d + h.Slack)
 			return
 		}
 		time.Sleep(d + h.Slack)
@@ -364,7 +375,7 @@ func RunChunks(t *testing.T, h ChunkHarness) {
 	})
 
 	t.Run("LateCommitCommitsNothing", func(t *testing.T) {
-		if h.Advance == nil && h.Grace > 30*time.Second {
+		if h.RealTime && h.Grace > 30*time.Second {
 			t.Skip("needs a clock the test can move, or a short grace period")
 		}
 		s := newStore(t)
@@ -389,6 +400,7 @@ func RunChunks(t *testing.T, h ChunkHarness) {
 	t.Run("GCBesideUploads", func(t *testing.T) {
 		s := newStore(t)
 		gc := gcOf(t, s)
+		move := moverOf(s)
 		uploaders, uploads := h.Uploaders, h.Uploads
 		if uploaders == 0 {
 			uploaders, uploads = 4, 6
@@ -406,7 +418,7 @@ func RunChunks(t *testing.T, h ChunkHarness) {
 			cs []chunk
 		}
 		var (
-			mu        sync.Mutex
+			mu        sync.Mutex // guards committed and gcErr
 			committed []done
 			failed    atomic.Int64
 			stop      = make(chan struct{})
@@ -438,9 +450,9 @@ func RunChunks(t *testing.T, h ChunkHarness) {
 				// Time passes beside the uploads, a bit at a time: slowly
 				// enough that most uploads commit within their deadline,
 				// fast enough that packs are condemned and swept meanwhile.
-				if h.Advance != nil {
+				if move != nil {
 					time.Sleep(2 * time.Millisecond)
-					h.Advance(t, s, h.Grace/12)
+					move(h.Grace / 12)
 				} else {
 					time.Sleep(h.Grace / 16)
 				}
@@ -457,7 +469,7 @@ func RunChunks(t *testing.T, h ChunkHarness) {
 				return false // GC failed: the test is over
 			default:
 			}
-			if h.Advance == nil {
+			if move == nil {
 				return i < uploads || time.Now().Before(until)
 			}
 			return i < uploads || (gcRuns.Load() < 2*12+6 && i < 6*uploads)
