@@ -115,6 +115,9 @@ type OutRequest struct {
 	// Workspace, when set, becomes the package's workspace section (a
 	// checkpoint's /workspace archive).
 	Workspace vm.Payload
+	// Disk, when set, is a checkpoint's workspace disk: it becomes the
+	// package's disk section (a full VM's disk comes with its snapshot).
+	Disk *vm.DiskImage
 }
 
 // Errors that say what a failed flow could not undo.
@@ -224,8 +227,10 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 			Layout: vm.LayoutNone, Backend: host.Backend, BackendVersion: host.BackendVersion, HostID: host.HostID,
 			BaseImageVersion: host.BaseImageVersion}
 		if inst != nil {
+			c := inst.Config()
 			md.VMID = inst.ID()
-			md.VCPUCount, md.MemoryMiB = inst.Config().VCPUs, inst.Config().MemoryMiB
+			md.VCPUCount, md.MemoryMiB = c.VCPUs, c.MemoryMiB
+			md.Network, md.Hostname = c.NetworkSpec(), c.GuestHostname()
 		}
 		snap = vm.NewSnapshot(md, nil, nil, nil)
 	}
@@ -277,8 +282,14 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 	pkg := &teleport.Package{
 		ID: id, AgentID: req.AgentID, SourceArch: host.Arch, Kind: req.Kind, BaseImageVersion: host.BaseImageVersion,
 		CreatedAt: s.clock.Now(), SourceHostID: host.HostID, Backend: host.Backend, AgentState: req.AgentState, Env: req.Env,
-		UploadID: s.newID(),
+		UploadID: s.newID(), SourceKept: req.KeepSource, Network: md.Network,
 	}
+	// The disk: a full VM's comes with its snapshot, a checkpoint's apart.
+	disk, diskMD := snap.Disk, md.Disk
+	if req.Disk != nil {
+		disk, diskMD = req.Disk.Payload, &req.Disk.Metadata
+	}
+	pkg.Disk = diskMD
 	if md.BaseImageVersion != "" {
 		pkg.BaseImageVersion = md.BaseImageVersion
 	}
@@ -309,6 +320,11 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 		return nil, fmt.Errorf("pack package %s: %w", id, err)
 	}
 	sw.end()
+	if diskMD != nil {
+		if err := sw.copySection(teleport.SectionDisk, disk, diskMD.PayloadBytes, diskMD.SHA256); err != nil {
+			return nil, fmt.Errorf("pack the disk of %s: %w", id, err)
+		}
+	}
 	if ws := req.Workspace; ws != nil {
 		rc, err := ws.Open()
 		if err != nil {
@@ -412,11 +428,40 @@ func (sw *sectionWriter) end() {
 	sw.sections = append(sw.sections, sw.cur)
 }
 
+// copySection writes payload p as section name, and checks it has the
+// size and SHA-256 recorded for it: a payload that changed after its
+// checksum was taken would make a package no host can restore.
+func (sw *sectionWriter) copySection(name string, p vm.Payload, size int64, sum string) error {
+	if p == nil || p.Size() != size {
+		return fmt.Errorf("%s payload has %d bytes, its metadata says %d: %w", name, vm.PayloadSize(p), size, vm.ErrCorrupt)
+	}
+	rc, err := p.Open()
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	n, err := io.Copy(sw.begin(name), io.LimitReader(rc, size+1))
+	sw.end()
+	switch {
+	case err != nil:
+		return err
+	case n != size:
+		return fmt.Errorf("%s payload has %d bytes, its metadata says %d: %w", name, n, size, vm.ErrCorrupt)
+	case sw.sections[len(sw.sections)-1].SHA256 != sum:
+		return fmt.Errorf("%s payload differs from its recorded checksum: %w", name, vm.ErrCorrupt)
+	}
+	return nil
+}
+
 // InOptions tunes In.
 type InOptions struct {
 	// RestoreWorkspace, when set and the package has a workspace, is given
 	// the workspace archive, verified, once the VM runs.
 	RestoreWorkspace func(ctx context.Context, inst vm.Instance, r io.Reader) error
+	// Identity, when set, is given to the restored guest before In
+	// returns, so before its first command (vm.Reidentify): what a restore
+	// that makes a second live copy of an agent needs.
+	Identity *vm.Identity
 }
 
 // In fetches package id, validates it against this host, and returns a
@@ -460,6 +505,10 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 	if cfg.MemoryMiB == 0 && pkg.Snapshot != nil {
 		cfg.MemoryMiB = pkg.Snapshot.MemoryMiB
 	}
+	// The network as it left, unless the caller gives one.
+	if cfg.Network == "" && pkg.Network != nil {
+		cfg.SetNetwork(pkg.Network)
+	}
 	r, err := s.store.Open(ctx, id)
 	if err != nil {
 		return nil, pkg, fmt.Errorf("teleport in: %w", err)
@@ -470,6 +519,9 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 		t = s.clock.Now()
 		snap, err := s.snapshotFromBlob(pkg, r)
 		if err != nil {
+			return nil, pkg, err
+		}
+		if snap.Disk, err = diskPayload(pkg, r); err != nil {
 			return nil, pkg, err
 		}
 		inst, err = s.factory.CreateFromSnapshot(ctx, cfg, snap)
@@ -493,15 +545,35 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 		s.step("ready", t)
 	} else {
 		t = s.clock.Now()
-		inst, err = s.factory.Create(ctx, cfg)
+		disk, err := diskPayload(pkg, r)
+		if err != nil {
+			return nil, pkg, err
+		}
+		if disk != nil {
+			// The fresh VM's workspace disk is the package's, verified
+			// before the hypervisor starts.
+			inst, err = vm.CreateWithDisk(ctx, s.factory, cfg, vm.NewDiskImage(*pkg.Disk, disk, nil))
+		} else {
+			inst, err = s.factory.Create(ctx, cfg)
+		}
 		if err != nil {
 			inst = nil
+			if errors.Is(err, vm.ErrCorrupt) {
+				return nil, pkg, refuse(pkg, "%v", err)
+			}
 			return nil, pkg, fmt.Errorf("teleport in: create: %w", err)
 		}
 		if err := inst.Start(ctx); err != nil {
 			return nil, pkg, fmt.Errorf("teleport in: boot: %w", err)
 		}
 		s.step("boot", t)
+	}
+	if opts.Identity != nil {
+		t = s.clock.Now()
+		if err := vm.Reidentify(ctx, s.factory, inst, *opts.Identity); err != nil {
+			return nil, pkg, fmt.Errorf("teleport in: give the copy its own identity: %w", err)
+		}
+		s.step("identity", t)
 	}
 	if ws, ok := pkg.Section(teleport.SectionWorkspace); ok && opts.RestoreWorkspace != nil {
 		t = s.clock.Now()
@@ -572,6 +644,20 @@ func (s *Service) snapshotFromBlob(pkg *teleport.Package, r teleport.Reader) (*v
 		}
 	}
 	return snap, nil
+}
+
+// diskPayload is the package's disk section as a payload read straight
+// from the store, or nil when it has none. Its checksum is verified where
+// it is staged (vm.Stage*), in the same single read.
+func diskPayload(pkg *teleport.Package, r teleport.Reader) (vm.Payload, error) {
+	sec, ok := pkg.Section(teleport.SectionDisk)
+	if !ok {
+		return nil, nil
+	}
+	if sec.Offset+sec.Size > r.Size() {
+		return nil, refuse(pkg, "its body has %d bytes, its disk section ends at %d", r.Size(), sec.Offset+sec.Size)
+	}
+	return &vm.SectionPayload{R: r, Offset: sec.Offset, N: sec.Size}, nil
 }
 
 // restoreWorkspace verifies the workspace section, then hands it to the

@@ -13,6 +13,7 @@ import (
 const (
 	SectionDeviceState = "device-state"
 	SectionMemory      = "memory"
+	SectionDisk        = "disk"
 )
 
 // A Sink consumes one payload section (writes it to a staging file,
@@ -30,18 +31,42 @@ type Sink func(r io.Reader) error
 // also made the sink fail (the rest of the payload is then read and hashed
 // so the two can be told apart). A payload that could not be read is
 // reported as the read error it is: it says nothing about the snapshot.
+//
+// A backend without workspace disks stages with Stage, which refuses a
+// snapshot that carries one; one with disks uses StageWithDisk.
 func Stage(snap *Snapshot, deviceState, memory Sink) error {
+	return StageWithDisk(snap, deviceState, memory, nil)
+}
+
+// StageWithDisk is Stage with a sink for the workspace disk payload too,
+// verified the same way against Metadata.Disk.
+func StageWithDisk(snap *Snapshot, deviceState, memory, disk Sink) error {
 	md := snap.Metadata
 	if err := stageSection(md.SnapshotID, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState); err != nil {
 		return err
 	}
-	return stageSection(md.SnapshotID, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
+	if err := stageSection(md.SnapshotID, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory); err != nil {
+		return err
+	}
+	return StageDisk(md.SnapshotID, snap.Disk, md.Disk, disk)
 }
 
-// VerifyPayloads checks both payloads of s against the sizes and checksums
+// StageDisk hands a disk payload to sink, verifying it against md (nil: the
+// payload must be empty) in the same pass, as Stage does for a snapshot's
+// sections: for a disk that travels without a VM snapshot (a checkpoint).
+func StageDisk(id string, p Payload, md *DiskMetadata, sink Sink) error {
+	var size int64
+	var sum string
+	if md != nil {
+		size, sum = md.PayloadBytes, md.SHA256
+	}
+	return stageSection(id, SectionDisk, p, size, sum, sink)
+}
+
+// VerifyPayloads checks every payload of s against the sizes and checksums
 // its metadata records, reading each once.
 func VerifyPayloads(s *Snapshot) error {
-	return Stage(s, drain, drain)
+	return StageWithDisk(s, drain, drain, drain)
 }
 
 func drain(r io.Reader) error {

@@ -139,14 +139,18 @@ type Payload interface {
 	Open() (io.ReadCloser, error)
 }
 
-// Snapshot is metadata plus up to two payloads: the device state (KLP1's
-// "snapshot" section) and the guest memory (its "memory" section).
-// Single-file layouts (VZ-like, a QEMU stream with RAM inside) fill
-// DeviceState only; split layouts (Firecracker-like) fill both.
+// Snapshot is metadata plus up to three payloads: the device state
+// (KLP1's "snapshot" section), the guest memory (its "memory" section) and
+// the workspace disk's blocks (a package section of its own: KLP1 v1 has
+// no disk section). Single-file layouts (VZ-like, a QEMU stream with RAM
+// inside) fill DeviceState only; split layouts (Firecracker-like) fill
+// DeviceState and Memory. Disk is set when the VM has a workspace disk
+// (Metadata.Disk).
 type Snapshot struct {
 	Metadata    SnapshotMetadata
 	DeviceState Payload // nil when empty
 	Memory      Payload // nil when empty
+	Disk        Payload // nil when the VM has no workspace disk
 
 	release func() error
 }

@@ -21,6 +21,9 @@ const (
 	BzImageFile   = "bzImage"           // compressed kernel (-M pc)
 	InitramfsFile = "initramfs.cpio.gz" // busybox + kelpie-agent
 	ManifestFile  = "manifest.json"
+	// ForwardFile is the host-side relay QEMU runs for each guest
+	// connection to a forwarded port (vm/qemu/cmd/kelpie-forward).
+	ForwardFile = "kelpie-forward"
 )
 
 //go:embed VERSION
@@ -42,6 +45,7 @@ type Manifest struct {
 	AgentSHA256   string   `json:"agent_sha256"`
 	InitramfsSHA  string   `json:"initramfs_sha256"`
 	AgentVersion  string   `json:"agent_version"`
+	ForwardSHA256 string   `json:"forward_sha256,omitempty"`
 	BuiltAt       string   `json:"built_at"`
 	InputsHash    string   `json:"inputs_hash"`
 	KernelPackage string   `json:"kernel_package"`

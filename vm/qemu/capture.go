@@ -134,11 +134,30 @@ func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (_ *vm.
 			return nil, err
 		}
 	}
-	md.SizeBytes = uint64(md.DeviceStateSize + md.MemorySize)
+	var disk vm.Payload
+	if v.hasDisk() {
+		// From the copy taken while the guest was stopped or, for a paused
+		// guest, from its image, which nothing writes while it is stopped.
+		src := c.diskCopy
+		if src == "" {
+			src = v.diskPath()
+		}
+		t := time.Now()
+		if md.Disk, disk, err = diskPayload(src, filepath.Join(dir, "disk"), v.rec.Config.Disk); err != nil {
+			return nil, err
+		}
+		c.stats.DiskEncode, c.stats.DiskBytes = time.Since(t), md.Disk.PayloadBytes
+		if c.diskCopy != "" {
+			os.Remove(c.diskCopy)
+		}
+	}
+	md.SizeBytes = uint64(md.DeviceStateSize + md.MemorySize + md.DiskPayloadSize())
 	c.stats.StateBytes, c.stats.MemoryBytes = md.DeviceStateSize, md.MemorySize
 	c.stats.Total = time.Since(start)
 	v.lastSnap = c.stats
-	return vm.NewSnapshot(md, state, memory, release), nil
+	snap := vm.NewSnapshot(md, state, memory, release)
+	snap.Disk = disk
+	return snap, nil
 }
 
 // Kinds of saved device-state streams (see rememberSaved).
@@ -163,6 +182,7 @@ type capture struct {
 	src        *os.File // what the memory section is encoded from
 	stopped    time.Time
 	kind       string // kind of stream written to statePath
+	diskCopy   string // the workspace disk as it was while the guest was stopped
 	stats      SnapshotStats
 }
 
@@ -286,8 +306,18 @@ func (c *capture) single(ctx context.Context) error {
 	return c.resume(ctx)
 }
 
-// resume continues the guest that the capture stopped.
+// resume continues the guest that the capture stopped, once the
+// workspace disk is copied as it was at that instant (QEMU drained and
+// flushed the disk's requests when it stopped the guest).
 func (c *capture) resume(ctx context.Context) error {
+	if c.v.hasDisk() {
+		t := time.Now()
+		c.diskCopy = filepath.Join(c.dir, "disk.raw")
+		if err := c.v.copyDisk(c.diskCopy); err != nil {
+			return fmt.Errorf("capture the workspace disk: %w", err)
+		}
+		c.stats.DiskCapture = time.Since(t)
+	}
 	if err := c.q.Call(ctx, "cont", nil, nil); err != nil {
 		return err
 	}
@@ -338,6 +368,8 @@ func (v *Instance) metadata(layout vm.Layout) vm.SnapshotMetadata {
 		Backend:        BackendName, BackendVersion: v.f.qemuVersion, HostID: v.f.opts.HostID, Layout: layout,
 		BaseImageVersion: v.rec.Config.BaseImageVersion,
 		Compat:           compat(v.f.qemuVersion, v.rec.Accel, v.rec.CPU),
+		Network:          v.rec.Config.NetworkSpec(),
+		Hostname:         v.rec.Config.GuestHostname(),
 	}
 }
 

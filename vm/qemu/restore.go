@@ -33,6 +33,42 @@ func (f *Factory) checkSnapshot(md vm.SnapshotMetadata, cfg vm.Config) error {
 	return nil
 }
 
+// restoreDevices makes cfg's devices the snapshot's: its network device
+// (mode and MAC; the ports are cfg's when cfg gives the network, else
+// the recorded ones), its workspace disk and its hostname. A cfg that asks
+// for other devices is refused: the device state must find the devices
+// it was saved from.
+func restoreDevices(cfg *vm.Config, md vm.SnapshotMetadata) error {
+	refuse := func(format string, args ...any) error {
+		return fmt.Errorf("snapshot %s: "+format+": %w", append([]any{md.SnapshotID}, append(args, vm.ErrIncompatible)...)...)
+	}
+	switch n := md.Network; {
+	case n == nil && cfg.Network.HasDevice():
+		return refuse("its VM has no network device, and the VM is configured with network %s", cfg.Network)
+	case n == nil:
+		cfg.SetNetwork(nil)
+	case cfg.Network == "":
+		cfg.SetNetwork(n)
+	case cfg.Network != n.Mode:
+		return refuse("its VM's network is %s, and the VM is configured with %s", n.Mode, cfg.Network)
+	case cfg.MAC != "" && cfg.MAC != n.MAC:
+		return refuse("its VM's MAC address is %s, and the VM is configured with %s", n.MAC, cfg.MAC)
+	default:
+		cfg.MAC = n.MAC
+	}
+	if md.Disk == nil {
+		if cfg.Disk.Present() {
+			return refuse("its VM has no workspace disk, and the VM is configured with one")
+		}
+	} else if err := checkDiskConfig(cfg, md.Disk); err != nil {
+		return err
+	}
+	if cfg.Hostname == "" {
+		cfg.Hostname = md.Hostname
+	}
+	return nil
+}
+
 // restore loads a snapshot, which the factory has checked against this
 // host, into a Created VM, which is Paused afterwards. The payloads are
 // verified against the metadata while they are copied into the instance
@@ -80,6 +116,10 @@ func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) (err error) {
 		return fmt.Errorf("vm %s: restore: %w", v.rec.Name, err)
 	}
 	v.qmp = q
+	ports, err := boundPorts(ctx, q, v.rec.Config.Publish)
+	if err != nil {
+		return fail(err)
+	}
 	// Connect the agent before the device state loads: the stream says the
 	// host was connected at the snapshot, and a connected socket keeps the
 	// restored guest from seeing the port close and reopen.
@@ -112,7 +152,7 @@ func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) (err error) {
 	}
 	stats.Load = time.Since(t)
 	v.lastRestore = stats
-	return v.setState(vm.StatePaused, p)
+	return v.setStatePorts(vm.StatePaused, p, ports)
 }
 
 // stage copies the payloads into the instance directory (guest RAM
@@ -147,7 +187,8 @@ func (v *Instance) stage(md vm.SnapshotMetadata, snap *vm.Snapshot) (err error) 
 		}
 	}
 	deviceState := func(r io.Reader) error { return writeNewFile(v.path(stagedState), r) }
-	if err := vm.Stage(snap, deviceState, memory); err != nil {
+	if err := vm.StageWithDisk(snap, deviceState, memory, diskSink(v.diskPath(), md.Disk)); err != nil {
+		os.Remove(v.diskPath())
 		return err
 	}
 	if md.Layout == vm.LayoutSplit {
