@@ -206,7 +206,7 @@ func (h *Host) resumeSuspended(ctx context.Context, rec *suspendRecord) (*Resume
 		return nil, err
 	}
 	inst, _, err := h.service(f, st, "resume").In(ctx, rec.PackageID, vm.Config{Name: rec.Name, VCPUs: rec.Config.VCPUs,
-		MemoryMiB: rec.Config.MemoryMiB, Env: rec.Config.Env, Workdir: rec.Config.Workdir}, service.InOptions{})
+		MemoryMiB: rec.Config.MemoryMiB, Env: rec.Config.Env, Workdir: rec.Config.Workdir, AgentID: rec.Config.AgentID}, service.InOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("resume suspended vm %s from package %s: %w", rec.Name, rec.PackageID, err)
 	}

@@ -2,6 +2,7 @@ package host
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -99,15 +100,26 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 	out := service.OutRequest{AgentID: req.AgentID, AgentState: req.AgentState, Kind: res.Kind, KeepSource: req.KeepSource,
 		PackageID: req.PackageID}
 	if out.AgentID == "" {
-		out.AgentID = name
+		out.AgentID = agentID(lv.inst)
 	}
 	if res.Kind == teleport.KindCheckpoint {
-		ws, cleanup, why, err := h.archiveWorkspace(ctx, lv)
+		// A workspace disk travels whole; a workspace in guest RAM as an
+		// archive.
+		disk, err := exportDisk(ctx, lv)
 		if err != nil {
 			return nil, err
 		}
-		defer cleanup()
-		out.Workspace, res.NoWorkspace = ws, why
+		if disk != nil {
+			defer disk.Close()
+			out.Disk = disk
+		} else {
+			ws, cleanup, why, err := h.archiveWorkspace(ctx, lv)
+			if err != nil {
+				return nil, err
+			}
+			defer cleanup()
+			out.Workspace, res.NoWorkspace = ws, why
+		}
 	}
 	pkg, err := h.service(lv.f, st, "out").Out(ctx, lv.inst, out)
 	if err != nil && !errors.Is(err, service.ErrSourceNotSettled) {
@@ -116,6 +128,12 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 	res.Package = pkg
 	if err != nil {
 		res.Warning = err.Error()
+	} else if req.KeepSource {
+		// The source ran on: it answers, its clock set again, before the
+		// next command.
+		if werr := vm.WaitReady(ctx, lv.inst); werr != nil {
+			res.Warning = fmt.Sprintf("package %s committed, but the source vm %s does not answer: %v", pkg.ID, name, werr)
+		}
 	}
 	if !req.KeepSource {
 		// The package holds the agent now; the stopped source goes.
@@ -152,6 +170,30 @@ func (t Target) apply(src vm.HostInfo) (vm.HostInfo, error) {
 		dst.Compat["cpu"] = t.CPU
 	}
 	return dst, nil
+}
+
+// agentID is the agent a VM runs: the one it was given, else its name.
+func agentID(inst vm.Instance) string {
+	if id := inst.Config().AgentID; id != "" {
+		return id
+	}
+	return inst.ID()
+}
+
+// exportDisk is lv's workspace disk image, or nil when it has none (or
+// its backend cannot hand one out).
+func exportDisk(ctx context.Context, lv *liveVM) (*vm.DiskImage, error) {
+	if !lv.inst.Config().Disk.Present() {
+		return nil, nil
+	}
+	img, err := vm.ExportDisk(ctx, lv.f, lv.inst)
+	if errors.Is(err, vm.ErrNoDisk) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("export the workspace disk of vm %s: %w", lv.inst.ID(), err)
+	}
+	return img, nil
 }
 
 // archiveWorkspace packs the guest's workspace into a temporary file
@@ -196,6 +238,16 @@ type InRequest struct {
 	// VCPUs and MemoryMiB size a checkpoint's fresh VM (0 for the
 	// defaults); a full VM keeps its own.
 	VCPUs, MemoryMiB int
+	// Publish replaces the package's published ports when PublishSet (an
+	// empty list: none); otherwise the recorded ones are used.
+	Publish    []vm.Publish
+	PublishSet bool
+	// Fork restores a copy with a new identity: its name as hostname, a
+	// new agent id, its kernel RNG reseeded with fresh entropy before its
+	// first command, and no published ports unless PublishSet. A package
+	// made with KeepSource is restored so in any case (the source lives
+	// on), except for the ports.
+	Fork bool
 }
 
 // InResult is what TeleportIn restored.
@@ -228,7 +280,28 @@ func (h *Host) TeleportIn(ctx context.Context, id string, req InRequest) (*InRes
 		return nil, err
 	}
 	backend := req.Backend
-	cfg := vm.Config{Name: req.Name, VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB}
+	cfg := vm.Config{Name: req.Name, VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB, AgentID: pkg.AgentID}
+	// The network as recorded, with the ports this host is asked for.
+	if n := pkg.Network; n != nil {
+		cfg.SetNetwork(n)
+		switch {
+		case req.PublishSet:
+			cfg.Publish = req.Publish
+		case req.Fork:
+			cfg.Publish = nil
+		}
+	} else if req.PublishSet && len(req.Publish) > 0 {
+		return nil, fmt.Errorf("package %s: its VM has no network to publish ports of: %w", id, vm.ErrInvalidConfig)
+	}
+	var identity *vm.Identity
+	if req.Fork || pkg.SourceKept {
+		// A second live copy of the agent: its own name, agent id and
+		// random numbers. (A move keeps its identity.)
+		cfg.Hostname, cfg.AgentID = req.Name, newAgentID(req.Name, pkg.AgentID)
+		if pkg.Kind.FullVM() {
+			identity = &vm.Identity{Hostname: req.Name, Entropy: freshEntropy()}
+		}
+	}
 	if pkg.Snapshot != nil {
 		if backend == "" {
 			backend = h.backendFor(pkg.Snapshot.Backend)
@@ -251,13 +324,34 @@ func (h *Host) TeleportIn(ctx context.Context, id string, req InRequest) (*InRes
 	inst, got, err := h.service(f, st, "in").In(ctx, id, cfg, service.InOptions{
 		RestoreWorkspace: func(ctx context.Context, inst vm.Instance, r io.Reader) error {
 			return vm.RestoreWorkspace(ctx, f, inst, r)
-		}})
+		},
+		Identity: identity})
 	if err != nil {
 		return nil, err
 	}
 	lv := h.keep(req.Name, inst, f)
 	return &InResult{VM: h.describe(ctx, lv), Package: got}, nil
 }
+
+// newAgentID is the agent id of a copy named name of agent from: its
+// name, unless that is the agent's own id.
+func newAgentID(name, from string) string {
+	if name != from {
+		return name
+	}
+	return newPackageID(name)
+}
+
+// freshEntropy is what a copy's guest RNG is reseeded with.
+func freshEntropy() []byte {
+	b := make([]byte, identityEntropyBytes)
+	rand.Read(b)
+	return b
+}
+
+// identityEntropyBytes is how much entropy a copy's guest gets: two
+// ChaCha20 keys' worth.
+const identityEntropyBytes = 64
 
 // backendFor is the host's backend of that name, or "" (the default) when
 // it has none this caller can use: the restore rules then say why the

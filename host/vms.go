@@ -18,6 +18,8 @@ import (
 const (
 	VMMemoryMiBDefault = 256
 	VMCPUsDefault      = 1
+	// VMNetworkDefault: a sandbox reaches nothing but what it is given.
+	VMNetworkDefault = vm.NetworkRestricted
 )
 
 // VMSpec describes a VM to create.
@@ -29,6 +31,14 @@ type VMSpec struct {
 	MemoryMiB int    // 0 for VMMemoryMiBDefault
 	Env       map[string]string
 	Workdir   string
+	// Network is none, restricted or full ("" for VMNetworkDefault);
+	// Publish and Forwards are its ports (host -> guest, guest -> host).
+	Network  vm.NetworkMode
+	Publish  []vm.Publish
+	Forwards []vm.Forward
+	// DiskBytes sizes the workspace disk mounted at /workspace (0: none;
+	// /workspace is then in guest RAM).
+	DiskBytes int64
 }
 
 // VMInfo describes one VM of the host: running, paused, stopped, or
@@ -46,6 +56,16 @@ type VMInfo struct {
 	// A suspended VM's package and store.
 	PackageID string `json:"package_id,omitempty"`
 	Store     string `json:"store,omitempty"`
+	Network   string `json:"network,omitempty"`
+	// Ports are the published ports as bound now: a host port asked as 0
+	// shows the one it got.
+	Ports     []vm.PortBinding `json:"ports,omitempty"`
+	Forwards  []vm.Forward     `json:"forwards,omitempty"`
+	DiskBytes int64            `json:"disk_bytes,omitempty"`
+	Hostname  string           `json:"hostname,omitempty"`
+	// AgentID is the agent the VM runs (its name unless it came as a move
+	// of another agent).
+	AgentID string `json:"agent_id,omitempty"`
 }
 
 // StateSuspended is a VMInfo state: the VM is a package in a store.
@@ -53,7 +73,15 @@ const StateSuspended = "suspended"
 
 func infoOf(i vm.Info) VMInfo {
 	return VMInfo{Name: i.Name, Backend: i.Backend, State: i.State.String(), PID: i.PID, VCPUs: i.VCPUs, MemoryMiB: i.MemoryMiB,
-		Accel: i.Accel, Dir: i.Dir, CreatedAt: i.CreatedAt}
+		Accel: i.Accel, Dir: i.Dir, CreatedAt: i.CreatedAt, Network: string(i.Network), Ports: i.Ports, Forwards: i.Forwards,
+		DiskBytes: i.DiskBytes, Hostname: i.Hostname, AgentID: orName(i.AgentID, i.Name)}
+}
+
+func orName(id, name string) string {
+	if id == "" {
+		return name
+	}
+	return id
 }
 
 // CreateVM creates a VM and boots it; it returns once the guest answers.
@@ -78,7 +106,11 @@ func (h *Host) CreateVM(ctx context.Context, spec VMSpec) (*VMInfo, error) {
 	if err := h.durable(f); err != nil {
 		return nil, err
 	}
-	cfg := vm.Config{Name: spec.Name, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, Env: spec.Env, Workdir: spec.Workdir}
+	cfg := vm.Config{Name: spec.Name, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, Env: spec.Env, Workdir: spec.Workdir,
+		Network: spec.Network, Publish: spec.Publish, Forwards: spec.Forwards, Disk: vm.Disk{SizeBytes: spec.DiskBytes}}
+	if cfg.Network == "" {
+		cfg.Network = VMNetworkDefault
+	}
 	if cfg.VCPUs == 0 {
 		cfg.VCPUs = VMCPUsDefault
 	}
@@ -202,7 +234,9 @@ func (h *Host) describe(ctx context.Context, lv *liveVM) VMInfo {
 		}
 	}
 	c := lv.inst.Config()
-	return VMInfo{Name: lv.inst.ID(), Backend: lv.backend, State: lv.inst.State().String(), VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB}
+	return VMInfo{Name: lv.inst.ID(), Backend: lv.backend, State: lv.inst.State().String(), VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB,
+		Network: string(c.Network), Forwards: c.Forwards, DiskBytes: c.Disk.SizeBytes, Hostname: c.GuestHostname(),
+		AgentID: orName(c.AgentID, lv.inst.ID())}
 }
 
 // VM describes VM name.
@@ -321,7 +355,22 @@ func (h *Host) ResumeVM(ctx context.Context, name string) (*ResumeResult, error)
 	if err := lv.inst.Resume(ctx); err != nil {
 		return nil, err
 	}
+	// The guest answers, with its wall clock set from the host's, before
+	// ResumeVM returns.
+	if err := vm.WaitReady(ctx, lv.inst); err != nil {
+		return nil, fmt.Errorf("vm %s runs again, but its guest does not answer: %w", name, err)
+	}
 	return &ResumeResult{Name: name}, nil
+}
+
+// GuestTime reads VM name's guest clocks, with the host's clock at the
+// same moment (vm.TimeReader).
+func (h *Host) GuestTime(ctx context.Context, name string) (vm.GuestTime, error) {
+	lv, err := h.attach(ctx, name)
+	if err != nil {
+		return vm.GuestTime{}, err
+	}
+	return vm.ReadGuestTime(ctx, lv.f, lv.inst)
 }
 
 // RemoveVM destroys a VM and everything it owns on the host; a suspended

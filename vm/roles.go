@@ -43,6 +43,7 @@ type Info struct {
 	Forwards  []Forward
 	DiskBytes int64 // the workspace disk's size, 0 without one
 	Hostname  string
+	AgentID   string
 }
 
 // Detacher is an Instance handle that holds connections other processes
@@ -105,6 +106,19 @@ const IdentityMinEntropyBytes = 32
 // share random numbers nor a name.
 type Reidentifier interface {
 	Reidentify(ctx context.Context, id Identity) error
+}
+
+// Cloner is an Instance that can restore copies of itself on its own host
+// from one capture, without a snapshot's encoding and verification (the
+// capture never leaves the host): each copy has cfgs[i]'s name, hostname,
+// agent id and published ports, and the source's machine and devices.
+// Each copy is handed to start (when not nil), on a goroutine of its own,
+// as soon as it is restored and Paused; Clone returns when every start
+// returned. The source is left as it was (a running one pauses for the
+// capture only). On any failure no copy is left, or ErrLeftBehind says
+// which one is.
+type Cloner interface {
+	Clone(ctx context.Context, cfgs []Config, start func(ctx context.Context, i int, copy Instance) error) ([]Instance, error)
 }
 
 // DiskExporter is an Instance that can hand out its workspace disk as a

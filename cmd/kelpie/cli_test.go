@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/guest/image"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/fs"
 	"github.com/kelpie/teleport/vm"
@@ -155,7 +156,7 @@ func makePackage(t *testing.T, storeDir string, o sim.Options, kind teleport.Sna
 func TestPackageCommands(t *testing.T) {
 	storeDir := t.TempDir()
 	envs := map[string]string{"KELPIE_HOME": t.TempDir(), "KELPIE_BACKEND": "sim", "KELPIE_HOST_ID": "host-a"}
-	pkg := makePackage(t, storeDir, sim.Options{HostID: "host-a", Arch: vm.HostArchitecture()}, teleport.KindSuspend)
+	pkg := makePackage(t, storeDir, sim.Options{HostID: "host-a", Arch: vm.HostArchitecture(), BaseImageVersion: image.Version()}, teleport.KindSuspend)
 
 	out, errOut, code := kelpie(t, envs, "package", "ls", "--store", storeDir)
 	if code != 0 || !strings.Contains(out, pkg.ID) || !strings.Contains(out, "suspend") {

@@ -17,7 +17,7 @@ func init() {
 const teleportUsage = `kelpie teleport out NAME --store STORE [--kind teleport|suspend|checkpoint|auto] [--keep-source]
            [--agent-id ID] [--agent-state FILE] [--target-arch A --target-backend B --target-host H --target-cpu C]
        kelpie teleport in PACKAGE_ID --store STORE --name NEW [--backend B] [--accel auto|kvm|tcg] [--memory MIB --cpus N]
-           [--agent-state-out FILE]`
+           [--agent-state-out FILE] [--publish 127.0.0.1:HOSTPORT:GUESTPORT|none]... [--fork]`
 
 func cmdTeleport(ctx context.Context, e *env, args []string) error {
 	if len(args) == 0 {
@@ -117,6 +117,9 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	mem := fs.Int("memory", 0, "guest memory in MiB (a checkpoint's fresh VM; default 256; full VMs keep theirs)")
 	cpus := fs.Int("cpus", 0, "vCPUs (as --memory)")
 	stateOut := fs.String("agent-state-out", "", "write the package's agent state to this file")
+	fork := fs.Bool("fork", false, "restore a copy with a new identity (its name as hostname, a new agent id, a reseeded RNG; no published ports unless --publish)")
+	var nf netFlags
+	addPublishFlag(fs, &nf, "; replaces the package's ports on this host (default: the recorded ones; none: no ports)")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -137,9 +140,14 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	}
 	defer h.Close()
 	start := time.Now()
-	res, err := h.TeleportIn(ctx, pos[0], host.InRequest{Store: url, Name: *name, Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
+	req := host.InRequest{Store: url, Name: *name, Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem, Fork: *fork}
+	if req.Publish, err = nf.published(); err != nil {
+		return err
+	}
+	req.PublishSet = nf.publish.set
+	res, err := h.TeleportIn(ctx, pos[0], req)
 	if err != nil {
-		return backendUsage(err)
+		return configUsage(backendUsage(err))
 	}
 	got := res.Package
 	if *stateOut != "" {
@@ -155,8 +163,11 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	if res.VM.Accel != "" {
 		accelNote = ", " + res.VM.Accel
 	}
-	fmt.Fprintf(e.stderr, "kelpie: vm %s %s from %s package %s (%s%s, from host %s); ready in %.0f ms\n", *name, how, got.Kind, got.ID,
-		res.VM.Backend, accelNote, got.SourceHostID, ms(time.Since(start)))
+	if *fork || got.SourceKept {
+		how += " as a copy with its own identity"
+	}
+	fmt.Fprintf(e.stderr, "kelpie: vm %s %s from %s package %s (%s%s, from host %s%s); ready in %.0f ms\n", *name, how, got.Kind, got.ID,
+		res.VM.Backend, accelNote, got.SourceHostID, portsNote(res.VM.Ports), ms(time.Since(start)))
 	fmt.Fprintln(e.stdout, *name)
 	return nil
 }

@@ -16,8 +16,14 @@ func init() {
 	register(command{"vm", "create, list, drive, snapshot, suspend and remove VMs of this host", cmdVM})
 }
 
-const vmUsage = `kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg]
+const vmCreateUsage = `kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg]
+           [--network none|restricted|full] [--publish 127.0.0.1:HOSTPORT:GUESTPORT]... [--forward GUESTPORT:127.0.0.1:HOSTPORT]...
+           [--disk SIZE]`
+
+const vmUsage = vmCreateUsage + `
        kelpie vm ls [--json]
+       kelpie vm fork NAME --count N [--prefix P] [--publish 127.0.0.1:0:GUESTPORT]... [--json]
+       kelpie vm time NAME [--json]
        kelpie vm exec NAME [--timeout DURATION] [--workdir DIR] -- CMD [ARG...]
        kelpie vm start|pause|resume|stop|rm NAME
        kelpie vm snapshot NAME --out FILE [--layout split|single]
@@ -39,6 +45,10 @@ func cmdVM(ctx context.Context, e *env, args []string) error {
 		return vmSnapshot(ctx, e, args)
 	case "suspend":
 		return vmSuspend(ctx, e, args)
+	case "fork":
+		return vmFork(ctx, e, args)
+	case "time":
+		return vmTime(ctx, e, args)
 	case "resume":
 		return vmResume(ctx, e, args)
 	case "start", "pause", "stop", "rm":
@@ -53,15 +63,35 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	mem := fs.Int("memory", host.VMMemoryMiBDefault, "guest memory in MiB")
 	cpus := fs.Int("cpus", host.VMCPUsDefault, "vCPUs")
 	accel := fs.String("accel", "", "accelerator: auto, kvm or tcg (default $KELPIE_ACCEL or auto)")
+	network := fs.String("network", string(host.VMNetworkDefault), "none; restricted: no egress but the --forward ports; full: full egress (production use; reaches the host's loopback too)")
+	var nf netFlags
+	addPublishFlag(fs, &nf, "")
+	addForwardFlag(fs, &nf)
+	disk := fs.String("disk", "", "a workspace disk of this size (ext4 at /workspace; sparse on the host), like 1G or 512M; default: /workspace in guest RAM")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg]")
+		return usagef("usage: %s", vmCreateUsage)
 	}
 	if err := checkAccel(*accel); err != nil {
 		return err
+	}
+	spec := host.VMSpec{Name: pos[0], Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem}
+	if spec.Network, err = checkNetworkFlag(*network); err != nil {
+		return err
+	}
+	if spec.Publish, err = nf.published(); err != nil {
+		return err
+	}
+	if spec.Forwards, err = nf.forwarded(); err != nil {
+		return err
+	}
+	if *disk != "" {
+		if spec.DiskBytes, err = parseSize(*disk); err != nil {
+			return err
+		}
 	}
 	h, err := openHost(ctx, e, false, false)
 	if err != nil {
@@ -69,13 +99,13 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	}
 	defer h.Close()
 	start := time.Now()
-	info, err := h.CreateVM(ctx, host.VMSpec{Name: pos[0], Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
+	info, err := h.CreateVM(ctx, spec)
 	if err != nil {
-		return backendUsage(err)
+		return configUsage(backendUsage(err))
 	}
 	sayAccel(ctx, e, h, info.Backend, *accel)
-	fmt.Fprintf(e.stderr, "kelpie: vm %s running (%s, %d MiB, %d vCPU, ready in %.2f s)\n", info.Name, info.Backend,
-		info.MemoryMiB, info.VCPUs, time.Since(start).Seconds())
+	fmt.Fprintf(e.stderr, "kelpie: vm %s running (%s, %d MiB, %d vCPU, network %s%s, disk %s, ready in %.2f s)\n", info.Name, info.Backend,
+		info.MemoryMiB, info.VCPUs, orNone(info.Network), portsNote(info.Ports), humanDisk(info.DiskBytes), time.Since(start).Seconds())
 	fmt.Fprintln(e.stdout, info.Name)
 	return nil
 }
@@ -103,9 +133,10 @@ func vmList(ctx context.Context, e *env, args []string) error {
 		return json.NewEncoder(e.stdout).Encode(vms)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tBACKEND\tSTATE\tPID\tMEMORY\tCPUS\tACCEL")
+	fmt.Fprintln(tw, "NAME\tBACKEND\tSTATE\tPID\tMEMORY\tCPUS\tACCEL\tNETWORK\tPORTS\tDISK")
 	for _, v := range vms {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d\t%s\n", v.Name, v.Backend, v.State, dash(v.PID), v.MemoryMiB, v.VCPUs, orDash(v.Accel))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d\t%s\t%s\t%s\t%s\n", v.Name, v.Backend, v.State, dash(v.PID), v.MemoryMiB, v.VCPUs, orDash(v.Accel),
+			orDash(v.Network), humanPorts(v.Ports), humanDisk(v.DiskBytes))
 	}
 	return tw.Flush()
 }
@@ -117,6 +148,96 @@ func checkAccel(a string) error {
 		return nil
 	}
 	return usagef("--accel %q: want auto, kvm or tcg", a)
+}
+
+// configUsage makes a configuration the flags described badly (a port
+// published twice, a disk out of range) a usage mistake.
+func configUsage(err error) error {
+	if errors.Is(err, vm.ErrInvalidConfig) {
+		return usagef("%v", err)
+	}
+	return err
+}
+
+func portsNote(ps []vm.PortBinding) string {
+	if len(ps) == 0 {
+		return ""
+	}
+	return ", ports " + humanPorts(ps)
+}
+
+// vmFork snapshots a VM once and restores copies of it; stdout lists the
+// copies' names, one a line.
+func vmFork(ctx context.Context, e *env, args []string) error {
+	const usage = "usage: kelpie vm fork NAME --count N [--prefix P] [--publish 127.0.0.1:0:GUESTPORT]... [--json]"
+	fs := newFlags(e, "vm fork")
+	count := fs.Int("count", 0, "how many copies")
+	prefix := fs.String("prefix", "", "name the copies PREFIX1..PREFIXN (default NAME-)")
+	asJSON := fs.Bool("json", false, "print the copies as JSON")
+	var nf netFlags
+	addPublishFlag(fs, &nf, "; copies get none unless given, and several copies need HOSTPORT 0")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 || *count < 1 {
+		return usagef(usage)
+	}
+	req := host.ForkRequest{Count: *count, Prefix: *prefix}
+	if req.Publish, err = nf.published(); err != nil {
+		return err
+	}
+	h, err := openHost(ctx, e, false, false)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	start := time.Now()
+	res, err := h.ForkVM(ctx, pos[0], req)
+	if err != nil {
+		return configUsage(err)
+	}
+	if *asJSON {
+		return json.NewEncoder(e.stdout).Encode(res.VMs)
+	}
+	fmt.Fprintf(e.stderr, "kelpie: vm %s forked into %d copies in %.0f ms; source kept running\n", pos[0], len(res.VMs), ms(time.Since(start)))
+	for _, v := range res.VMs {
+		fmt.Fprintln(e.stdout, v.Name)
+	}
+	return nil
+}
+
+// vmTime reads a guest's clocks to the nanosecond and compares its wall
+// clock with this host's.
+func vmTime(ctx context.Context, e *env, args []string) error {
+	fs := newFlags(e, "vm time")
+	asJSON := fs.Bool("json", false, "print JSON")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usagef("usage: kelpie vm time NAME [--json]")
+	}
+	h, err := openHost(ctx, e, false, false)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	gt, err := h.GuestTime(ctx, pos[0])
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return json.NewEncoder(e.stdout).Encode(map[string]any{
+			"guest_realtime_ns": gt.Realtime.UnixNano(), "guest_monotonic_ns": gt.Monotonic.Nanoseconds(),
+			"guest_boottime_ns": gt.Boottime.Nanoseconds(), "host_realtime_ns": gt.Host.UnixNano(),
+			"offset_ns": gt.Offset().Nanoseconds(), "round_trip_ns": gt.RoundTrip.Nanoseconds()})
+	}
+	fmt.Fprintf(e.stdout, "guest %s (monotonic %.6f s); host %s; guest ahead by %s (read in %.3f ms)\n",
+		gt.Realtime.UTC().Format(time.RFC3339Nano), gt.Monotonic.Seconds(), gt.Host.UTC().Format(time.RFC3339Nano),
+		fmtOffset(float64(gt.Offset().Nanoseconds())/1e6), ms(gt.RoundTrip))
+	return nil
 }
 
 // backendUsage makes an unknown --backend a usage mistake.

@@ -41,76 +41,21 @@ func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (_ *vm.
 		defer cancel()
 	}
 	start := time.Now()
-	wasRunning := v.State() == vm.StateRunning
-	if err := os.MkdirAll(v.f.tmpDir(), 0o755); err != nil {
-		return nil, err
-	}
-	dir, err := os.MkdirTemp(v.f.tmpDir(), snapDirPrefix(os.Getpid()))
+	c, err := v.newCapture(layout)
 	if err != nil {
 		return nil, err
 	}
+	dir := c.dir
 	release := func() error { return os.RemoveAll(dir) }
-	c := &capture{v: v, layout: layout, dir: dir, statePath: filepath.Join(dir, "state"),
-		ramBytes: int64(v.rec.Config.MemoryMiB) << 20, wasRunning: wasRunning, stats: SnapshotStats{Layout: layout}}
 	defer func() {
-		if c.ram != nil {
-			c.ram.Close()
+		c.closeFiles()
+		if err != nil {
+			release()
+			err = c.undo(ctx, err)
 		}
-		if c.raw != nil {
-			c.raw.Close()
-			os.Remove(c.raw.Name())
-		}
-		if err == nil {
-			return
-		}
-		release()
-		// A failed snapshot leaves the source as it was.
-		if wasRunning && !c.stopped.IsZero() && v.State() != vm.StateCrashed {
-			// The resume must run even when ctx ended, but not forever.
-			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
-			defer cancel()
-			if q, qerr := v.qmpConn(rctx); qerr == nil {
-				if cerr := q.Call(rctx, "cont", nil, nil); cerr != nil {
-					err = fmt.Errorf("%w (and resuming the VM failed: %v)", err, cerr)
-				}
-			}
-		}
-		err = v.failed(vm.OpSnapshot, err)
 	}()
-	if c.q, err = v.qmpConn(ctx); err != nil {
+	if err := c.run(ctx); err != nil {
 		return nil, err
-	}
-	var unsubscribe func()
-	c.events, unsubscribe = c.q.subscribe()
-	defer unsubscribe()
-	if layout == vm.LayoutSplit {
-		if c.ram, err = os.Open(v.ramPath()); err != nil {
-			return nil, fmt.Errorf("open guest RAM: %w", err)
-		}
-		c.src = c.ram
-	}
-	status, err := c.q.status(ctx)
-	if err != nil {
-		return nil, err
-	}
-	switch {
-	case !wasRunning && status == "postmigrate":
-		err = c.reuseSaved(ctx)
-	case layout == vm.LayoutSplit:
-		err = c.split(ctx)
-	default:
-		err = c.single(ctx)
-	}
-	if err != nil {
-		return nil, err
-	}
-	if c.kind != "" {
-		v.rememberSaved(c.statePath, c.kind, wasRunning)
-	}
-	// A QEMU that died while we captured it may have left a torn stream
-	// behind: such a snapshot is not handed out.
-	if v.State() == vm.StateCrashed {
-		return nil, errors.New("QEMU exited during the snapshot")
 	}
 	md := v.metadata(layout)
 	sum, err := vm.HashFile(c.statePath)
@@ -160,6 +105,96 @@ func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (_ *vm.
 	return snap, nil
 }
 
+// newCapture prepares a capture of the VM in layout into a new directory
+// under the factory's tmpDir. Call with v.mu held.
+func (v *Instance) newCapture(layout vm.Layout) (*capture, error) {
+	if err := os.MkdirAll(v.f.tmpDir(), 0o755); err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp(v.f.tmpDir(), snapDirPrefix(os.Getpid()))
+	if err != nil {
+		return nil, err
+	}
+	return &capture{v: v, layout: layout, dir: dir, statePath: filepath.Join(dir, "state"),
+		ramBytes: int64(v.rec.Config.MemoryMiB) << 20, wasRunning: v.State() == vm.StateRunning, stats: SnapshotStats{Layout: layout}}, nil
+}
+
+// run captures the VM: the device state into statePath, and (split) the
+// guest RAM as it was at that instant in src, and the workspace disk in
+// diskCopy (or, for a paused guest, in place). A running guest runs again
+// afterwards.
+func (c *capture) run(ctx context.Context) (err error) {
+	v := c.v
+	if c.q, err = v.qmpConn(ctx); err != nil {
+		return err
+	}
+	var unsubscribe func()
+	c.events, unsubscribe = c.q.subscribe()
+	defer unsubscribe()
+	if c.layout == vm.LayoutSplit && !v.privateRAM() {
+		if c.ram, err = os.Open(v.ramPath()); err != nil {
+			return fmt.Errorf("open guest RAM: %w", err)
+		}
+		c.src = c.ram
+	}
+	status, err := c.q.status(ctx)
+	if err != nil {
+		return err
+	}
+	switch {
+	case !c.wasRunning && status == "postmigrate" && v.privateRAM():
+		return fmt.Errorf("QEMU has saved this paused fork already, and its RAM is in no file to save again; resume it first: %w", vm.ErrInvalidState)
+	case !c.wasRunning && status == "postmigrate":
+		err = c.reuseSaved(ctx)
+	case c.layout == vm.LayoutSplit:
+		err = c.split(ctx)
+	default:
+		err = c.single(ctx)
+	}
+	if err != nil {
+		return err
+	}
+	if c.kind != "" {
+		v.rememberSaved(c.statePath, c.kind, c.wasRunning)
+	}
+	// A QEMU that died while we captured it may have left a torn stream
+	// behind: such a capture is not used.
+	if v.State() == vm.StateCrashed {
+		return errors.New("QEMU exited during the snapshot")
+	}
+	return nil
+}
+
+// closeFiles closes the capture's RAM files (and removes the private
+// copy, which the snapshot's memory section has been encoded from).
+func (c *capture) closeFiles() {
+	if c.ram != nil {
+		c.ram.Close()
+	}
+	if c.raw != nil {
+		c.raw.Close()
+		os.Remove(c.raw.Name())
+	}
+}
+
+// undo leaves the source of a failed capture as it was: running again if
+// the capture stopped it. The resume runs even when ctx ended, but not
+// forever.
+func (c *capture) undo(ctx context.Context, err error) error {
+	v := c.v
+	if c.wasRunning && !c.stopped.IsZero() && v.State() != vm.StateCrashed {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+		defer cancel()
+		v.setClockStale(true)
+		if q, qerr := v.qmpConn(rctx); qerr == nil {
+			if cerr := q.Call(rctx, "cont", nil, nil); cerr != nil {
+				err = fmt.Errorf("%w (and resuming the VM failed: %v)", err, cerr)
+			}
+		}
+	}
+	return v.failed(vm.OpSnapshot, err)
+}
+
 // Kinds of saved device-state streams (see rememberSaved).
 const (
 	savedDevices  = "devices"  // x-ignore-shared: devices and ROMs only
@@ -188,8 +223,21 @@ type capture struct {
 
 // split saves the device state apart from guest RAM.
 func (c *capture) split(ctx context.Context) error {
+	if c.v.privateRAM() {
+		// A fork's guest RAM is a copy-on-write map of the capture it came
+		// from, not its RAM file: it comes out of the migration stream,
+		// which under TCG is exact for a stopped guest only.
+		stopped := false
+		if c.wasRunning && c.v.rec.Accel != AccelKVM {
+			c.stopped, stopped = time.Now(), true
+			if err := c.q.Call(ctx, "stop", nil, nil); err != nil {
+				return err
+			}
+		}
+		return c.splitLive(ctx, stopped)
+	}
 	if c.v.liveCapture(c.wasRunning) {
-		if err := c.splitLive(ctx); !errors.Is(err, errStream) || errors.Is(err, errStreamLate) {
+		if err := c.splitLive(ctx, false); !errors.Is(err, errStream) || errors.Is(err, errStreamLate) {
 			return err
 		}
 		// This QEMU's stream is not one we understand: stop the guest
@@ -234,8 +282,9 @@ func (c *capture) split(ctx context.Context) error {
 	return c.resume(ctx)
 }
 
-// splitLive lets QEMU copy RAM with a live migration (ramstream.go).
-func (c *capture) splitLive(ctx context.Context) error {
+// splitLive lets QEMU copy RAM with a live migration (ramstream.go);
+// stopped says the capture stopped the running guest before.
+func (c *capture) splitLive(ctx context.Context, stopped bool) error {
 	if err := c.newRaw(); err != nil {
 		return err
 	}
@@ -268,7 +317,9 @@ func (c *capture) splitLive(ctx context.Context) error {
 	if !c.wasRunning {
 		return nil
 	}
-	c.stopped = completed.Add(-qemuDowntime)
+	if !stopped {
+		c.stopped = completed.Add(-qemuDowntime)
+	}
 	return c.resume(ctx)
 }
 
@@ -317,6 +368,10 @@ func (c *capture) resume(ctx context.Context) error {
 			return fmt.Errorf("capture the workspace disk: %w", err)
 		}
 		c.stats.DiskCapture = time.Since(t)
+	}
+	// The guest's wall clock stood still meanwhile (agentConn sets it).
+	if err := c.v.setClockStale(true); err != nil {
+		return err
 	}
 	if err := c.q.Call(ctx, "cont", nil, nil); err != nil {
 		return err

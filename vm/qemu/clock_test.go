@@ -99,4 +99,10 @@ func TestClock(t *testing.T) {
 	if again.Monotonic <= after.Monotonic || again.Realtime.Before(after.Realtime) {
 		t.Fatalf("guest clocks went back within the restored guest: %+v then %+v", after, again)
 	}
+	// The guest keeps time on the TSC: a clocksource watchdog that
+	// demoted it to jiffies on a busy host would let the clock fall behind
+	// between resumes (tsc=reliable, image.KernelCmdline).
+	if cs := mustShell(t, ctx, dst, "cat /sys/devices/system/clocksource/clocksource0/current_clocksource"); cs != "tsc" && cs != "tsc-early" {
+		t.Fatalf("the guest's clocksource is %s", cs)
+	}
 }

@@ -539,7 +539,7 @@ func (f *Factory) List(ctx context.Context) ([]vm.Info, error) {
 		c := v.rec.Config
 		info := vm.Info{Name: v.rec.Name, Backend: BackendName, State: v.State(), VCPUs: c.VCPUs,
 			MemoryMiB: c.MemoryMiB, Accel: string(v.rec.Accel), Dir: v.dir, CreatedAt: v.rec.CreatedAt,
-			Network: c.Network, Forwards: c.Forwards, DiskBytes: c.Disk.SizeBytes, Hostname: c.GuestHostname()}
+			Network: c.Network, Forwards: c.Forwards, DiskBytes: c.Disk.SizeBytes, Hostname: c.GuestHostname(), AgentID: c.AgentID}
 		if v.run.Proc != nil && v.run.Proc.alive() {
 			info.PID = v.run.Proc.PID
 			info.Ports = v.run.Ports

@@ -65,6 +65,9 @@ type runRecord struct {
 	// before anything else; it is kept here because `vm resume` and the
 	// next `vm exec` are different processes.
 	ClockStale bool `json:"clock_stale,omitempty"`
+	// PrivateRAM: the running QEMU maps its guest RAM copy-on-write from
+	// the capture it was forked from (clone.go), not from its RAM file.
+	PrivateRAM bool `json:"private_ram,omitempty"`
 }
 
 // Instance is one QEMU VM.
@@ -91,6 +94,9 @@ type Instance struct {
 	// hookAfterStateSaved, when set (tests), runs after the device state
 	// of a snapshot is written and before the guest RAM is captured.
 	hookAfterStateSaved func()
+	// launchBase, when set, is the file the next QEMU maps guest RAM from
+	// copy-on-write (share=off) instead of the RAM file: a fork's capture.
+	launchBase string
 }
 
 var (
@@ -104,6 +110,7 @@ var (
 	_ vm.Reidentifier      = (*Instance)(nil)
 	_ vm.DiskExporter      = (*Instance)(nil)
 	_ vm.TimeReader        = (*Instance)(nil)
+	_ vm.Cloner            = (*Instance)(nil)
 )
 
 // ID is the VM's name.
@@ -181,9 +188,17 @@ func (v *Instance) setState(s vm.State, p *proc) error {
 	v.run.State = s.String()
 	v.run.Proc = p
 	if p == nil {
-		v.run.Ports = nil
+		v.run.Ports, v.run.PrivateRAM = nil, false
 	}
 	return v.saveRun()
+}
+
+// privateRAM says whether the guest RAM is a fork's copy-on-write map
+// rather than the RAM file.
+func (v *Instance) privateRAM() bool {
+	v.stmu.Lock()
+	defer v.stmu.Unlock()
+	return v.run.PrivateRAM
 }
 
 // setStatePorts is setState for a QEMU just started, with its ports.
@@ -367,15 +382,26 @@ func (v *Instance) GuestTime(ctx context.Context) (vm.GuestTime, error) {
 	if err != nil {
 		return vm.GuestTime{}, v.failed("read guest time", err)
 	}
-	t0 := time.Now()
-	r, err := c.Time(ctx)
-	if err != nil {
-		return vm.GuestTime{}, v.guestErr("read guest time", err)
+	// The reading with the shortest round trip is the most exact: the
+	// host's midpoint is off the guest's instant by at most half of it.
+	var best vm.GuestTime
+	for i := 0; i < guestTimeReads; i++ {
+		t0 := time.Now()
+		r, err := c.Time(ctx)
+		if err != nil {
+			return vm.GuestTime{}, v.guestErr("read guest time", err)
+		}
+		rtt := time.Since(t0)
+		if i == 0 || rtt < best.RoundTrip {
+			best = vm.GuestTime{Realtime: r.Realtime(), Monotonic: time.Duration(r.MonotonicNs), Boottime: time.Duration(r.BoottimeNs),
+				Host: t0.Add(rtt / 2), RoundTrip: rtt}
+		}
 	}
-	rtt := time.Since(t0)
-	return vm.GuestTime{Realtime: r.Realtime(), Monotonic: time.Duration(r.MonotonicNs), Boottime: time.Duration(r.BoottimeNs),
-		Host: t0.Add(rtt / 2), RoundTrip: rtt}, nil
+	return best, nil
 }
+
+// guestTimeReads is how many readings GuestTime takes.
+const guestTimeReads = 3
 
 // Reidentify gives the running guest a new identity (vm.Reidentifier):
 // the host's entropy into its pool and a CRNG reseed (RNDADDENTROPY, then
@@ -393,11 +419,16 @@ func (v *Instance) Reidentify(ctx context.Context, id vm.Identity) error {
 	if err != nil {
 		return v.failed("reidentify", err)
 	}
-	if err := c.Call(ctx, agent.OpReseedRNG, agent.ReseedRNGRequest{Data: id.Entropy}, nil); err != nil {
+	// Both at once (the agent serves requests side by side); both are done
+	// before Reidentify returns, so before the copy's next command.
+	rerr := make(chan error, 1)
+	go func() { rerr <- c.Call(ctx, agent.OpReseedRNG, agent.ReseedRNGRequest{Data: id.Entropy}, nil) }()
+	herr := c.SetHostname(ctx, id.Hostname)
+	if err := <-rerr; err != nil {
 		return v.guestErr("reseed the guest RNG", err)
 	}
-	if err := c.SetHostname(ctx, id.Hostname); err != nil {
-		return v.guestErr("set the guest hostname", err)
+	if herr != nil {
+		return v.guestErr("set the guest hostname", herr)
 	}
 	v.rec.Config.Hostname = id.Hostname
 	return v.saveRecord()
@@ -457,7 +488,7 @@ func (v *Instance) qemuArgs(incoming bool) []string {
 		"-M", machineType + ",x-option-roms=off,rtc=on,isa-serial=on,memory-backend=mem",
 		"-m", fmt.Sprintf("%dM", c.MemoryMiB),
 		"-smp", strconv.Itoa(c.VCPUs),
-		"-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=on", c.MemoryMiB, v.ramPath()),
+		"-object", v.memoryBackend(),
 		"-serial", "file:" + consoleFile,
 		"-device", "virtio-serial-device,max_ports=2",
 		"-chardev", "socket,id=agent,path=" + agentSock + ",server=on,wait=off",
@@ -481,6 +512,16 @@ func (v *Instance) qemuArgs(incoming bool) []string {
 		return append(args, "-S", "-incoming", "defer")
 	}
 	return append(args, "-kernel", c.Kernel, "-initrd", c.Initrd, "-append", image.KernelCmdline(tsc, guestCmdline(c)))
+}
+
+// memoryBackend is guest RAM: the RAM file, shared (so snapshots read it
+// and restores write it), or a fork's capture mapped copy-on-write.
+func (v *Instance) memoryBackend() string {
+	path, share := v.ramPath(), "on"
+	if v.launchBase != "" {
+		path, share = v.launchBase, "off"
+	}
+	return fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s", v.rec.Config.MemoryMiB, path, share)
 }
 
 // guestCmdline is what the guest's rcS reads from the kernel command

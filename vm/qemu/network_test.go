@@ -27,7 +27,7 @@ type hostServer struct {
 	conns atomic.Int64
 }
 
-func startHostServer(t *testing.T, body string) *hostServer {
+func startHostServer(t testing.TB, body string) *hostServer {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/blob"
+	"github.com/kelpie/teleport/guest/image"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/fs"
 	"github.com/kelpie/teleport/vm"
@@ -535,7 +536,7 @@ func (w failingWriter) Commit(ctx context.Context, m *teleport.Package) error {
 }
 
 func simSnapshot(t *testing.T, ctx context.Context) *vm.Snapshot {
-	f := sim.NewFactory(sim.Options{HostID: "sim-host", Arch: vm.HostArchitecture()})
+	f := sim.NewFactory(sim.Options{HostID: "sim-host", Arch: vm.HostArchitecture(), BaseImageVersion: image.Version()})
 	inst, err := f.Create(ctx, vm.Config{VCPUs: 1, MemoryMiB: 256})
 	if err != nil {
 		t.Fatal(err)
@@ -549,7 +550,7 @@ func simSnapshot(t *testing.T, ctx context.Context) *vm.Snapshot {
 }
 
 func simPackage(t *testing.T, ctx context.Context, st teleport.Store) string {
-	f := sim.NewFactory(sim.Options{HostID: "sim-host", Arch: vm.HostArchitecture()})
+	f := sim.NewFactory(sim.Options{HostID: "sim-host", Arch: vm.HostArchitecture(), BaseImageVersion: image.Version()})
 	inst, _ := f.Create(ctx, vm.Config{VCPUs: 1, MemoryMiB: 256})
 	inst.Start(ctx)
 	pkg, err := newService(st, f).Out(ctx, inst, service.OutRequest{AgentID: "sim-agent", Kind: teleport.KindTeleport})

@@ -100,7 +100,17 @@ func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) (err error) {
 		return fmt.Errorf("vm %s: restore: %w", v.rec.Name, err)
 	}
 	stats.Stage = time.Since(t)
-	t = time.Now()
+	return v.loadStaged(ctx, stats, nil)
+}
+
+// loadStaged starts QEMU waiting for a migration and loads the staged
+// device state (stagedState) into it, with the guest RAM and the disk in
+// place; the VM is Paused afterwards. When staged is not nil, the RAM and
+// disk files exist at their sizes but are still being filled: QEMU maps
+// and opens them, and touches neither before the incoming migration, which
+// waits for staged. Call with v.mu held.
+func (v *Instance) loadStaged(ctx context.Context, stats RestoreStats, staged func() error) error {
+	t := time.Now()
 	p, q, err := v.launch(ctx, true)
 	if err != nil {
 		return fmt.Errorf("vm %s: restore: %w", v.rec.Name, err)
@@ -132,6 +142,11 @@ func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) (err error) {
 	ignoreShared, err := streamIgnoresShared(v.path(stagedState))
 	if err != nil {
 		return fail(fmt.Errorf("%v: %w", err, vm.ErrCorrupt))
+	}
+	if staged != nil {
+		if err := staged(); err != nil {
+			return fail(err)
+		}
 	}
 	if err := setupMigration(ctx, q, ignoreShared, false); err != nil {
 		return fail(err)

@@ -72,7 +72,33 @@ type Factory struct {
 }
 
 var _ vm.Factory = (*Factory)(nil)
-var _ vm.Instance = (*VM)(nil)
+var (
+	_ vm.Instance     = (*VM)(nil)
+	_ vm.Reidentifier = (*VM)(nil)
+)
+
+// Keys of the simulated guest's memory that Reidentify writes, as a real
+// guest's kernel keeps its hostname and RNG state in its RAM.
+const (
+	KeyHostname = "hostname"
+	KeyRNG      = "rng"
+)
+
+// Reidentify gives the simulated guest a new identity: its hostname, and
+// an RNG state mixed from the old one and the entropy (vm.Reidentifier).
+func (v *VM) Reidentify(ctx context.Context, id vm.Identity) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.transition(ctx, vm.OpExec); err != nil {
+		return err
+	}
+	h := sha256.New()
+	h.Write([]byte(v.kv[KeyRNG]))
+	h.Write(id.Entropy)
+	v.kv[KeyHostname], v.kv[KeyRNG] = id.Hostname, hex.EncodeToString(h.Sum(nil))
+	v.restored = nil // the guest's memory changed
+	return nil
+}
 
 // NewFactory returns a factory for one simulated host.
 func NewFactory(o Options) *Factory {
