@@ -418,6 +418,9 @@ type SnapshotResult struct {
 	// where the backend measures it (DowntimeKnown).
 	Downtime      time.Duration
 	DowntimeKnown bool
+	// NoDisk says why the blob lacks the VM's workspace disk ("" when the
+	// VM has none): a KLP1 v1 blob has no section for it.
+	NoDisk string
 }
 
 // SnapshotVM writes a snapshot of VM name to the KLP1 blob file out, in
@@ -440,6 +443,9 @@ func (h *Host) SnapshotVM(ctx context.Context, name, out string, layout vm.Layou
 	defer snap.Close()
 	res := &SnapshotResult{SnapshotID: snap.Metadata.SnapshotID, Layout: snap.Metadata.Layout}
 	res.Downtime, res.DowntimeKnown = vm.LastSnapshotDowntime(lv.inst)
+	if snap.Disk != nil {
+		res.NoDisk = "a KLP1 v1 blob has no section for the workspace disk, so this file carries memory and devices only; teleport out carries the disk"
+	}
 	if res.SizeBytes, err = writeBlobFile(out, snap); err != nil {
 		return nil, fmt.Errorf("write %s: %w", out, err)
 	}

@@ -214,6 +214,23 @@ func TestQEMUSandbox(t *testing.T) {
 		}
 	})
 
+	t.Run("CheckpointCarriesTheDisk", func(t *testing.T) {
+		c := cli{t, bin}
+		r := c.run(homeB, "teleport", "out", "f2", "--store", store, "--kind", "checkpoint", "--keep-source")
+		if r.code != 0 || strings.Contains(r.stderr, "carries no workspace") {
+			t.Fatalf("checkpoint of a VM with a disk: %+v", r)
+		}
+		id := strings.TrimSpace(r.stdout)
+		c.ok(homeA, "teleport", "in", id, "--store", store, "--name", "fresh", "--publish", "none")
+		if got := c.sh(homeA, "fresh", "grep ' /workspace ' /proc/mounts | cut -d' ' -f1,3; sha256sum /workspace/data | cut -c1-64"); got != "/dev/vda ext4\n"+sum {
+			t.Fatalf("the checkpoint's fresh VM has %q", got)
+		}
+		if got := c.sh(homeA, "fresh", "test -e /tmp/counter || echo fresh-boot"); got != "fresh-boot" {
+			t.Fatalf("a checkpoint carried memory: %q", got)
+		}
+		c.ok(homeA, "vm", "rm", "fresh")
+	})
+
 	t.Run("TakenPortRefused", func(t *testing.T) {
 		c := cli{t, bin}
 		taken, err := net.Listen("tcp", "127.0.0.1:0")

@@ -380,6 +380,9 @@ func vmSnapshot(ctx context.Context, e *env, args []string) error {
 		paused = fmt.Sprintf(", guest paused %.1f ms", ms(res.Downtime))
 	}
 	fmt.Fprintf(e.stderr, "kelpie: snapshot %s of vm %s (%s layout): %s%s\n", res.SnapshotID, pos[0], res.Layout, humanBytes(res.SizeBytes), paused)
+	if res.NoDisk != "" {
+		fmt.Fprintf(e.stderr, "kelpie: warning: %s\n", res.NoDisk)
+	}
 	return nil
 }
 

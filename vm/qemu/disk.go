@@ -40,13 +40,26 @@ func (v *Instance) diskPath() string { return v.path(diskFile) }
 
 func (v *Instance) hasDisk() bool { return v.rec.Config.Disk.Present() }
 
+// mkfsPath finds mkfs.ext4, also where a non-root PATH leaves it out.
+func mkfsPath() (string, error) {
+	if p, err := exec.LookPath(mkfsBinary); err == nil {
+		return p, nil
+	}
+	for _, dir := range []string{"/usr/sbin", "/sbin"} {
+		if p := filepath.Join(dir, mkfsBinary); exec.Command(p, "-V").Run() == nil {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s not found (apt-get install e2fsprogs)", mkfsBinary)
+}
+
 // checkDiskTools refuses a disk this host cannot make.
 func checkDiskTools(cfg vm.Config) error {
 	if !cfg.Disk.Present() {
 		return nil
 	}
-	if _, err := exec.LookPath(mkfsBinary); err != nil {
-		return fmt.Errorf("vm %s: a workspace disk needs %s (apt-get install e2fsprogs): %w", cfg.Name, mkfsBinary, vm.ErrUnavailable)
+	if _, err := mkfsPath(); err != nil {
+		return fmt.Errorf("vm %s: a workspace disk: %v: %w", cfg.Name, err, vm.ErrUnavailable)
 	}
 	return nil
 }
@@ -68,9 +81,14 @@ func createDisk(ctx context.Context, path string, d vm.Disk) error {
 		os.Remove(path)
 		return fmt.Errorf("create workspace disk: %w", err)
 	}
+	mkfs, err := mkfsPath()
+	if err != nil {
+		os.Remove(path)
+		return err
+	}
 	ctx, cancel := context.WithTimeout(ctx, mkfsTimeout)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, mkfsBinary, "-q", "-F", "-L", "workspace", "-m", "0",
+	out, err := exec.CommandContext(ctx, mkfs, "-q", "-F", "-L", "workspace", "-m", "0",
 		"-E", "lazy_itable_init=0,lazy_journal_init=0", path).CombinedOutput()
 	if err != nil {
 		os.Remove(path)

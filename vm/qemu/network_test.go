@@ -25,7 +25,10 @@ import (
 type hostServer struct {
 	port  int
 	conns atomic.Int64
+	srv   *http.Server
 }
+
+func (s *hostServer) close() { s.srv.Close() }
 
 func startHostServer(t testing.TB, body string) *hostServer {
 	t.Helper()
@@ -40,6 +43,7 @@ func startHostServer(t testing.TB, body string) *hostServer {
 				s.conns.Add(1)
 			}
 		}}
+	s.srv = srv
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	return s
@@ -178,6 +182,20 @@ func TestNetworkRestricted(t *testing.T) {
 	}
 	if guestConnects(t, ctx, dst, gatewayIP, other.port) {
 		t.Errorf("restored restricted guest connected to an unforwarded port")
+	}
+	// A target that cannot provide the forward (nothing listens at its
+	// host port there) refuses the restore before the guest resumes.
+	pkg2, err := newService(st, fb).Out(ctx, dst, service.OutRequest{AgentID: "net", Kind: teleport.KindTeleport, KeepSource: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	allowed.close()
+	_, _, err = newService(st, fa).In(ctx, pkg2.ID, vm.Config{Name: "net2"}, service.InOptions{})
+	if !errors.Is(err, vm.ErrUnavailable) || !strings.Contains(err.Error(), strconv.Itoa(allowed.port)) {
+		t.Fatalf("restore with an unprovidable forward: %v", err)
+	}
+	if _, err := fa.Attach(ctx, "net2"); !errors.Is(err, vm.ErrNotFound) {
+		t.Fatalf("the refused restore left its VM: %v", err)
 	}
 }
 
