@@ -63,20 +63,18 @@ func (m *DiskMetadata) Disk() Disk {
 type DiskImage struct {
 	Metadata DiskMetadata
 	Payload  Payload
-	release  func() error
+	release  releaser
 }
 
 // NewDiskImage builds a disk image whose Close calls release (may be nil).
 func NewDiskImage(md DiskMetadata, p Payload, release func() error) *DiskImage {
-	return &DiskImage{Metadata: md, Payload: p, release: release}
+	return &DiskImage{Metadata: md, Payload: p, release: releaser{release}}
 }
 
 // Close releases whatever backs the payload. It is safe to call twice.
 func (d *DiskImage) Close() error {
-	if d == nil || d.release == nil {
+	if d == nil {
 		return nil
 	}
-	r := d.release
-	d.release = nil
-	return r()
+	return d.release.run()
 }

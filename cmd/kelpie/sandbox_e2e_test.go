@@ -6,8 +6,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -84,22 +82,8 @@ func (c cli) sh(home, name, script string) string {
 // starts because its published host port is taken.
 func TestQEMUSandbox(t *testing.T) {
 	needQEMUCLI(t)
-	tmp := t.TempDir()
-	bin := filepath.Join(tmp, "kelpie")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("build kelpie: %v\n%s", err, out)
-	}
-	c := cli{t, bin}
-	homeA, homeB, store := filepath.Join(tmp, "host-a"), filepath.Join(tmp, "host-b"), filepath.Join(tmp, "store")
-	t.Cleanup(func() {
-		for _, h := range []string{homeA, homeB} {
-			var l []host.VMInfo
-			json.Unmarshal([]byte(c.run(h, "vm", "ls", "--json").stdout), &l)
-			for _, v := range l {
-				c.run(h, "vm", "rm", v.Name)
-			}
-		}
-	})
+	c, _, homeA, homeB, store := twoHomes(t)
+	bin := c.bin
 	hostPort := loopbackServer(t, "hello from the host")
 
 	c.ok(homeA, "vm", "create", "agent", "--network", "restricted", "--publish", "127.0.0.1:0:8080",
