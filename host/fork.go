@@ -102,9 +102,11 @@ func (h *Host) ForkVM(ctx context.Context, name string, req ForkRequest) (_ *For
 	}
 	// The source ran on: it answers, with its clock set, before its next
 	// command (that it stood still for the capture is its only trace).
-	if err := vm.WaitReady(ctx, lv.inst); err != nil {
-		err = fmt.Errorf("fork vm %s: the source does not answer after the capture: %w", name, err)
-		return nil, destroyAll(ctx, insts, err)
+	if lv.inst.State() == vm.StateRunning {
+		if err := vm.WaitReady(ctx, lv.inst); err != nil {
+			err = fmt.Errorf("fork vm %s: the source does not answer after the capture: %w", name, err)
+			return nil, destroyAll(ctx, insts, err)
+		}
 	}
 	res := &ForkResult{}
 	for i, inst := range insts {

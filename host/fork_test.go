@@ -64,6 +64,32 @@ func TestForkVM(t *testing.T) {
 	}
 }
 
+// A paused source forks too, and stays paused.
+func TestForkPausedSource(t *testing.T) {
+	ctx := context.Background()
+	h := openHost(t, t.TempDir(), host.Options{})
+	if _, err := h.CreateVM(ctx, host.VMSpec{Name: "src"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.PauseVM(ctx, "src"); err != nil {
+		t.Fatal(err)
+	}
+	res, err := h.ForkVM(ctx, "src", host.ForkRequest{Count: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.VMs) != 2 || res.VMs[0].Name != "src-1" || res.VMs[1].State != "running" {
+		t.Fatalf("forks of a paused source: %+v", res.VMs)
+	}
+	if v, _ := h.VM(ctx, "src"); v.State != "paused" {
+		t.Fatalf("the paused source is %s after the fork", v.State)
+	}
+	out, err := h.TeleportOut(ctx, "src", host.OutRequest{KeepSource: true})
+	if err != nil || out.Warning != "" {
+		t.Fatalf("a copy of a paused source: %+v, %v", out, err)
+	}
+}
+
 // A fork is refused before the source pauses when a copy's name is taken,
 // when a fixed host port would be published by several copies, or when
 // the count is out of range; nothing is made.

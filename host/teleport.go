@@ -128,7 +128,7 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 	res.Package = pkg
 	if err != nil {
 		res.Warning = err.Error()
-	} else if req.KeepSource {
+	} else if req.KeepSource && lv.inst.State() == vm.StateRunning {
 		// The source ran on: it answers, its clock set again, before the
 		// next command.
 		if werr := vm.WaitReady(ctx, lv.inst); werr != nil {

@@ -142,6 +142,30 @@ func TestQEMUSandbox(t *testing.T) {
 		}
 	})
 
+	t.Run("TeleportInFork", func(t *testing.T) {
+		// The moved package restored again, as a copy: its own hostname
+		// and agent id, no published ports unless asked, the same disk.
+		c := cli{t, bin}
+		var id string
+		for _, l := range strings.Split(c.ok(homeB, "package", "ls", "--store", store), "\n") {
+			if f := strings.Fields(l); len(f) > 1 && f[1] == "agent" {
+				id = f[0]
+			}
+		}
+		if id == "" {
+			t.Fatal("the moved package is not in the store")
+		}
+		c.ok(homeA, "teleport", "in", id, "--store", store, "--name", "dup", "--fork")
+		v := c.vm(homeA, "dup")
+		if v.AgentID != "dup" || len(v.Ports) != 0 || c.sh(homeA, "dup", "hostname") != "dup" {
+			t.Fatalf("teleport in --fork: %+v", v)
+		}
+		if got := c.sh(homeA, "dup", "sha256sum /workspace/data | cut -c1-64"); got != sum {
+			t.Fatal("the copy's disk differs")
+		}
+		c.ok(homeA, "vm", "rm", "dup")
+	})
+
 	t.Run("Fork", func(t *testing.T) {
 		c := cli{t, bin}
 		r := c.run(homeB, "vm", "fork", moved, "--count", "3", "--prefix", "f", "--publish", "127.0.0.1:0:8080")

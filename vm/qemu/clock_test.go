@@ -47,6 +47,9 @@ func checkClock(t *testing.T, what string, gt vm.GuestTime) {
 // goes back. Inside the guest, kelpie-agent -now reads the wall clock to
 // the nanosecond.
 func TestClock(t *testing.T) {
+	// Mostly waiting (for the store, for the guest's uptime): it runs
+	// beside the other waiting test.
+	t.Parallel()
 	ctx := testCtx(t, 3*time.Minute)
 	fa, fb := newTestFactory(t, "host-a"), newTestFactory(t, "host-b")
 	src := bootVM(t, ctx, fa, testConfig("clock", 256))

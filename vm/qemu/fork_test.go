@@ -38,6 +38,9 @@ func guestUptime(t *testing.T, ctx context.Context, inst vm.Instance) float64 {
 // /dev/urandom. With one (Reidentify: RNDADDENTROPY, then RNDRESEEDCRNG)
 // they do not, and they have their own hostnames.
 func TestForkRandomness(t *testing.T) {
+	// Mostly waiting (for the store, for the guest's uptime): it runs
+	// beside the other waiting test.
+	t.Parallel()
 	ctx := testCtx(t, 3*time.Minute)
 	f := newTestFactory(t, "host-a")
 	src := bootVM(t, ctx, f, testConfig("src", 256))
@@ -186,6 +189,27 @@ func TestClone(t *testing.T) {
 			t.Fatalf("%s sees %q: copies share memory or disk", inst.ID(), got)
 		}
 	}
+	// A paused source clones too, and stays paused.
+	beforePause := counter.read(t, ctx, src)
+	if err := src.Pause(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c3, err := src.Clone(ctx, []vm.Config{{Name: "c3"}}, func(ctx context.Context, i int, c vm.Instance) error { return c.Resume(ctx) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c3[0].Destroy(context.Background()) })
+	if src.State() != vm.StatePaused {
+		t.Fatalf("the paused source is %s after a clone", src.State())
+	}
+	if err := src.Resume(ctx); err != nil {
+		t.Fatal(err)
+	}
+	counter.checkContinues(t, ctx, c3[0], beforePause)
+	if got := mustShell(t, ctx, c3[0], "cat /tmp/who"); got != "source" {
+		t.Fatalf("the copy of the paused source sees %q", got)
+	}
+
 	// The copy moves on: its RAM is read from the stream.
 	st, err := fs.Open(filepath.Join(t.TempDir(), "store"))
 	if err != nil {
