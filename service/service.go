@@ -428,6 +428,10 @@ func (sw *sectionWriter) end() {
 	sw.sections = append(sw.sections, sw.cur)
 }
 
+// copyBufferBytes is the chunk a section is copied in: large chunks keep
+// the store's and the hashes' per-write costs small.
+const copyBufferBytes = 1 << 20
+
 // copySection writes payload p as section name, and checks it has the
 // size and SHA-256 recorded for it: a payload that changed after its
 // checksum was taken would make a package no host can restore.
@@ -440,7 +444,7 @@ func (sw *sectionWriter) copySection(name string, p vm.Payload, size int64, sum 
 		return err
 	}
 	defer rc.Close()
-	n, err := io.Copy(sw.begin(name), io.LimitReader(rc, size+1))
+	n, err := io.CopyBuffer(sw.begin(name), io.LimitReader(rc, size+1), make([]byte, copyBufferBytes))
 	sw.end()
 	switch {
 	case err != nil:

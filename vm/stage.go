@@ -39,16 +39,21 @@ func Stage(snap *Snapshot, deviceState, memory Sink) error {
 }
 
 // StageWithDisk is Stage with a sink for the workspace disk payload too,
-// verified the same way against Metadata.Disk.
+// verified the same way against Metadata.Disk. The disk is staged beside
+// the other sections (its own reader, its own sink); the first error in
+// section order is the one returned, after every section is done.
 func StageWithDisk(snap *Snapshot, deviceState, memory, disk Sink) error {
 	md := snap.Metadata
-	if err := stageSection(md.SnapshotID, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState); err != nil {
-		return err
+	diskErr := make(chan error, 1)
+	go func() { diskErr <- StageDisk(md.SnapshotID, snap.Disk, md.Disk, disk) }()
+	err := stageSection(md.SnapshotID, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState)
+	if err == nil {
+		err = stageSection(md.SnapshotID, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
 	}
-	if err := stageSection(md.SnapshotID, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory); err != nil {
-		return err
+	if derr := <-diskErr; err == nil {
+		err = derr
 	}
-	return StageDisk(md.SnapshotID, snap.Disk, md.Disk, disk)
+	return err
 }
 
 // StageDisk hands a disk payload to sink, verifying it against md (nil: the

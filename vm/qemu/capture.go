@@ -67,31 +67,47 @@ func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (_ *vm.
 	if err != nil {
 		return nil, err
 	}
-	var memory vm.Payload
-	if layout == vm.LayoutSplit {
-		// Encode from the private copy or, for a paused guest, from its
-		// RAM file, which nothing writes while the guest is stopped.
-		memPath := filepath.Join(dir, "memory")
-		if md.MemorySHA256, md.MemorySize, err = c.encode(memPath); err != nil {
-			return nil, err
-		}
-		if memory, err = vm.NewFilePayload(memPath); err != nil {
-			return nil, err
-		}
+	// The disk is encoded beside the memory (two cores, two streams): from
+	// the copy taken while the guest was stopped or, for a paused guest,
+	// from its image, which nothing writes while it is stopped.
+	type encoded struct {
+		md  *vm.DiskMetadata
+		p   vm.Payload
+		err error
 	}
-	var disk vm.Payload
+	diskDone := make(chan encoded, 1)
 	if v.hasDisk() {
-		// From the copy taken while the guest was stopped or, for a paused
-		// guest, from its image, which nothing writes while it is stopped.
 		src := c.diskCopy
 		if src == "" {
 			src = v.diskPath()
 		}
-		t := time.Now()
-		if md.Disk, disk, err = diskPayload(src, filepath.Join(dir, "disk"), v.rec.Config.Disk); err != nil {
-			return nil, err
+		go func() {
+			t := time.Now()
+			var e encoded
+			e.md, e.p, e.err = diskPayload(src, filepath.Join(dir, "disk"), v.rec.Config.Disk)
+			c.stats.DiskEncode = time.Since(t)
+			diskDone <- e
+		}()
+	} else {
+		diskDone <- encoded{}
+	}
+	var memory vm.Payload
+	var merr error
+	if layout == vm.LayoutSplit {
+		// Encode from the private copy or, for a paused guest, from its
+		// RAM file, which nothing writes while the guest is stopped.
+		memPath := filepath.Join(dir, "memory")
+		if md.MemorySHA256, md.MemorySize, merr = c.encode(memPath); merr == nil {
+			memory, merr = vm.NewFilePayload(memPath)
 		}
-		c.stats.DiskEncode, c.stats.DiskBytes = time.Since(t), md.Disk.PayloadBytes
+	}
+	d := <-diskDone
+	if err := errors.Join(merr, d.err); err != nil {
+		return nil, err
+	}
+	disk := d.p
+	if d.md != nil {
+		md.Disk, c.stats.DiskBytes = d.md, d.md.PayloadBytes
 		if c.diskCopy != "" {
 			os.Remove(c.diskCopy)
 		}

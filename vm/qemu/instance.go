@@ -360,7 +360,8 @@ func (v *Instance) readyAgent(ctx context.Context) (*agent.Client, error) {
 
 // syncClock sets the guest's wall clock from the host's: to the host's
 // time plus the one-way delay of the agent channel, estimated as half the
-// round trip of a clock read just before.
+// round trip of a clock read just before (the first request a guest
+// answers after a resume is its slowest, so it is the probe's).
 func syncClock(ctx context.Context, c *agent.Client) error {
 	t0 := time.Now()
 	if _, err := c.Time(ctx); err != nil {

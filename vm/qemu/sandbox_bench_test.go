@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -54,11 +55,13 @@ func BenchmarkSandboxDiskTeleport(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	sa, sb := newService(st, fa), newService(st, fb)
 	stats := benchStats{}
+	var kind string
+	sa := newService(st, fa, service.WithStepObserver(func(step string, d time.Duration) { stats.add(kind+"-out-"+step, d) }))
+	sb := newService(st, fb, service.WithStepObserver(func(step string, d time.Duration) { stats.add(kind+"-in-"+step, d) }))
 	var diskSection int64
 	run := func(i int, withDisk bool) {
-		kind := map[bool]string{false: "plain", true: "disk"}[withDisk]
+		kind = map[bool]string{false: "plain", true: "disk"}[withDisk]
 		cfg := testConfig(fmt.Sprintf("%s-%d", kind, i), 256)
 		if withDisk {
 			cfg.Disk = vm.Disk{SizeBytes: benchDiskBytes}
@@ -97,6 +100,13 @@ func BenchmarkSandboxDiskTeleport(b *testing.B) {
 	b.ReportMetric(float64(diskSection)/(1<<20), "disk-section-MiB")
 	b.ReportMetric(0, "ns/op")
 	b.Logf("pause->ready (ms): plain %v, disk %v", stats["plain"], stats["disk"])
+	for _, k := range []string{"plain", "disk"} {
+		var steps []string
+		for _, st := range []string{"out-pause", "out-snapshot", "out-upload", "out-stop-source", "in-validate", "in-restore", "in-resume", "in-ready"} {
+			steps = append(steps, fmt.Sprintf("%s %.1f", st, median(stats[k+"-"+st])))
+		}
+		b.Logf("%s steps (ms, medians): %s", k, strings.Join(steps, ", "))
+	}
 }
 
 func BenchmarkSandboxColdBoot(b *testing.B) {
