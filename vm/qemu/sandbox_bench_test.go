@@ -48,6 +48,22 @@ const (
 	benchWrittenBytes = 10 << 20
 )
 
+// interleave runs b.N pairs of run(i, false) (the baseline, "plain") and
+// run(i, true) (with, named with), alternating their order so neither
+// always runs second, and reports both and their ratios.
+func interleave(b *testing.B, run func(i int, with bool), stats benchStats, with string) {
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		run(i, i%2 == 1)
+		run(i, i%2 == 0)
+	}
+	b.StopTimer()
+	b.ReportMetric(stats.mean("plain"), "plain-ms")
+	b.ReportMetric(stats.mean(with), with+"-ms")
+	b.ReportMetric(stats.mean(with)/stats.mean("plain"), with+"/plain")
+	b.ReportMetric(median(stats[with])/median(stats["plain"]), "median-"+with+"/plain")
+}
+
 func BenchmarkSandboxDiskTeleport(b *testing.B) {
 	ctx := testCtx(b, 30*time.Minute)
 	fa, fb := newTestFactory(b, "bench-a"), newTestFactory(b, "bench-b")
@@ -86,17 +102,7 @@ func BenchmarkSandboxDiskTeleport(b *testing.B) {
 		src.Destroy(ctx)
 		st.Delete(ctx, pkg.ID)
 	}
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		// Alternate the order, so neither always runs second.
-		run(i, i%2 == 1)
-		run(i, i%2 == 0)
-	}
-	b.StopTimer()
-	b.ReportMetric(stats.mean("plain"), "plain-ms")
-	b.ReportMetric(stats.mean("disk"), "disk-ms")
-	b.ReportMetric(stats.mean("disk")/stats.mean("plain"), "disk/plain")
-	b.ReportMetric(median(stats["disk"])/median(stats["plain"]), "median-disk/plain")
+	interleave(b, run, stats, "disk")
 	b.ReportMetric(float64(diskSection)/(1<<20), "disk-section-MiB")
 	b.ReportMetric(0, "ns/op")
 	b.Logf("pause->ready (ms): plain %v, disk %v", stats["plain"], stats["disk"])
@@ -134,16 +140,7 @@ func BenchmarkSandboxColdBoot(b *testing.B) {
 		stats.add(kind, time.Since(t))
 		inst.Destroy(ctx)
 	}
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		run(i, i%2 == 1)
-		run(i, i%2 == 0)
-	}
-	b.StopTimer()
-	b.ReportMetric(stats.mean("plain"), "plain-ms")
-	b.ReportMetric(stats.mean("devices"), "devices-ms")
-	b.ReportMetric(stats.mean("devices")/stats.mean("plain"), "devices/plain")
-	b.ReportMetric(median(stats["devices"])/median(stats["plain"]), "median-devices/plain")
+	interleave(b, run, stats, "devices")
 	b.ReportMetric(0, "ns/op")
 	b.Logf("cold boot (ms): plain %v, devices %v", stats["plain"], stats["devices"])
 }
