@@ -141,7 +141,7 @@ func (h *Host) SuspendVM(ctx context.Context, name, url string) (*teleport.Packa
 	if err := h.writeSuspended(rec); err != nil {
 		return nil, err
 	}
-	pkg, err := h.service(lv.f, st, "suspend").Out(ctx, lv.inst, service.OutRequest{AgentID: name, Kind: teleport.KindSuspend, PackageID: rec.PackageID})
+	pkg, err := h.service(ctx, lv.f, st, "suspend").Out(ctx, lv.inst, service.OutRequest{AgentID: name, Kind: teleport.KindSuspend, PackageID: rec.PackageID})
 	switch {
 	case errors.Is(err, service.ErrOutcomeUnknown):
 		// The package may be committed: keep the record, so that `vm
@@ -205,7 +205,7 @@ func (h *Host) resumeSuspended(ctx context.Context, rec *suspendRecord) (*Resume
 	if err != nil {
 		return nil, err
 	}
-	inst, _, err := h.service(f, st, "resume").In(ctx, rec.PackageID, vm.Config{Name: rec.Name, VCPUs: rec.Config.VCPUs,
+	inst, _, err := h.service(ctx, f, st, "resume").In(ctx, rec.PackageID, vm.Config{Name: rec.Name, VCPUs: rec.Config.VCPUs,
 		MemoryMiB: rec.Config.MemoryMiB, Env: rec.Config.Env, Workdir: rec.Config.Workdir}, service.InOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("resume suspended vm %s from package %s: %w", rec.Name, rec.PackageID, err)

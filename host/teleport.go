@@ -36,6 +36,10 @@ type OutRequest struct {
 	AgentState []byte
 	// PackageID is optional.
 	PackageID string
+	// Fence, when set, is asked before the commit and before a failed
+	// move resumes its source (see service.OutRequest.Fence): the
+	// registry's ownership check.
+	Fence func(ctx context.Context, action string) error
 }
 
 // Target is the host a package is meant for (OutRequest.Kind auto).
@@ -97,7 +101,7 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 		res.Kind, res.KindReason = teleport.ChooseKind(src, dst)
 	}
 	out := service.OutRequest{AgentID: req.AgentID, AgentState: req.AgentState, Kind: res.Kind, KeepSource: req.KeepSource,
-		PackageID: req.PackageID}
+		PackageID: req.PackageID, Fence: req.Fence}
 	if out.AgentID == "" {
 		out.AgentID = name
 	}
@@ -109,7 +113,7 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 		defer cleanup()
 		out.Workspace, res.NoWorkspace = ws, why
 	}
-	pkg, err := h.service(lv.f, st, "out").Out(ctx, lv.inst, out)
+	pkg, err := h.service(ctx, lv.f, st, "out").Out(ctx, lv.inst, out)
 	if err != nil && !errors.Is(err, service.ErrSourceNotSettled) {
 		return nil, err
 	}
@@ -196,6 +200,9 @@ type InRequest struct {
 	// VCPUs and MemoryMiB size a checkpoint's fresh VM (0 for the
 	// defaults); a full VM keeps its own.
 	VCPUs, MemoryMiB int
+	// Fence, when set, is asked after the restore and before the VM runs
+	// (see service.InOptions.Fence): the registry's ownership check.
+	Fence func(ctx context.Context) error
 }
 
 // InResult is what TeleportIn restored.
@@ -248,10 +255,11 @@ func (h *Host) TeleportIn(ctx context.Context, id string, req InRequest) (*InRes
 	if err := h.durable(f); err != nil {
 		return nil, err
 	}
-	inst, got, err := h.service(f, st, "in").In(ctx, id, cfg, service.InOptions{
+	inst, got, err := h.service(ctx, f, st, "in").In(ctx, id, cfg, service.InOptions{
 		RestoreWorkspace: func(ctx context.Context, inst vm.Instance, r io.Reader) error {
 			return vm.RestoreWorkspace(ctx, f, inst, r)
-		}})
+		},
+		Fence: req.Fence})
 	if err != nil {
 		return nil, err
 	}

@@ -115,6 +115,12 @@ type OutRequest struct {
 	// Workspace, when set, becomes the package's workspace section (a
 	// checkpoint's /workspace archive).
 	Workspace vm.Payload
+	// Fence, when set, is asked before the commit ("commit") and before a
+	// failed Out resumes its source ("resume-source") whether the caller
+	// still holds the agent (the registry's epoch). When it fails, Out
+	// neither commits nor resumes: the source stays paused, and the error
+	// (ErrFenced) says so.
+	Fence func(ctx context.Context, action string) error
 }
 
 // Errors that say what a failed flow could not undo.
@@ -132,6 +138,9 @@ var (
 	// ErrSourcePaused: a teleport out failed and resuming its source
 	// failed too: the source VM is paused.
 	ErrSourcePaused = errors.New("the source VM could not be resumed and is paused")
+	// ErrFenced: the caller's fence refused a step: it no longer holds
+	// the agent. Nothing was committed or resumed.
+	ErrFenced = errors.New("fenced: the agent's registry record moved on")
 	// errNotConfigured: a Service that was not made by New.
 	errNotConfigured = errors.New("service: no store or factory (make it with service.New)")
 )
@@ -189,6 +198,14 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 		}
 		rctx, cancel := s.settleContext(ctx)
 		defer cancel()
+		if errors.Is(cause, ErrFenced) {
+			return fmt.Errorf("%w; source VM %s left paused: %w", cause, inst.ID(), ErrSourcePaused)
+		}
+		if req.Fence != nil {
+			if ferr := req.Fence(rctx, "resume-source"); ferr != nil {
+				return fmt.Errorf("%w; source VM %s left paused (%w): %w", cause, inst.ID(), ferr, ErrSourcePaused)
+			}
+		}
 		if rerr := inst.Resume(rctx); rerr != nil {
 			return fmt.Errorf("%w; resuming source VM %s failed too (%w): %w", cause, inst.ID(), rerr, ErrSourcePaused)
 		}
@@ -325,6 +342,11 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 		sw.end()
 	}
 	pkg.Sections = sw.sections
+	if req.Fence != nil {
+		if err := req.Fence(ctx, "commit"); err != nil {
+			return nil, fmt.Errorf("package %s not committed: %w: %w", id, err, ErrFenced)
+		}
+	}
 	if err := w.Commit(ctx, pkg); err != nil {
 		// The commit may have taken effect with its answer lost: ask the
 		// store before declaring failure, or the agent could end up both
@@ -417,6 +439,11 @@ type InOptions struct {
 	// RestoreWorkspace, when set and the package has a workspace, is given
 	// the workspace archive, verified, once the VM runs.
 	RestoreWorkspace func(ctx context.Context, inst vm.Instance, r io.Reader) error
+	// Fence, when set, is asked after the restore and before the VM runs
+	// (its Resume, or a checkpoint's fresh boot) whether the caller holds
+	// the agent; when it fails, the VM is removed and In fails with
+	// ErrFenced.
+	Fence func(ctx context.Context) error
 }
 
 // In fetches package id, validates it against this host, and returns a
@@ -481,6 +508,9 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 			return nil, pkg, fmt.Errorf("teleport in: restore: %w", err)
 		}
 		s.step("restore", t)
+		if err := fence(ctx, opts); err != nil {
+			return nil, pkg, err
+		}
 		t = s.clock.Now()
 		if err := inst.Resume(ctx); err != nil {
 			return nil, pkg, fmt.Errorf("teleport in: resume: %w", err)
@@ -498,6 +528,9 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 			inst = nil
 			return nil, pkg, fmt.Errorf("teleport in: create: %w", err)
 		}
+		if err := fence(ctx, opts); err != nil {
+			return nil, pkg, err
+		}
 		if err := inst.Start(ctx); err != nil {
 			return nil, pkg, fmt.Errorf("teleport in: boot: %w", err)
 		}
@@ -511,6 +544,16 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 		s.step("workspace", t)
 	}
 	return inst, pkg, nil
+}
+
+func fence(ctx context.Context, opts InOptions) error {
+	if opts.Fence == nil {
+		return nil
+	}
+	if err := opts.Fence(ctx); err != nil {
+		return fmt.Errorf("teleport in: %w: %w", err, ErrFenced)
+	}
+	return nil
 }
 
 func refuse(pkg *teleport.Package, format string, args ...any) error {
