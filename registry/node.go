@@ -34,6 +34,9 @@ type Machine interface {
 type SendRequest struct {
 	Store, Package string
 	Fence          func(ctx context.Context, action string) error
+	// Copy keeps the source running: the package is a new agent's (AgentID).
+	Copy    bool
+	AgentID string
 }
 
 // RestoreRequest says what Machine.Restore restores.
@@ -59,6 +62,8 @@ const (
 	VMRunning VMState = "running"
 	VMPaused  VMState = "paused"
 	VMStopped VMState = "stopped"
+	// VMSuspended: no VM runs; the host keeps it in a suspend package.
+	VMSuspended VMState = "suspended"
 )
 
 // Node runs the fenced protocol for one host: its registry session, its
@@ -74,7 +79,7 @@ type Node struct {
 	// OnStep, when set, is told each protocol step as it is reached (the
 	// simulation traces them; the daemon times them, and its crash tests
 	// stop the process there).
-	OnStep func(agent, step string)
+	OnStep func(ctx context.Context, agent, step string)
 	// SettleTimeout bounds the registry writes that must happen after the
 	// caller's context ended (default 30 s).
 	SettleTimeout time.Duration
@@ -94,9 +99,9 @@ const (
 
 func (n *Node) self() string { return n.Session.HostID() }
 
-func (n *Node) step(agent, s string) {
+func (n *Node) step(ctx context.Context, agent, s string) {
 	if n.OnStep != nil {
-		n.OnStep(agent, s)
+		n.OnStep(ctx, agent, s)
 	}
 }
 
@@ -223,6 +228,42 @@ func (n *Node) Resume(ctx context.Context, name string) (*Agent, error) {
 	return b, nil
 }
 
+// Suspend runs suspend (which stores this host's agent in a suspend
+// package of this host and returns its id), then records it suspended.
+func (n *Node) Suspend(ctx context.Context, name string, suspend func(ctx context.Context) (string, error)) (*Agent, error) {
+	a, err := n.own(ctx, name, StateRunning, StatePaused)
+	if err != nil {
+		return nil, err
+	}
+	pkg, err := suspend(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return n.transition(ctx, a, StateSuspended, func(s *Agent) { s.Package = pkg })
+}
+
+// Unsuspend records this host's suspended agent running (the fence), then
+// runs resume; if that fails, the record goes back to suspended.
+func (n *Node) Unsuspend(ctx context.Context, name string, resume func(ctx context.Context) error) (*Agent, error) {
+	a, err := n.own(ctx, name, StateSuspended)
+	if err != nil {
+		return nil, err
+	}
+	b, err := n.transition(ctx, a, StateRunning, func(r *Agent) { r.Package = "" })
+	if err != nil {
+		return nil, err
+	}
+	if err := resume(ctx); err != nil {
+		sctx, cancel := n.settle(ctx)
+		defer cancel()
+		if _, berr := n.transition(sctx, b, StateSuspended, func(s *Agent) { s.Package = a.Package }); berr != nil {
+			return nil, fmt.Errorf("%w; recording it suspended again failed too (%v)", err, berr)
+		}
+		return nil, err
+	}
+	return b, nil
+}
+
 // Stop records a stopped VM of this host's agent, after stop ran.
 func (n *Node) Stop(ctx context.Context, name string, stop func(ctx context.Context) error) (*Agent, error) {
 	a, err := n.own(ctx, name, StateRunning, StatePaused)
@@ -250,7 +291,7 @@ func (n *Node) Send(ctx context.Context, name, store, target string) (*Agent, er
 	if err != nil {
 		return nil, err
 	}
-	n.step(name, StepMoving)
+	n.step(ctx, name, StepMoving)
 	fence := func(ctx context.Context, action string) error {
 		if err := n.Reg.Check(ctx, n.Session, moving); err != nil {
 			return fmt.Errorf("agent %s: fence before %s: %w", name, action, err)
@@ -272,10 +313,10 @@ func (n *Node) Send(ctx context.Context, name, store, target string) (*Agent, er
 		if _, err := n.transition(sctx, moving, StateRunning, func(m *Agent) { m.Package, m.Store, m.Target = "", "", "" }); err != nil {
 			return moving, fmt.Errorf("%w; recording agent %s running again failed (%v): a reconcile does it", serr, name, err)
 		}
-		n.step(name, StepRolledBack)
+		n.step(ctx, name, StepRolledBack)
 		return nil, serr
 	}
-	n.step(name, StepCommitted)
+	n.step(ctx, name, StepCommitted)
 	inflight, err := n.transition(sctx, moving, StateInFlight, func(m *Agent) {
 		m.Epoch++
 		m.Owner, m.From, m.Target = "", n.self(), target
@@ -283,15 +324,67 @@ func (n *Node) Send(ctx context.Context, name, store, target string) (*Agent, er
 	if err != nil {
 		return moving, fmt.Errorf("agent %s: package %s is committed, but recording it in flight failed (%w); a reconcile does it", name, pkg, err)
 	}
-	n.step(name, StepInFlight)
+	n.step(ctx, name, StepInFlight)
 	if err := n.Host.Destroy(sctx, name); err != nil {
 		return inflight, fmt.Errorf("agent %s is in flight in %s, but removing the stopped source failed: %w", name, pkg, err)
 	}
-	n.step(name, StepDestroyed)
+	n.step(ctx, name, StepDestroyed)
 	if serr != nil {
 		return inflight, serr
 	}
 	return inflight, nil
+}
+
+// Copy makes a new agent, newName, from a copy of this host's agent name:
+// the new record is created moving (so the name is taken before anything
+// is written), the host commits the copy with the source kept running,
+// and the record says in flight, claimable once. A copy that did not
+// commit removes its record.
+func (n *Node) Copy(ctx context.Context, name, newName, store string) (*Agent, error) {
+	src, err := n.own(ctx, name, StateRunning, StatePaused)
+	if err != nil {
+		return nil, err
+	}
+	pkg := n.NewID("pkg-" + newName)
+	rec, err := n.Reg.Create(ctx, n.Session, Agent{Name: newName, Owner: n.self(), State: StateMoving, Epoch: 1, Package: pkg, Store: store,
+		Since: n.now(), MemoryMiB: src.MemoryMiB, CopyOf: name})
+	if err != nil {
+		if errors.Is(err, ErrExists) {
+			if cur, gerr := n.Reg.Agent(ctx, newName); gerr == nil {
+				return nil, fmt.Errorf("agent %s exists: it %s: %w", newName, cur.Where(), ErrExists)
+			}
+		}
+		return nil, err
+	}
+	n.step(ctx, newName, StepMoving)
+	outcome, serr := n.Host.Send(ctx, name, SendRequest{Store: store, Package: pkg, Copy: true, AgentID: newName,
+		Fence: func(ctx context.Context, action string) error {
+			if err := n.Reg.Check(ctx, n.Session, rec); err != nil {
+				return fmt.Errorf("agent %s: fence before %s: %w", newName, action, err)
+			}
+			return nil
+		}})
+	sctx, cancel := n.settle(ctx)
+	defer cancel()
+	switch outcome {
+	case Unknown:
+		return rec, fmt.Errorf("copy %s of %s: %w; a reconcile asks the store: %w", newName, name, serr, ErrOutcomeUnknown)
+	case NotCommitted:
+		if err := n.Reg.Delete(sctx, n.Session, rec); err != nil {
+			return nil, fmt.Errorf("%w; removing the record of copy %s failed too (%v): a reconcile does it", serr, newName, err)
+		}
+		return nil, serr
+	}
+	n.step(ctx, newName, StepCommitted)
+	inflight, err := n.transition(sctx, rec, StateInFlight, func(f *Agent) {
+		f.Epoch++
+		f.Owner, f.From = "", n.self()
+	})
+	if err != nil {
+		return rec, fmt.Errorf("copy %s: package %s is committed, but recording it in flight failed (%w); a reconcile does it", newName, pkg, err)
+	}
+	n.step(ctx, newName, StepInFlight)
+	return inflight, serr
 }
 
 // Claim restores agent name on this host from the package its record
@@ -311,16 +404,16 @@ func (n *Node) Claim(ctx context.Context, name, pkg string) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	n.step(name, StepClaimed)
+	n.step(ctx, name, StepClaimed)
 	var running *Agent
 	rerr := n.Host.Restore(ctx, name, RestoreRequest{Store: claim.Store, Package: claim.Package, Fence: func(ctx context.Context) error {
-		n.step(name, StepRestored)
+		n.step(ctx, name, StepRestored)
 		r, err := n.transition(ctx, claim, StateRunning, func(r *Agent) { r.Package, r.Store, r.From = "", "", "" })
 		if err != nil {
 			return fmt.Errorf("agent %s: fence before resume: %w", name, err)
 		}
 		running = r
-		n.step(name, StepRunning)
+		n.step(ctx, name, StepRunning)
 		return nil
 	}})
 	if rerr == nil {
@@ -532,12 +625,16 @@ func (n *Node) reconcile(ctx context.Context, a *Agent) (Repair, error) {
 			if err != nil {
 				return r, err
 			}
-			if st != VMAbsent {
+			if st != VMAbsent && a.CopyOf == "" {
 				return r, n.Host.Destroy(ctx, a.Name)
 			}
 			return r, nil
 		}
 		clear := func(f *Agent) { f.Package, f.Store, f.Target = "", "", "" }
+		if a.CopyOf != "" {
+			r.To, r.Action = "", "removed a copy that had not committed"
+			return r, n.Reg.Delete(ctx, n.Session, a)
+		}
 		switch st {
 		case VMRunning:
 			return to(StateRunning, "the move had not committed; the source runs", clear)
@@ -571,8 +668,17 @@ func (n *Node) reconcile(ctx context.Context, a *Agent) (Repair, error) {
 			f.Epoch++
 			f.Owner = ""
 		})
+	case StateSuspended:
+		switch st {
+		case VMRunning:
+			return to(StateRunning, "its VM runs again", func(r *Agent) { r.Package = "" })
+		case VMAbsent, VMStopped:
+			return to(StateStopped, "its VM and its suspend record are gone", nil)
+		}
 	case StateRunning, StatePaused:
 		switch st {
+		case VMSuspended:
+			return to(StateSuspended, "its VM is suspended", nil)
 		case VMAbsent, VMStopped:
 			return to(StateStopped, "its VM is "+orGone(st), nil)
 		case VMRunning:
@@ -581,7 +687,10 @@ func (n *Node) reconcile(ctx context.Context, a *Agent) (Repair, error) {
 			}
 		case VMPaused:
 			if a.State == StateRunning {
-				return to(StatePaused, "its VM is paused", nil)
+				// The record says running: a resume whose CAS landed and
+				// whose VM did not resume yet. Finish it.
+				r.Action = "resumed its VM, as its record says"
+				return r, n.Host.Resume(ctx, a.Name)
 			}
 		}
 	}

@@ -30,7 +30,9 @@ type pkgStore struct {
 	pkgs map[string]bool
 }
 
-func newMachine(st *pkgStore) *machine { return &machine{vms: map[string]registry.VMState{}, store: st} }
+func newMachine(st *pkgStore) *machine {
+	return &machine{vms: map[string]registry.VMState{}, store: st}
+}
 
 func (m *machine) fail(at string) bool {
 	m.mu.Lock()
@@ -109,7 +111,9 @@ func (m *machine) Restore(ctx context.Context, name string, req registry.Restore
 	return nil
 }
 
-func (m *machine) VMState(ctx context.Context, name string) (registry.VMState, error) { return m.get(name), nil }
+func (m *machine) VMState(ctx context.Context, name string) (registry.VMState, error) {
+	return m.get(name), nil
+}
 func (m *machine) Resume(ctx context.Context, name string) error {
 	m.set(name, registry.VMRunning)
 	return nil
@@ -165,8 +169,8 @@ func TestMoveEpochs(t *testing.T) {
 	a, ma := f.node(t, "host-a")
 	b, mb := f.node(t, "host-b")
 	var steps []string
-	a.OnStep = func(_, s string) { steps = append(steps, "a:"+s) }
-	b.OnStep = func(_, s string) { steps = append(steps, "b:"+s) }
+	a.OnStep = func(_ context.Context, _, s string) { steps = append(steps, "a:"+s) }
+	b.OnStep = func(_ context.Context, _, s string) { steps = append(steps, "b:"+s) }
 	rec, err := a.Create(ctx, "x", 256, boot(ma, "x"))
 	if err != nil || rec.State != registry.StateRunning || rec.Epoch != 1 || rec.Owner != "host-a" {
 		t.Fatalf("create: %+v %v", rec, err)

@@ -62,6 +62,9 @@ type Agent struct {
 	// Since is when the record entered its state.
 	Since     time.Time `json:"since"`
 	MemoryMiB int       `json:"memory_mib,omitempty"`
+	// CopyOf names the agent this one was copied from (a copy or a fork
+	// is a new agent, in flight in its own package).
+	CopyOf string `json:"copy_of,omitempty"`
 	// Revision is the record's revision in the registry: what a CAS
 	// compares. It is not stored.
 	Revision int64 `json:"revision"`
