@@ -15,9 +15,9 @@ func init() {
 }
 
 const teleportUsage = `kelpie teleport out NAME --store STORE [--kind teleport|suspend|checkpoint|auto] [--keep-source]
-           [--agent-id ID] [--agent-state FILE] [--target-arch A --target-backend B --target-host H --target-cpu C]
+           [--agent-id ID] [--agent-state FILE] [--target-arch A --target-backend B --target-host H --target-cpu C] [--registry URL]
        kelpie teleport in PACKAGE_ID --store STORE --name NEW [--backend B] [--accel auto|kvm|tcg] [--memory MIB --cpus N]
-           [--agent-state-out FILE]`
+           [--agent-state-out FILE] [--registry URL]   (with a registry the VM keeps its agent's name)`
 
 func cmdTeleport(ctx context.Context, e *env, args []string) error {
 	if len(args) == 0 {
@@ -48,6 +48,7 @@ func teleportOut(ctx context.Context, e *env, args []string) error {
 	fs.StringVar(&t.Backend, "target-backend", "", "--kind auto: target backend (default: this host's)")
 	fs.StringVar(&t.HostID, "target-host", "", "--kind auto: target host id (default: this host)")
 	fs.StringVar(&t.CPU, "target-cpu", "", "--kind auto: target CPU model (default: this host's)")
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -73,15 +74,31 @@ func teleportOut(ctx context.Context, e *env, args []string) error {
 			return fmt.Errorf("--agent-state: %w", err)
 		}
 	}
+	if e.server != "" {
+		return teleportOutRemote(ctx, e, pos[0], url, *keep, *agentID)
+	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
+		return err
+	}
 	h, err := openHost(ctx, e, *progressJSON, true)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
-	start := time.Now()
-	res, err := h.TeleportOut(ctx, pos[0], req)
+	f, err := h.join(ctx, e, regURL, pos[0])
 	if err != nil {
 		return err
+	}
+	start := time.Now()
+	res, a, err := f.TeleportOut(ctx, pos[0], req)
+	if err != nil {
+		return err
+	}
+	if a != nil && a.Name != pos[0] {
+		fmt.Fprintf(e.stderr, "kelpie: the copy is a new agent, %s, in flight in its package (epoch %d)\n", a.Name, a.Epoch)
+	} else if a != nil {
+		fmt.Fprintf(e.stderr, "kelpie: agent %s is in flight (epoch %d): restore it once with teleport in\n", a.Name, a.Epoch)
 	}
 	if res.KindReason != "" {
 		fmt.Fprintf(e.stderr, "kelpie: kind %s: %s\n", res.Kind, res.KindReason)
@@ -117,11 +134,16 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	mem := fs.Int("memory", 0, "guest memory in MiB (a checkpoint's fresh VM; default 256; full VMs keep theirs)")
 	cpus := fs.Int("cpus", 0, "vCPUs (as --memory)")
 	stateOut := fs.String("agent-state-out", "", "write the package's agent state to this file")
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) != 1 || *name == "" {
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 || (*name == "" && regURL == "" && e.server == "") {
 		return usagef("usage: %s", teleportUsage)
 	}
 	if err := checkAccel(*accel); err != nil {
@@ -131,16 +153,24 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if e.server != "" {
+		return teleportInRemote(ctx, e, pos[0], url, *name)
+	}
 	h, err := openHost(ctx, e, *progressJSON, true)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
+	f, err := h.join(ctx, e, regURL)
+	if err != nil {
+		return err
+	}
 	start := time.Now()
-	res, err := h.TeleportIn(ctx, pos[0], host.InRequest{Store: url, Name: *name, Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
+	res, _, err := f.TeleportIn(ctx, pos[0], host.InRequest{Store: url, Name: *name, Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
 	if err != nil {
 		return backendUsage(err)
 	}
+	*name = res.VM.Name
 	got := res.Package
 	if *stateOut != "" {
 		if err := os.WriteFile(*stateOut, got.AgentState, 0o600); err != nil {

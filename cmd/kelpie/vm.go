@@ -19,9 +19,9 @@ func init() {
 const vmUsage = `kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg]
        kelpie vm ls [--json]
        kelpie vm exec NAME [--timeout DURATION] [--workdir DIR] -- CMD [ARG...]
-       kelpie vm start|pause|resume|stop|rm NAME
+       kelpie vm start|pause|resume|stop|rm NAME [--registry URL]
        kelpie vm snapshot NAME --out FILE [--layout split|single]
-       kelpie vm suspend NAME [--store STORE]`
+       kelpie vm suspend NAME [--store STORE] [--registry URL]`
 
 func cmdVM(ctx context.Context, e *env, args []string) error {
 	if len(args) == 0 {
@@ -53,14 +53,22 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	mem := fs.Int("memory", host.VMMemoryMiBDefault, "guest memory in MiB")
 	cpus := fs.Int("cpus", host.VMCPUsDefault, "vCPUs")
 	accel := fs.String("accel", "", "accelerator: auto, kvm or tcg (default $KELPIE_ACCEL or auto)")
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg]")
+		return usagef("usage: kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg] [--registry URL]")
 	}
 	if err := checkAccel(*accel); err != nil {
+		return err
+	}
+	if e.server != "" {
+		return agentCreateRemote(ctx, e, pos[0], *mem, *cpus, *backend)
+	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
 		return err
 	}
 	h, err := openHost(ctx, e, false, false)
@@ -68,12 +76,16 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer h.Close()
+	f, err := h.join(ctx, e, regURL)
+	if err != nil {
+		return err
+	}
 	start := time.Now()
-	info, err := h.CreateVM(ctx, host.VMSpec{Name: pos[0], Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
+	_, info, err := f.Create(ctx, host.VMSpec{Name: pos[0], Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
 	if err != nil {
 		return backendUsage(err)
 	}
-	sayAccel(ctx, e, h, info.Backend, *accel)
+	sayAccel(ctx, e, h.Host, info.Backend, *accel)
 	fmt.Fprintf(e.stderr, "kelpie: vm %s running (%s, %d MiB, %d vCPU, ready in %.2f s)\n", info.Name, info.Backend,
 		info.MemoryMiB, info.VCPUs, time.Since(start).Seconds())
 	fmt.Fprintln(e.stdout, info.Name)
@@ -90,14 +102,24 @@ func vmList(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 0 {
 		return usagef("usage: kelpie vm ls [--json]")
 	}
-	h, err := openHost(ctx, e, false, false)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	vms, err := h.VMs(ctx)
-	if err != nil {
-		return err
+	var vms []host.VMInfo
+	if e.server != "" {
+		c, err := e.client()
+		if err != nil {
+			return err
+		}
+		if vms, err = c.VMs(ctx); err != nil {
+			return err
+		}
+	} else {
+		h, err := openHost(ctx, e, false, false)
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		if vms, err = h.VMs(ctx); err != nil {
+			return err
+		}
 	}
 	if *asJSON {
 		return json.NewEncoder(e.stdout).Encode(vms)
@@ -166,6 +188,9 @@ func vmExec(ctx context.Context, e *env, args []string) error {
 	if len(pos) < 2 {
 		return usagef(usage)
 	}
+	if e.server != "" {
+		return agentExecRemote(ctx, e, pos[0], pos[1], pos[2:], *timeout, *workdir)
+	}
 	h, err := openHost(ctx, e, false, false)
 	if err != nil {
 		return err
@@ -195,29 +220,44 @@ func vmExec(ctx context.Context, e *env, args []string) error {
 
 func vmSimple(ctx context.Context, e *env, sub string, args []string) error {
 	fs := newFlags(e, "vm "+sub)
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm %s NAME", sub)
+		return usagef("usage: kelpie vm %s NAME [--registry URL]", sub)
 	}
 	name := pos[0]
+	if e.server != "" {
+		return agentActRemote(ctx, e, sub, name)
+	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
+		return err
+	}
 	h, err := openHost(ctx, e, false, false)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
+	f, err := h.join(ctx, e, regURL, name)
+	if err != nil {
+		return err
+	}
 	switch sub {
 	case "start":
+		if f.Enforced() {
+			return usagef("vm start with a registry: a stopped agent's memory is gone; vm rm it and create it again")
+		}
 		err = h.StartVM(ctx, name)
 	case "pause":
-		err = h.PauseVM(ctx, name)
+		err = f.Pause(ctx, name)
 	case "stop":
-		err = h.StopVM(ctx, name)
+		err = f.Stop(ctx, name)
 	case "rm":
 		var res *host.RemoveResult
-		if res, err = h.RemoveVM(ctx, name); err == nil && res.PackageID != "" {
+		if res, err = f.Remove(ctx, name); err == nil && res.PackageID != "" {
 			fmt.Fprintf(e.stderr, "kelpie: vm %s: removed (and its suspend package %s)\n", name, res.PackageID)
 			return nil
 		}
@@ -267,14 +307,19 @@ func vmSnapshot(ctx context.Context, e *env, args []string) error {
 func vmSuspend(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "vm suspend")
 	storeF := addStoreFlags(fs)
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm suspend NAME [--store STORE]")
+		return usagef("usage: kelpie vm suspend NAME [--store STORE] [--registry URL]")
 	}
 	url, err := storeF.url()
+	if err != nil {
+		return err
+	}
+	regURL, err := registryURL(e, *regFlag)
 	if err != nil {
 		return err
 	}
@@ -283,7 +328,11 @@ func vmSuspend(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer h.Close()
-	pkg, err := h.SuspendVM(ctx, pos[0], url)
+	f, err := h.join(ctx, e, regURL, pos[0])
+	if err != nil {
+		return err
+	}
+	pkg, err := f.Suspend(ctx, pos[0], url)
 	if err != nil {
 		return err
 	}
@@ -295,20 +344,32 @@ func vmSuspend(ctx context.Context, e *env, args []string) error {
 // name.
 func vmResume(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "vm resume")
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm resume NAME")
+		return usagef("usage: kelpie vm resume NAME [--registry URL]")
+	}
+	if e.server != "" {
+		return agentActRemote(ctx, e, "resume", pos[0])
+	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
+		return err
 	}
 	h, err := openHost(ctx, e, false, true)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
+	f, err := h.join(ctx, e, regURL, pos[0])
+	if err != nil {
+		return err
+	}
 	start := time.Now()
-	res, err := h.ResumeVM(ctx, pos[0])
+	res, err := f.Resume(ctx, pos[0])
 	if err != nil {
 		return err
 	}
