@@ -32,7 +32,12 @@ import (
 const LeaseTTLDefault = 10 * time.Second
 
 // Machine is a host.Host as the protocol sees it.
-type Machine struct{ H *host.Host }
+type Machine struct {
+	H *host.Host
+	// OnPackage, when set, is told each package sent ("out") or restored
+	// ("in").
+	OnPackage func(direction string, p *teleport.Package)
+}
 
 var _ registry.Machine = Machine{}
 
@@ -40,9 +45,12 @@ var _ registry.Machine = Machine{}
 // stopped and removed once it is committed; a copy keeps it running).
 func (m Machine) Send(ctx context.Context, name string, req registry.SendRequest) (registry.Outcome, error) {
 	out := host.OutRequest{Store: req.Store, PackageID: req.Package, Fence: req.Fence, KeepSource: req.Copy, AgentID: req.AgentID}
-	_, err := m.H.TeleportOut(ctx, name, out)
+	res, err := m.H.TeleportOut(ctx, name, out)
 	switch {
 	case err == nil:
+		if m.OnPackage != nil {
+			m.OnPackage("out", res.Package)
+		}
 		return registry.Committed, nil
 	case errors.Is(err, service.ErrOutcomeUnknown):
 		return registry.Unknown, err
@@ -52,7 +60,10 @@ func (m Machine) Send(ctx context.Context, name string, req registry.SendRequest
 
 // Restore restores package req.Package as VM name, fenced before it runs.
 func (m Machine) Restore(ctx context.Context, name string, req registry.RestoreRequest) error {
-	_, err := m.H.TeleportIn(ctx, req.Package, host.InRequest{Store: req.Store, Name: name, Fence: req.Fence})
+	res, err := m.H.TeleportIn(ctx, req.Package, host.InRequest{Store: req.Store, Name: name, Fence: req.Fence})
+	if err == nil && m.OnPackage != nil {
+		m.OnPackage("in", res.Package)
+	}
 	return err
 }
 
@@ -116,6 +127,8 @@ type Options struct {
 	Address  string
 	LeaseTTL time.Duration // default LeaseTTLDefault
 	OnStep   func(ctx context.Context, agent, step string)
+	// OnPackage is told each package this host sends or restores.
+	OnPackage func(direction string, p *teleport.Package)
 }
 
 // Join registers h in reg (taking over an earlier registration of the same
@@ -143,7 +156,7 @@ func (f *Fleet) Rejoin(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	f.node.Store(&registry.Node{Reg: f.Reg, Session: s, Host: Machine{H: f.Host}, Now: time.Now, NewID: newID, OnStep: f.opts.OnStep})
+	f.node.Store(&registry.Node{Reg: f.Reg, Session: s, Host: Machine{H: f.Host, OnPackage: f.opts.OnPackage}, Now: time.Now, NewID: newID, OnStep: f.opts.OnStep})
 	return nil
 }
 

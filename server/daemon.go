@@ -165,17 +165,9 @@ func RunDaemon(ctx context.Context, c DaemonConfig) error {
 		return err
 	}
 	defer reg.Close()
-	metrics = NewMetrics(func(ctx context.Context) (string, []registry.Agent, error) {
-		a, err := reg.Agents(ctx)
-		return h.ID(), a, err
-	})
+	metrics = NewMetrics(AgentsOf(reg, h.ID()))
 	fl, err = fleet.Join(ctx, h, reg, fleet.Options{Address: url, LeaseTTL: c.LeaseTTL,
-		OnStep: func(ctx context.Context, agent, step string) {
-			metrics.ProtocolStep(step)
-			protocolStep(ctx, step)
-			log.Info("protocol step", "agent", agent, "step", step)
-			crash(step)
-		}})
+		OnStep: ProtocolObserver(metrics, log, crash), OnPackage: metrics.Package})
 	if err != nil {
 		return fmt.Errorf("register host %s in %s: %w", h.ID(), regURL, err)
 	}

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"log/slog"
 	"net/http"
 	"strconv"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/registry"
 )
 
@@ -36,7 +38,7 @@ type AgentLister func(ctx context.Context) (hostID string, agents []registry.Age
 func NewMetrics(agents AgentLister) *Metrics {
 	m := &Metrics{reg: prometheus.NewRegistry()}
 	m.steps = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "kelpie_teleport_step_seconds",
-		Help: "Duration of each step of a teleport (op: out, in, suspend, resume; step: pause, snapshot, upload, validate, restore, resume, ready, ...).",
+		Help:    "Duration of each step of a teleport (op: out, in, suspend, resume; step: pause, snapshot, upload, validate, restore, resume, ready, ...).",
 		Buckets: prometheus.ExponentialBuckets(0.001, 2, 16)}, []string{"op", "step"})
 	m.protocol = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kelpie_protocol_steps_total",
 		Help: "Move protocol steps reached on this host (moving, committed, in-flight, destroyed, claimed, restored, running, rolled-back)."}, []string{"step"})
@@ -74,7 +76,36 @@ func (m *Metrics) Step(op, step string, d time.Duration) {
 // ProtocolStep records one move protocol step.
 func (m *Metrics) ProtocolStep(step string) { m.protocol.WithLabelValues(step).Inc() }
 
-func (m *Metrics) bytes(direction string, n int64) { m.bytesT.WithLabelValues(direction).Add(float64(n)) }
+func (m *Metrics) bytes(direction string, n int64) {
+	m.bytesT.WithLabelValues(direction).Add(float64(n))
+}
+
+// Package records a package sent or restored (fleet.Options.OnPackage).
+func (m *Metrics) Package(direction string, p *teleport.Package) { m.bytes(direction, p.SizeBytes) }
+
+// AgentsOf lists reg's agents for the agents-by-state gauge of host id.
+func AgentsOf(reg registry.Registry, id string) AgentLister {
+	return func(ctx context.Context) (string, []registry.Agent, error) {
+		a, err := reg.Agents(ctx)
+		return id, a, err
+	}
+}
+
+// ProtocolObserver is the daemon's protocol step observer: metrics, the
+// streamed progress of the request whose step it is, logs, and then
+// extra (the crash point), in that order.
+func ProtocolObserver(m *Metrics, log *slog.Logger, extra func(step string)) func(ctx context.Context, agent, step string) {
+	return func(ctx context.Context, agent, step string) {
+		m.ProtocolStep(step)
+		protocolStep(ctx, step)
+		if log != nil {
+			log.Info("protocol step", "agent", agent, "step", step)
+		}
+		if extra != nil {
+			extra(step)
+		}
+	}
+}
 
 func (m *Metrics) teleport(op string, err error) {
 	if err != nil {

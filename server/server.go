@@ -64,6 +64,7 @@ type Server struct {
 	peers   func(address string) registry.Claimer
 	ready   atomic.Bool
 	mux     *http.ServeMux
+	served  []string
 }
 
 // Config configures a Server.
@@ -105,6 +106,10 @@ func New(c Config) *Server {
 	return s
 }
 
+// Routes lists the API's routes as METHOD PATTERN (what the OpenAPI
+// spec must describe).
+func (s *Server) Routes() []string { return slices.Clone(s.served) }
+
 // SetReady marks the server ready (after the daemon reconciled).
 func (s *Server) SetReady(ok bool) { s.ready.Store(ok) }
 
@@ -113,8 +118,8 @@ type handler func(w http.ResponseWriter, r *http.Request) error
 func (s *Server) routes() {
 	s.mux = http.NewServeMux()
 	add := func(pattern string, h handler) {
-		route := pattern
-		s.mux.Handle(pattern, s.instrument(route, h))
+		s.served = append(s.served, pattern)
+		s.mux.Handle(pattern, s.instrument(pattern, h))
 	}
 	add("GET /healthz", s.healthz)
 	add("GET /readyz", s.readyz)
@@ -123,6 +128,7 @@ func (s *Server) routes() {
 		_, err := w.Write(openAPISpec)
 		return err
 	})
+	s.served = append(s.served, "GET /metrics")
 	s.mux.Handle("GET /metrics", s.auth(s.metrics.Handler()))
 	add("GET /v1/hosts", s.listHosts)
 	add("GET /v1/agents", s.listAgents)
@@ -578,7 +584,14 @@ func (s *Server) execAgent(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, ExecResult{ExitCode: res.ExitCode, Stdout: res.Stdout, Stderr: res.Stderr, TimedOut: res.TimedOut, Truncated: res.OutputTruncated})
+	out := ExecResult{ExitCode: res.ExitCode, Stdout: res.Stdout, Stderr: res.Stderr, TimedOut: res.TimedOut, Truncated: res.OutputTruncated}
+	if out.Stdout == nil {
+		out.Stdout = []byte{}
+	}
+	if out.Stderr == nil {
+		out.Stderr = []byte{}
+	}
+	writeJSON(w, http.StatusOK, out)
 	return nil
 }
 
@@ -852,7 +865,10 @@ func (s *Server) teleportOut(w http.ResponseWriter, r *http.Request) error {
 		if err != nil {
 			return nil, err
 		}
-		s.metrics.bytes("out", res.Package.SizeBytes)
+		if a == nil {
+			// Without a registry the fleet does not see the package go.
+			s.metrics.bytes("out", res.Package.SizeBytes)
+		}
 		return OutResult{Package: res.Package, Agent: a, Warning: res.Warning}, nil
 	})
 }
@@ -897,7 +913,9 @@ func (s *Server) teleportIn(w http.ResponseWriter, r *http.Request) error {
 		if err != nil {
 			return nil, err
 		}
-		s.metrics.bytes("in", res.Package.SizeBytes)
+		if a == nil {
+			s.metrics.bytes("in", res.Package.SizeBytes)
+		}
 		return InResult{VM: res.VM, Package: res.Package, Agent: a}, nil
 	})
 }
