@@ -350,9 +350,10 @@ func (e *Etcd) write(ctx context.Context, s Session, name string, rev int64, nex
 	key, alive := e.agentKey(name), e.aliveKey(es.id)
 	var val string
 	if next != nil {
-		if next.Op == "" {
-			next.Op = newOpID()
-		}
+		// Always a fresh id: a next copied from the record it replaces
+		// carries that record's id, and a retry would take the old record
+		// for its own write.
+		next.Op = newOpID()
 		next.Revision = 0
 		if err := next.Validate(); err != nil {
 			return nil, err

@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
@@ -42,8 +43,9 @@ type MemberConfig struct {
 
 // Member is an etcd member running in this process.
 type Member struct {
-	e   *embed.Etcd
-	url string
+	e    *embed.Etcd
+	url  string
+	once sync.Once
 }
 
 // StartMember starts an embedded etcd member and returns once it serves
@@ -127,7 +129,7 @@ func (m *Member) URL() string { return m.url }
 func (m *Member) Err() <-chan error { return m.e.Err() }
 
 // Close stops the member.
-func (m *Member) Close() { m.e.Close() }
+func (m *Member) Close() { m.once.Do(m.e.Close) }
 
 func hostPortURL(hp string) (*url.URL, error) {
 	host, port, err := net.SplitHostPort(hp)

@@ -68,8 +68,9 @@ type Agent struct {
 	// Revision is the record's revision in the registry: what a CAS
 	// compares. It is not stored.
 	Revision int64 `json:"revision"`
-	// Op is the id of the write that made this record version: a retried
-	// write whose first attempt took effect recognises itself by it.
+	// Op is the id of the write that made this record version, set by the
+	// registry on every write: a retried write whose first attempt took
+	// effect recognises itself by it.
 	Op string `json:"op,omitempty"`
 }
 

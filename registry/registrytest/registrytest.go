@@ -330,3 +330,39 @@ func InitialCluster(peers []string) string {
 	}
 	return s
 }
+
+// Cluster starts n embedded members forming one cluster on free loopback
+// ports (each with its own data directory, fsync on) and returns them
+// and the cluster's registry URL; they stop when the test ends.
+func Cluster(t testing.TB, n int) ([]*registry.Member, string) {
+	t.Helper()
+	addrs := FreeAddrs(t, 2*n)
+	clients, peers := addrs[:n], addrs[n:]
+	initial := InitialCluster(peers)
+	ms := make([]*registry.Member, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ms[i], errs[i] = registry.StartMember(context.Background(), registry.MemberConfig{Dir: t.TempDir(), Listen: clients[i],
+				Name: fmt.Sprintf("m%d", i), Peer: peers[i], InitialCluster: initial})
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("member m%d: %v", i, err)
+		}
+		t.Cleanup(ms[i].Close)
+	}
+	url := "etcd://"
+	for i, c := range clients {
+		if i > 0 {
+			url += ","
+		}
+		url += c
+	}
+	return ms, url
+}
