@@ -40,7 +40,7 @@ var member struct {
 
 var prefixN atomic.Int64
 
-func registryURL(t *testing.T) string {
+func registryURL(t testing.TB) string {
 	member.once.Do(func() {
 		dir, err := os.MkdirTemp("", "kelpie-server-test-")
 		if err != nil {
@@ -60,7 +60,7 @@ func registryURL(t *testing.T) string {
 }
 
 type daemon struct {
-	t     *testing.T
+	t     testing.TB
 	id    string
 	url   string
 	srv   *server.Server
@@ -70,14 +70,14 @@ type daemon struct {
 }
 
 type testFleet struct {
-	t      *testing.T
+	t      testing.TB
 	dir    string
 	prefix string
 	token  string
 	store  string
 }
 
-func newTestFleet(t *testing.T, token string) *testFleet {
+func newTestFleet(t testing.TB, token string) *testFleet {
 	dir := t.TempDir()
 	return &testFleet{t: t, dir: dir, prefix: fmt.Sprintf("/srv%d/", prefixN.Add(1)), token: token, store: filepath.Join(dir, "store")}
 }
