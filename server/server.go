@@ -214,7 +214,7 @@ func (s *Server) auth(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.authorized(r) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="kelpie"`)
-			writeError(w, &badRequest{status: http.StatusUnauthorized, msg: "missing or wrong bearer token (Authorization: Bearer TOKEN; the CLI reads KELPIE_TOKEN or --token-file)"})
+			writeError(w, &badRequest{status: http.StatusUnauthorized, msg: "missing or wrong bearer token (Authorization: Bearer TOKEN; the CLI reads KELPIE_TOKEN or KELPIE_TOKEN_FILE)"})
 			return
 		}
 		next.ServeHTTP(w, r)
@@ -269,7 +269,7 @@ func (s *Server) instrument(route string, h handler) http.Handler {
 		}()
 		if !open && !s.authorized(r) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="kelpie"`)
-			writeError(w, &badRequest{status: http.StatusUnauthorized, msg: "missing or wrong bearer token (Authorization: Bearer TOKEN; the CLI reads KELPIE_TOKEN or --token-file)"})
+			writeError(w, &badRequest{status: http.StatusUnauthorized, msg: "missing or wrong bearer token (Authorization: Bearer TOKEN; the CLI reads KELPIE_TOKEN or KELPIE_TOKEN_FILE)"})
 			return
 		}
 		if err := h(w, r); err != nil {
