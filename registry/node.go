@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/kelpie/teleport/internal/plant"
 )
 
 // Machine is what the protocol needs from the host it runs on: production
@@ -83,6 +85,12 @@ type Node struct {
 	// SettleTimeout bounds the registry writes that must happen after the
 	// caller's context ended (default 30 s).
 	SettleTimeout time.Duration
+
+	bugs plant.RegistryBugs
+}
+
+func init() {
+	plant.SetRegistryBugs = func(n any, b plant.RegistryBugs) { n.(*Node).bugs = b }
 }
 
 // The protocol steps reported to OnStep, in move order.
@@ -444,6 +452,14 @@ func (n *Node) claimable(ctx context.Context, name, pkg string) (*Agent, error) 
 	a, err := n.Reg.Agent(ctx, name)
 	if err != nil {
 		return nil, err
+	}
+	if n.bugs.SkipClaimCheck {
+		// The planted bug: restore whatever the record says, in flight
+		// or not (the simulation's checkers must catch it).
+		if a.Package == "" {
+			a.Package, a.Store = pkg, "store"
+		}
+		return a, nil
 	}
 	if pkg != "" && a.Package != pkg {
 		return nil, fmt.Errorf("agent %s %s; package %s is not its current package: %w", name, a.Where(), pkg, ErrRunsElsewhere)

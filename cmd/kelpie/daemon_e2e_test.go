@@ -265,7 +265,6 @@ func buildKelpie(t *testing.T) string {
 	return bin
 }
 
-
 // TestDaemonsQEMU: two daemons and a 3-member cluster; an agent with a
 // counting process moves A -> B through the API while a registry member is
 // killed; the count goes on; a second teleport in of the claimed package is
@@ -499,4 +498,3 @@ func (c *testCluster) pkgCommitted(d *testDaemon, id string) (bool, error) {
 	_, err := d.client.Package(context.Background(), "", id)
 	return err == nil, err
 }
-
