@@ -426,42 +426,36 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) error {
 
 // Hosts and agents.
 
-func (s *Server) listHosts(w http.ResponseWriter, r *http.Request) error {
+// list answers a query-less GET with a JSON array ([] rather than null).
+func list[T any](w http.ResponseWriter, r *http.Request, get func(ctx context.Context) ([]T, error)) error {
 	if _, err := query(r); err != nil {
 		return err
 	}
-	n, err := s.node()
+	items, err := get(r.Context())
 	if err != nil {
 		return err
 	}
-	hosts, err := n.Reg.Hosts(r.Context())
-	if err != nil {
-		return err
+	if items == nil {
+		items = []T{}
 	}
-	if hosts == nil {
-		hosts = []registry.Host{}
-	}
-	writeJSON(w, http.StatusOK, hosts)
+	writeJSON(w, http.StatusOK, items)
 	return nil
 }
 
-func (s *Server) listAgents(w http.ResponseWriter, r *http.Request) error {
-	if _, err := query(r); err != nil {
-		return err
-	}
+func (s *Server) listHosts(w http.ResponseWriter, r *http.Request) error {
 	n, err := s.node()
 	if err != nil {
 		return err
 	}
-	agents, err := n.Reg.Agents(r.Context())
+	return list(w, r, n.Reg.Hosts)
+}
+
+func (s *Server) listAgents(w http.ResponseWriter, r *http.Request) error {
+	n, err := s.node()
 	if err != nil {
 		return err
 	}
-	if agents == nil {
-		agents = []registry.Agent{}
-	}
-	writeJSON(w, http.StatusOK, agents)
-	return nil
+	return list(w, r, n.Reg.Agents)
 }
 
 func (s *Server) showAgent(w http.ResponseWriter, r *http.Request) error {
@@ -921,18 +915,7 @@ func (s *Server) teleportIn(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) listVMs(w http.ResponseWriter, r *http.Request) error {
-	if _, err := query(r); err != nil {
-		return err
-	}
-	vms, err := s.fleet.Host.VMs(r.Context())
-	if err != nil {
-		return err
-	}
-	if vms == nil {
-		vms = []host.VMInfo{}
-	}
-	writeJSON(w, http.StatusOK, vms)
-	return nil
+	return list(w, r, s.fleet.Host.VMs)
 }
 
 // Packages.

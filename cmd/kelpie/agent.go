@@ -227,22 +227,7 @@ func agentExecRemote(ctx context.Context, e *env, name, cmd string, args []strin
 	if err != nil {
 		return err
 	}
-	e.stdout.Write(res.Stdout)
-	e.stderr.Write(res.Stderr)
-	if res.Truncated {
-		fmt.Fprintln(e.stderr, "kelpie: guest output truncated")
-	}
-	if res.TimedOut {
-		fmt.Fprintf(e.stderr, "kelpie: guest command killed after %v\n", timeout)
-	}
-	if res.ExitCode != 0 {
-		code := res.ExitCode
-		if code < 0 || code > 255 {
-			code = 128 + 9
-		}
-		return exitError{code}
-	}
-	return nil
+	return printExec(e, res.Stdout, res.Stderr, res.Truncated, res.TimedOut, timeout, res.ExitCode)
 }
 
 func agentActRemote(ctx context.Context, e *env, action, name string) error {

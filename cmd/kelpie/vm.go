@@ -200,16 +200,21 @@ func vmExec(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	e.stdout.Write(res.Stdout)
-	e.stderr.Write(res.Stderr)
-	if res.OutputTruncated {
+	return printExec(e, res.Stdout, res.Stderr, res.OutputTruncated, res.TimedOut, *timeout, res.ExitCode)
+}
+
+// printExec prints a guest command's output and passes its exit code on.
+func printExec(e *env, stdout, stderr []byte, truncated, timedOut bool, timeout time.Duration, exitCode int) error {
+	e.stdout.Write(stdout)
+	e.stderr.Write(stderr)
+	if truncated {
 		fmt.Fprintln(e.stderr, "kelpie: guest output truncated")
 	}
-	if res.TimedOut {
-		fmt.Fprintf(e.stderr, "kelpie: guest command killed after %v\n", *timeout)
+	if timedOut {
+		fmt.Fprintf(e.stderr, "kelpie: guest command killed after %v\n", timeout)
 	}
-	if res.ExitCode != 0 {
-		code := res.ExitCode
+	if exitCode != 0 {
+		code := exitCode
 		if code < 0 || code > 255 {
 			code = 128 + 9 // killed by a signal
 		}
