@@ -152,7 +152,7 @@ func RunDaemon(ctx context.Context, c DaemonConfig) error {
 		if listen == "" {
 			listen = RegistryListenDefault
 		}
-		m, err := registry.StartMember(ctx, registry.MemberConfig{Dir: filepath.Join(h.Home(), "registry"), Listen: listen, LogLevel: "error"})
+		m, err := registry.StartMember(ctx, registry.MemberConfig{Dir: filepath.Join(h.Home(), "registry"), Listen: listen})
 		if err != nil {
 			return fmt.Errorf("start the embedded registry (give --registry etcd://... to use another, or --registry-listen): %w", err)
 		}

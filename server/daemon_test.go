@@ -112,3 +112,37 @@ func TestDaemonTLSAndToken(t *testing.T) {
 		t.Fatalf("0.0.0.0 without a token: %v", err)
 	}
 }
+
+// A daemon given no registry starts an embedded member in its home and
+// registers there.
+func TestDaemonEmbeddedRegistry(t *testing.T) {
+	dir := t.TempDir()
+	addrs := registrytest.FreeAddrs(t, 2)
+	regListen := addrs[0]
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan string, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- server.RunDaemon(ctx, server.DaemonConfig{Home: filepath.Join(dir, "home"), Listen: addrs[1], RegistryListen: regListen,
+			Backends: []host.Backend{host.SimBackend()}, OnReady: func(url string) { ready <- url }, Log: slog.New(slog.DiscardHandler)})
+	}()
+	var url string
+	select {
+	case url = <-ready:
+	case err := <-done:
+		t.Fatalf("daemon: %v", err)
+	case <-time.After(60 * time.Second):
+		t.Fatal("daemon not ready")
+	}
+	hosts, err := server.NewClient(url, server.ClientOptions{}).Hosts(context.Background())
+	if err != nil || len(hosts) != 1 || !hosts[0].Alive || hosts[0].Address != url {
+		t.Fatalf("hosts: %+v %v", hosts, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "home", "registry", "member")); err != nil {
+		t.Fatalf("no member data in the home: %v", err)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
