@@ -94,7 +94,7 @@ func cmdRegistry(ctx context.Context, e *env, args []string) error {
 	initial := fs.String("initial-cluster", "", "every member of a new cluster: NAME=http://HOST:PORT,...")
 	state := fs.String("cluster-state", "new", "new or existing")
 	noFsync := fs.Bool("no-fsync", false, "turn fsync off (unsafe: throwaway tests only)")
-	logLevel := fs.String("log-level", "error", "etcd's log level: debug, info, warn, error, panic, fatal")
+	logLevel := fs.String("log-level", "fatal", "etcd's own log level: debug, info, warn, error, panic, fatal (default fatal: etcd logs its orderly shutdown as errors)")
 	pos, err := parse(fs, args[1:])
 	if err != nil {
 		return err
