@@ -6,7 +6,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/host"
 )
 
@@ -54,14 +53,6 @@ func teleportOut(ctx context.Context, e *env, args []string) error {
 	}
 	if len(pos) != 1 {
 		return usagef("usage: %s", teleportUsage)
-	}
-	if *kindFlag != host.KindAuto {
-		if _, err := teleport.ParseKind(*kindFlag); err != nil {
-			return usagef("--kind: %v", err)
-		}
-		if t != (host.Target{}) {
-			return usagef("--target-* flags only go with --kind auto")
-		}
 	}
 	url, err := storeF.url()
 	if err != nil {
@@ -114,8 +105,8 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	name := fs.String("name", "", "name of the new VM")
 	backend := fs.String("backend", "", "backend to restore with (default: the one that wrote the snapshot; a checkpoint: this host's default)")
 	accel := fs.String("accel", "", "accelerator: auto, kvm or tcg (default $KELPIE_ACCEL or auto)")
-	mem := fs.Int("memory", 0, "guest memory in MiB (a checkpoint's fresh VM; default 256; full VMs keep theirs)")
-	cpus := fs.Int("cpus", 0, "vCPUs (as --memory)")
+	mem := fs.Int("memory", 0, "guest memory in MiB of a checkpoint's fresh VM (default 256); a full VM keeps its own, so leave it unset")
+	cpus := fs.Int("cpus", 0, "vCPUs of a checkpoint's fresh VM (default 1); as --memory")
 	stateOut := fs.String("agent-state-out", "", "write the package's agent state to this file")
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -123,9 +114,6 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	}
 	if len(pos) != 1 || *name == "" {
 		return usagef("usage: %s", teleportUsage)
-	}
-	if err := checkAccel(*accel); err != nil {
-		return err
 	}
 	url, err := storeF.url()
 	if err != nil {
@@ -139,9 +127,12 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	start := time.Now()
 	res, err := h.TeleportIn(ctx, pos[0], host.InRequest{Store: url, Name: *name, Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
 	if err != nil {
-		return backendUsage(err)
+		return err
 	}
 	got := res.Package
+	if res.Warning != "" {
+		fmt.Fprintf(e.stderr, "kelpie: warning: %s\n", res.Warning)
+	}
 	if *stateOut != "" {
 		if err := os.WriteFile(*stateOut, got.AgentState, 0o600); err != nil {
 			return fmt.Errorf("vm %s runs, but --agent-state-out failed: %w", *name, err)

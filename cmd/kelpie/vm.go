@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -60,9 +59,6 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 1 {
 		return usagef("usage: kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg]")
 	}
-	if err := checkAccel(*accel); err != nil {
-		return err
-	}
 	h, err := openHost(ctx, e, false, false)
 	if err != nil {
 		return err
@@ -71,7 +67,7 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	start := time.Now()
 	info, err := h.CreateVM(ctx, host.VMSpec{Name: pos[0], Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
 	if err != nil {
-		return backendUsage(err)
+		return err
 	}
 	sayAccel(ctx, e, h, info.Backend, *accel)
 	fmt.Fprintf(e.stderr, "kelpie: vm %s running (%s, %d MiB, %d vCPU, ready in %.2f s)\n", info.Name, info.Backend,
@@ -108,23 +104,6 @@ func vmList(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d\t%s\n", v.Name, v.Backend, v.State, dash(v.PID), v.MemoryMiB, v.VCPUs, orDash(v.Accel))
 	}
 	return tw.Flush()
-}
-
-// checkAccel refuses an --accel value no backend knows.
-func checkAccel(a string) error {
-	switch a {
-	case "", "auto", "kvm", "tcg":
-		return nil
-	}
-	return usagef("--accel %q: want auto, kvm or tcg", a)
-}
-
-// backendUsage makes an unknown --backend a usage mistake.
-func backendUsage(err error) error {
-	if errors.Is(err, host.ErrUnknownBackend) {
-		return usagef("%v", err)
-	}
-	return err
 }
 
 // sayAccel tells the user which accelerator a backend with a choice
