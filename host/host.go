@@ -67,6 +67,9 @@ var (
 	ErrNotDurable = fmt.Errorf("backend VMs do not outlive this process: %w", vm.ErrUnsupported)
 	// ErrUnknownBackend: no backend of that name on this host.
 	ErrUnknownBackend = errors.New("unknown backend")
+	// ErrInvalidRequest: the request itself is malformed (options that
+	// do not go together); nothing was done.
+	ErrInvalidRequest = errors.New("invalid request")
 )
 
 // Host is one Kelpie host. Make it with Open; Close it when done.
@@ -145,7 +148,10 @@ func (h *Host) Close() error {
 			errs = append(errs, vm.Detach(lv.inst))
 			continue
 		}
-		if err := lv.inst.Destroy(context.Background()); err != nil {
+		dctx, cancel := vm.SettleContext(context.Background())
+		err := lv.inst.Destroy(dctx)
+		cancel()
+		if err != nil {
 			errs = append(errs, fmt.Errorf("vm %s: %w", name, err))
 		}
 	}

@@ -184,18 +184,26 @@ func (h *Host) resumeSuspended(ctx context.Context, rec *suspendRecord) (*Resume
 	}
 	if rec.State == recordSuspending {
 		// A suspend that did not finish: the instance may still hold the
-		// VM, paused (or running if the suspend never began).
+		// VM, paused (or running if the suspend never began). Its package,
+		// if one was committed, goes first: the VM must not run on while a
+		// package that restores it exists.
 		if lv, err := h.attach(ctx, rec.Name); err == nil {
 			switch lv.inst.State() {
-			case vm.StatePaused:
-				if err := lv.inst.Resume(ctx); err != nil {
-					return nil, err
+			case vm.StatePaused, vm.StateRunning:
+				if err := st.Delete(ctx, rec.PackageID); err != nil && !errors.Is(err, teleport.ErrNotFound) {
+					return nil, fmt.Errorf("vm %s: its unfinished suspend may have committed package %s, which could not be removed (%w); the VM stays as it is", rec.Name, rec.PackageID, err)
 				}
-				fallthrough
-			case vm.StateRunning:
+				if lv.inst.State() == vm.StatePaused {
+					if err := lv.inst.Resume(ctx); err != nil {
+						return nil, err
+					}
+				}
 				return h.finishResume(ctx, st, rec, res, false)
 			}
-			if err := lv.inst.Destroy(ctx); err != nil {
+			dctx, cancel := vm.SettleContext(ctx)
+			err := lv.inst.Destroy(dctx)
+			cancel()
+			if err != nil {
 				return nil, fmt.Errorf("vm %s: remove the stopped instance of an unfinished suspend: %w", rec.Name, err)
 			}
 			h.forget(rec.Name)

@@ -17,10 +17,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"log/slog"
-	"reflect"
 	"time"
 
 	"github.com/kelpie/teleport"
@@ -66,15 +64,13 @@ func WithStepObserver(f func(step string, d time.Duration)) Option {
 
 // WithSettleTimeout bounds the work that runs after the caller's context
 // ended or failed: resuming a source whose teleport failed, removing a
-// half-restored VM (default 30 s).
+// half-restored VM (default vm.SettleTimeout).
 func WithSettleTimeout(d time.Duration) Option { return func(s *Service) { s.settle = d } }
-
-const settleTimeoutDefault = 30 * time.Second
 
 // New returns the teleport service of a host over store and factory.
 func New(store teleport.Store, factory vm.Factory, opts ...Option) *Service {
 	s := &Service{store: store, factory: factory, clock: systemClock{}, newID: randomID,
-		log: slog.New(slog.DiscardHandler), settle: settleTimeoutDefault}
+		log: slog.New(slog.DiscardHandler), settle: vm.SettleTimeout}
 	for _, o := range opts {
 		o(s)
 	}
@@ -212,20 +208,30 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 		return cause
 	}
 
+	// pause stops a running source for the capture (or, for a checkpoint
+	// move, so that it cannot run on while its package may be published).
+	// A pause that failed may have taken effect: rollback looks.
+	pause := func() error {
+		t := s.clock.Now()
+		if inst.State() == vm.StateRunning {
+			wasRunning = true
+			if err := inst.Pause(ctx); err != nil {
+				return rollback(fmt.Errorf("teleport out: pause: %w", err))
+			}
+		}
+		s.step("pause", t)
+		return nil
+	}
+
 	var snap *vm.Snapshot
 	if full {
 		if err := vm.CheckTransition(inst.ID(), vm.OpSnapshot, inst.State()); err != nil {
 			return nil, fmt.Errorf("teleport out: %w", err)
 		}
-		t := s.clock.Now()
-		if inst.State() == vm.StateRunning {
-			if err := inst.Pause(ctx); err != nil {
-				return nil, fmt.Errorf("teleport out: pause: %w", err)
-			}
-			wasRunning = true
+		if err := pause(); err != nil {
+			return nil, err
 		}
-		s.step("pause", t)
-		t = s.clock.Now()
+		t := s.clock.Now()
 		var err error
 		if snap, err = inst.Snapshot(ctx); err != nil {
 			return nil, rollback(fmt.Errorf("teleport out: snapshot: %w", err))
@@ -243,6 +249,13 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 		if inst != nil {
 			md.VMID = inst.ID()
 			md.VCPUCount, md.MemoryMiB = inst.Config().VCPUs, inst.Config().MemoryMiB
+			if !req.KeepSource {
+				// The agent's state is what the caller captured: a moved
+				// source must not run on past it.
+				if err := pause(); err != nil {
+					return nil, err
+				}
+			}
 		}
 		snap = vm.NewSnapshot(md, nil, nil, nil)
 	}
@@ -296,6 +309,7 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 		CreatedAt: s.clock.Now(), SourceHostID: host.HostID, Backend: host.Backend, AgentState: req.AgentState, Env: req.Env,
 		UploadID: s.newID(),
 	}
+	pkg.SealAgentState()
 	if md.BaseImageVersion != "" {
 		pkg.BaseImageVersion = md.BaseImageVersion
 	}
@@ -314,14 +328,15 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 		return nil, err
 	}
 	committed := false
+	sw := &sectionWriter{w: w}
 	defer func() {
+		sw.close()
 		if !committed {
 			actx, cancel := s.settleContext(ctx)
 			defer cancel()
 			w.Abort(actx)
 		}
 	}()
-	sw := &sectionWriter{w: w}
 	if _, err := blob.EncodeSnapshot(sw.begin(teleport.SectionBlob), snap); err != nil {
 		return nil, fmt.Errorf("pack package %s: %w", id, err)
 	}
@@ -431,19 +446,39 @@ func (sw *sectionWriter) Write(p []byte) (int, error) {
 func (sw *sectionWriter) end() {
 	sw.cur.Size = sw.off - sw.cur.Offset
 	sw.cur.SHA256 = hex.EncodeToString(sw.h.Sum())
+	sw.h = nil
 	sw.sections = append(sw.sections, sw.cur)
+}
+
+// close ends the hash of a section that was never ended (a failed upload).
+func (sw *sectionWriter) close() {
+	if sw.h != nil {
+		sw.h.Sum()
+		sw.h = nil
+	}
 }
 
 // InOptions tunes In.
 type InOptions struct {
-	// RestoreWorkspace, when set and the package has a workspace, is given
-	// the workspace archive, verified, once the VM runs.
-	RestoreWorkspace func(ctx context.Context, inst vm.Instance, r io.Reader) error
+	// Workspace, when set and the package has a workspace, puts the
+	// workspace into the VM once it runs.
+	Workspace WorkspaceRestorer
 	// Fence, when set, is asked after the restore and before the VM runs
 	// (its Resume, or a checkpoint's fresh boot) whether the caller holds
 	// the agent; when it fails, the VM is removed and In fails with
 	// ErrFenced.
 	Fence func(ctx context.Context) error
+}
+
+// A WorkspaceRestorer puts a checkpoint's workspace archive into the VM
+// restored from it, in two steps, so that nothing unverified reaches the
+// guest: Stage receives the archive as it streams from the store (it must
+// read it to the end; In verifies it in the same pass, vm.StagePayload),
+// and Restore, called only if it matched, unpacks what was staged into the
+// guest.
+type WorkspaceRestorer interface {
+	Stage(r io.Reader) error
+	Restore(ctx context.Context, inst vm.Instance) error
 }
 
 // In fetches package id, validates it against this host, and returns a
@@ -468,25 +503,17 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 			s.log.Warn("restoring with a caveat", "package", id, "warning", w)
 		}
 	}
+	if err := pkg.CheckAgentState(); err != nil {
+		return nil, pkg, refuse(pkg, err, "%v", err)
+	}
 	s.step("validate", t)
 
 	var inst vm.Instance
 	defer func() {
-		if err == nil || inst == nil {
-			return
-		}
-		dctx, cancel := s.settleContext(ctx)
-		defer cancel()
-		if derr := inst.Destroy(dctx); derr != nil {
-			err = fmt.Errorf("%w; removing VM %s failed too (%v): %w", err, inst.ID(), derr, vm.ErrLeftBehind)
+		if err != nil && inst != nil {
+			err = vm.RemoveFailed(ctx, inst, err)
 		}
 	}()
-	if cfg.VCPUs == 0 && pkg.Snapshot != nil {
-		cfg.VCPUs = pkg.Snapshot.VCPUCount
-	}
-	if cfg.MemoryMiB == 0 && pkg.Snapshot != nil {
-		cfg.MemoryMiB = pkg.Snapshot.MemoryMiB
-	}
 	r, err := s.store.Open(ctx, id)
 	if err != nil {
 		return nil, pkg, fmt.Errorf("teleport in: %w", err)
@@ -503,7 +530,7 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 		if err != nil {
 			inst = nil // the factory cleaned up, or said it could not
 			if errors.Is(err, vm.ErrCorrupt) {
-				return nil, pkg, refuse(pkg, "%v", err)
+				return nil, pkg, refuse(pkg, err, "%v", err)
 			}
 			return nil, pkg, fmt.Errorf("teleport in: restore: %w", err)
 		}
@@ -536,9 +563,9 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 		}
 		s.step("boot", t)
 	}
-	if ws, ok := pkg.Section(teleport.SectionWorkspace); ok && opts.RestoreWorkspace != nil {
+	if ws, ok := pkg.Section(teleport.SectionWorkspace); ok && opts.Workspace != nil {
 		t = s.clock.Now()
-		if err := s.restoreWorkspace(ctx, pkg, r, ws, inst, opts.RestoreWorkspace); err != nil {
+		if err := s.restoreWorkspace(ctx, pkg, r, ws, inst, opts.Workspace); err != nil {
 			return nil, pkg, err
 		}
 		s.step("workspace", t)
@@ -556,48 +583,31 @@ func fence(ctx context.Context, opts InOptions) error {
 	return nil
 }
 
-func refuse(pkg *teleport.Package, format string, args ...any) error {
+// refuse is a checksum refusal of pkg, revealed by cause.
+func refuse(pkg *teleport.Package, cause error, format string, args ...any) error {
 	return &teleport.RefusalError{PackageID: pkg.ID, Rule: teleport.RuleChecksums,
-		Reason: fmt.Sprintf(format, args...), Err: teleport.ErrChecksumMismatch}
+		Reason: fmt.Sprintf(format, args...), Err: teleport.ErrChecksumMismatch, Cause: cause}
 }
 
 // readFailed: err is a read that failed, not bytes found wrong. Only bytes
 // that were read and found wrong make a package corrupt; a failed read
 // says nothing about the package (the caller may retry), so it must not be
 // reported as a checksum refusal.
-func readFailed(err error) bool { return !errors.Is(err, vm.ErrCorrupt) && blob.ErrorKind(err) == "" }
-
-// blobSection locates the KLP1 blob in a package's body; a package from
-// before sections existed is all blob.
-func blobSection(pkg *teleport.Package, bodySize int64) teleport.Section {
-	if sec, ok := pkg.Section(teleport.SectionBlob); ok {
-		return sec
-	}
-	return teleport.Section{Name: teleport.SectionBlob, Size: bodySize}
+func readFailed(err error) bool {
+	return !errors.Is(err, vm.ErrCorrupt) && !errors.Is(err, blob.ErrNotItsManifest) && blob.ErrorKind(err) == ""
 }
 
 // snapshotFromBlob maps a package's blob onto a snapshot whose payloads
-// read straight from the store (blob.OpenSnapshot), after checking its
-// metadata against the manifest. The payloads' checksums are verified by
-// the backend while it stages them (vm.Stage), in the same single read.
+// read straight from the store (blob.OpenPackage, which also checks the
+// blob is the manifest's). The payloads' checksums are verified by the
+// backend while it stages them (vm.Stage), in the same single read.
 func (s *Service) snapshotFromBlob(pkg *teleport.Package, r teleport.Reader) (*vm.Snapshot, error) {
-	sec := blobSection(pkg, r.Size())
-	if sec.Offset+sec.Size > r.Size() {
-		return nil, refuse(pkg, "its body has %d bytes, its blob section ends at %d", r.Size(), sec.Offset+sec.Size)
-	}
-	snap, err := blob.OpenSnapshot(io.NewSectionReader(r, sec.Offset, sec.Size), sec.Size)
+	snap, err := blob.OpenPackage(pkg, r, r.Size())
 	if err != nil {
 		if readFailed(err) {
 			return nil, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)
 		}
-		return nil, refuse(pkg, "its blob is unreadable: %v", err)
-	}
-	// The whole metadata section must be the manifest's copy: the backend
-	// restores from the blob's metadata (architecture, layout, host...), so
-	// a flipped bit there that left the id and checksums intact would
-	// otherwise reach the hypervisor unverified.
-	if !reflect.DeepEqual(snap.Metadata, *pkg.Snapshot) {
-		return nil, refuse(pkg, "the blob's metadata does not match the manifest (snapshot %s vs %s)", snap.Metadata.SnapshotID, pkg.Snapshot.SnapshotID)
+		return nil, refuse(pkg, err, "its blob is not the one its manifest describes: %v", err)
 	}
 	if s.bugs.SkipChecksums {
 		// The planted bug: trust whatever bytes are there by re-hashing
@@ -617,27 +627,21 @@ func (s *Service) snapshotFromBlob(pkg *teleport.Package, r teleport.Reader) (*v
 	return snap, nil
 }
 
-// restoreWorkspace verifies the workspace section, then hands it to the
-// restorer: nothing unverified reaches the guest.
-func (s *Service) restoreWorkspace(ctx context.Context, pkg *teleport.Package, r teleport.Reader, ws teleport.Section, inst vm.Instance,
-	restore func(context.Context, vm.Instance, io.Reader) error) error {
-	if ws.Offset+ws.Size > r.Size() {
-		return refuse(pkg, "its body has %d bytes, its workspace section ends at %d", r.Size(), ws.Offset+ws.Size)
+// restoreWorkspace stages the workspace section through the restorer,
+// verifying it in the same pass, and has it restored only if it matched.
+func (s *Service) restoreWorkspace(ctx context.Context, pkg *teleport.Package, r teleport.Reader, ws teleport.Section, inst vm.Instance, wr WorkspaceRestorer) error {
+	if ws.Offset < 0 || ws.Size < 0 || ws.Offset > r.Size()-ws.Size {
+		return refuse(pkg, nil, "its body has %d bytes, its workspace section ends at %d", r.Size(), ws.Offset+ws.Size)
 	}
-	h := sha256.New()
-	if err := hashSection(h, r, ws); err != nil {
-		return fmt.Errorf("teleport in: read workspace of %s: %w", pkg.ID, err)
+	payload := &vm.SectionPayload{R: r, Offset: ws.Offset, N: ws.Size}
+	if err := vm.StagePayload("package "+pkg.ID, teleport.SectionWorkspace, payload, ws.Size, ws.SHA256, wr.Stage); err != nil {
+		if errors.Is(err, vm.ErrCorrupt) {
+			return refuse(pkg, err, "%v", err)
+		}
+		return fmt.Errorf("teleport in: workspace: %w", err)
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != ws.SHA256 {
-		return refuse(pkg, "its workspace section has sha256 %.12s, the manifest says %.12s", got, ws.SHA256)
-	}
-	if err := restore(ctx, inst, io.NewSectionReader(r, ws.Offset, ws.Size)); err != nil {
+	if err := wr.Restore(ctx, inst); err != nil {
 		return fmt.Errorf("teleport in: restore workspace: %w", err)
 	}
 	return nil
-}
-
-func hashSection(h hash.Hash, r io.ReaderAt, sec teleport.Section) error {
-	_, err := io.Copy(h, io.NewSectionReader(r, sec.Offset, sec.Size))
-	return err
 }

@@ -32,10 +32,10 @@ type Sink func(r io.Reader) error
 // reported as the read error it is: it says nothing about the snapshot.
 func Stage(snap *Snapshot, deviceState, memory Sink) error {
 	md := snap.Metadata
-	if err := stageSection(md.SnapshotID, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState); err != nil {
+	if err := StagePayload("snapshot "+md.SnapshotID, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState); err != nil {
 		return err
 	}
-	return stageSection(md.SnapshotID, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
+	return StagePayload("snapshot "+md.SnapshotID, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
 }
 
 // VerifyPayloads checks both payloads of s against the sizes and checksums
@@ -49,9 +49,14 @@ func drain(r io.Reader) error {
 	return err
 }
 
-func stageSection(snapID, section string, p Payload, size int64, sum string, sink Sink) error {
+// StagePayload is Stage for one payload of whatever (a snapshot's section,
+// a package's workspace): it hands p to sink once and checks, in the same
+// pass, that it has size bytes with SHA-256 sum (hex). owner names what p
+// belongs to in errors ("snapshot S", "package P").
+func StagePayload(owner, section string, p Payload, size int64, sum string, sink Sink) error {
+	snapID := owner
 	corrupt := func(format string, args ...any) error {
-		return fmt.Errorf("snapshot %s: %s section "+format+": %w", append(append([]any{snapID, section}, args...), ErrCorrupt)...)
+		return fmt.Errorf("%s: %s section "+format+": %w", append(append([]any{snapID, section}, args...), ErrCorrupt)...)
 	}
 	if got := PayloadSize(p); got != size {
 		return corrupt("has %d bytes, metadata says %d", got, size)
@@ -67,7 +72,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 	}
 	rc, err := p.Open()
 	if err != nil {
-		return fmt.Errorf("snapshot %s: open %s section: %w", snapID, section, err)
+		return fmt.Errorf("%s: open %s section: %w", snapID, section, err)
 	}
 	defer rc.Close()
 	vr := &verifyingReader{r: rc, left: size, h: NewAsyncHash(sha256.New())}
@@ -81,7 +86,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 	got := hex.EncodeToString(vr.h.Sum())
 	switch {
 	case vr.readErr != nil:
-		return fmt.Errorf("snapshot %s: read %s section: %w", snapID, section, vr.readErr)
+		return fmt.Errorf("%s: read %s section: %w", snapID, section, vr.readErr)
 	case vr.short:
 		return corrupt("ended after %d of %d bytes", size-vr.left, size)
 	}
@@ -89,7 +94,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 	if n, err := io.ReadFull(rc, one[:]); n > 0 {
 		return corrupt("has more than the %d bytes recorded", size)
 	} else if err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("snapshot %s: read %s section: %w", snapID, section, err)
+		return fmt.Errorf("%s: read %s section: %w", snapID, section, err)
 	}
 	if got != sum {
 		return corrupt("checksum mismatch (sha256 %.12s, metadata says %.12s)", got, sum)
@@ -98,7 +103,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 		serr = fmt.Errorf("the sink stopped %d bytes before the end", unread)
 	}
 	if serr != nil {
-		return fmt.Errorf("snapshot %s: stage %s section: %w", snapID, section, serr)
+		return fmt.Errorf("%s: stage %s section: %w", snapID, section, serr)
 	}
 	return nil
 }

@@ -15,6 +15,10 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/host"
+	"github.com/kelpie/teleport/vm"
 )
 
 // env is what a command may touch; tests give it buffers.
@@ -128,11 +132,18 @@ func report(e *env, err error) int {
 	}
 	msg := strings.ReplaceAll(err.Error(), "\n", " ")
 	fmt.Fprintf(e.stderr, "kelpie: %s\n", msg)
-	var u usageError
-	if errors.As(err, &u) {
+	if isUsage(err) {
 		return 2
 	}
 	return 1
+}
+
+// isUsage: err is a mistake in how kelpie was called: a flag, a name, a
+// value, a store address, options that do not go together.
+func isUsage(err error) bool {
+	var u usageError
+	return errors.As(err, &u) || errors.Is(err, vm.ErrInvalidConfig) || errors.Is(err, teleport.ErrInvalidID) ||
+		errors.Is(err, teleport.ErrInvalidStore) || errors.Is(err, host.ErrInvalidRequest) || errors.Is(err, host.ErrUnknownBackend)
 }
 
 func printHelp(w io.Writer) {

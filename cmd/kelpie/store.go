@@ -14,7 +14,6 @@ import (
 	"github.com/kelpie/teleport/fleet"
 	"github.com/kelpie/teleport/host"
 	"github.com/kelpie/teleport/registry"
-	s3store "github.com/kelpie/teleport/store/s3"
 )
 
 // openHost opens this home's host for one command. Commands that move
@@ -36,12 +35,6 @@ func openHost(ctx context.Context, e *env, progressJSON, steps bool) (*localHost
 		OneShot:        true,
 		Log:            slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 		OpenStore: func(ctx context.Context, url string) (teleport.Store, error) {
-			if strings.HasPrefix(url, "s3://") {
-				// A malformed URL is a mistake in how kelpie was called.
-				if _, err := s3store.ParseURL(url, e.getenv); err != nil {
-					return nil, usagef("--store: %s", strings.TrimSuffix(err.Error(), ": "+teleport.ErrStore.Error()))
-				}
-			}
 			st, err := host.StoreOpener(e.getenv)(ctx, url)
 			if err != nil {
 				return nil, err

@@ -6,7 +6,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/host"
 )
 
@@ -55,14 +54,6 @@ func teleportOut(ctx context.Context, e *env, args []string) error {
 	}
 	if len(pos) != 1 {
 		return usagef("usage: %s", teleportUsage)
-	}
-	if *kindFlag != host.KindAuto {
-		if _, err := teleport.ParseKind(*kindFlag); err != nil {
-			return usagef("--kind: %v", err)
-		}
-		if t != (host.Target{}) {
-			return usagef("--target-* flags only go with --kind auto")
-		}
 	}
 	url, err := storeF.url()
 	if err != nil {
@@ -131,8 +122,8 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	name := fs.String("name", "", "name of the new VM")
 	backend := fs.String("backend", "", "backend to restore with (default: the one that wrote the snapshot; a checkpoint: this host's default)")
 	accel := fs.String("accel", "", "accelerator: auto, kvm or tcg (default $KELPIE_ACCEL or auto)")
-	mem := fs.Int("memory", 0, "guest memory in MiB (a checkpoint's fresh VM; default 256; full VMs keep theirs)")
-	cpus := fs.Int("cpus", 0, "vCPUs (as --memory)")
+	mem := fs.Int("memory", 0, "guest memory in MiB of a checkpoint's fresh VM (default 256); a full VM keeps its own, so leave it unset")
+	cpus := fs.Int("cpus", 0, "vCPUs of a checkpoint's fresh VM (default 1); as --memory")
 	stateOut := fs.String("agent-state-out", "", "write the package's agent state to this file")
 	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
@@ -145,9 +136,6 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	}
 	if len(pos) != 1 || (*name == "" && regURL == "" && e.server == "") {
 		return usagef("usage: %s", teleportUsage)
-	}
-	if err := checkAccel(*accel); err != nil {
-		return err
 	}
 	url, err := storeF.url()
 	if err != nil {
@@ -168,10 +156,13 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	start := time.Now()
 	res, _, err := f.TeleportIn(ctx, pos[0], host.InRequest{Store: url, Name: *name, Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
 	if err != nil {
-		return backendUsage(err)
+		return err
 	}
 	*name = res.VM.Name
 	got := res.Package
+	if res.Warning != "" {
+		fmt.Fprintf(e.stderr, "kelpie: warning: %s\n", res.Warning)
+	}
 	if *stateOut != "" {
 		if err := os.WriteFile(*stateOut, got.AgentState, 0o600); err != nil {
 			return fmt.Errorf("vm %s runs, but --agent-state-out failed: %w", *name, err)

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -61,9 +60,6 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 1 {
 		return usagef("usage: kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg] [--registry URL]")
 	}
-	if err := checkAccel(*accel); err != nil {
-		return err
-	}
 	if e.server != "" {
 		return agentCreateRemote(ctx, e, pos[0], *mem, *cpus, *backend)
 	}
@@ -83,7 +79,7 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	start := time.Now()
 	_, info, err := f.Create(ctx, host.VMSpec{Name: pos[0], Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
 	if err != nil {
-		return backendUsage(err)
+		return err
 	}
 	sayAccel(ctx, e, h.Host, info.Backend, *accel)
 	fmt.Fprintf(e.stderr, "kelpie: vm %s running (%s, %d MiB, %d vCPU, ready in %.2f s)\n", info.Name, info.Backend,
@@ -130,23 +126,6 @@ func vmList(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d\t%s\n", v.Name, v.Backend, v.State, dash(v.PID), v.MemoryMiB, v.VCPUs, orDash(v.Accel))
 	}
 	return tw.Flush()
-}
-
-// checkAccel refuses an --accel value no backend knows.
-func checkAccel(a string) error {
-	switch a {
-	case "", "auto", "kvm", "tcg":
-		return nil
-	}
-	return usagef("--accel %q: want auto, kvm or tcg", a)
-}
-
-// backendUsage makes an unknown --backend a usage mistake.
-func backendUsage(err error) error {
-	if errors.Is(err, host.ErrUnknownBackend) {
-		return usagef("%v", err)
-	}
-	return err
 }
 
 // sayAccel tells the user which accelerator a backend with a choice

@@ -67,7 +67,7 @@ func (v *Instance) SnapshotLayout(ctx context.Context, layout vm.Layout) (_ *vm.
 		// A failed snapshot leaves the source as it was.
 		if wasRunning && !c.stopped.IsZero() && v.State() != vm.StateCrashed {
 			// The resume must run even when ctx ended, but not forever.
-			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+			rctx, cancel := vm.SettleContext(ctx)
 			defer cancel()
 			if q, qerr := v.qmpConn(rctx); qerr == nil {
 				if cerr := q.Call(rctx, "cont", nil, nil); cerr != nil {
