@@ -365,7 +365,9 @@ func TestTeleport(t *testing.T) {
 		if _, _, err := sb.In(ctx, pkg.ID, vm.Config{Name: "from-damaged"}, service.InOptions{}); !errors.Is(err, teleport.ErrChecksumMismatch) {
 			t.Fatalf("damaged package: %v, want ErrChecksumMismatch", err)
 		}
-		// A suspend package restores only on its own host.
+		// A suspend package restores only on its own host. The counter is
+		// read before the snapshot: the source counts on after it.
+		before := counter.read(t, ctx, src)
 		pkg, err = sa.Out(ctx, src, service.OutRequest{AgentID: "agent-1", Kind: teleport.KindSuspend, KeepSource: true})
 		if err != nil {
 			t.Fatal(err)
@@ -373,7 +375,6 @@ func TestTeleport(t *testing.T) {
 		if _, _, err := sb.In(ctx, pkg.ID, vm.Config{Name: "suspended-elsewhere"}, service.InOptions{}); !errors.Is(err, teleport.ErrHostMismatch) {
 			t.Fatalf("suspend on another host: %v, want ErrHostMismatch", err)
 		}
-		before := counter.read(t, ctx, src)
 		back, _, err := sa.In(ctx, pkg.ID, vm.Config{Name: "resumed-here"}, service.InOptions{})
 		if err != nil {
 			t.Fatalf("suspend on its own host: %v", err)
