@@ -259,7 +259,9 @@ func metricsOf(t *testing.T, d *testDaemon) string {
 
 func buildKelpie(t *testing.T) string {
 	bin := filepath.Join(t.TempDir(), "kelpie")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+	// The crash tests need the daemon's crash points (KELPIE_CRASH_AT),
+	// which only this build tag compiles in.
+	if out, err := exec.Command("go", "build", "-tags", "kelpie_crashpoints", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("build kelpie: %v\n%s", err, out)
 	}
 	return bin

@@ -75,7 +75,7 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 		Home: h, HostID: *hostID, Listen: *listen, Registry: regURL, RegistryListen: *regListen, Stores: stores,
 		TokenFile: *tokenFile, TLSCert: *tlsCert, TLSKey: *tlsKey,
 		Backends: host.DefaultBackends(host.BackendConfigFromEnv(e.getenv)), Log: slog.New(handler),
-		CrashAt: e.getenv("KELPIE_CRASH_AT"),
+		CrashAt: crashAt(e),
 	})
 }
 
