@@ -8,6 +8,8 @@
 package teleport
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"math"
@@ -50,15 +52,18 @@ func (k SnapshotKind) FullVM() bool { return k == KindSuspend || k == KindTelepo
 // beside the manifest in a Store, is its sections back to back: first the
 // VM snapshot as a KLP1 blob, then (a checkpoint's) workspace archive.
 type Package struct {
-	ID               string            `json:"id"`
-	AgentID          string            `json:"agent_id"`
-	SourceArch       vm.Architecture   `json:"source_arch"`
-	Kind             SnapshotKind      `json:"kind"`
-	BaseImageVersion string            `json:"base_image_version"`
-	CreatedAt        time.Time         `json:"created_at"`
-	SourceHostID     string            `json:"source_host_id,omitempty"`
-	Backend          string            `json:"backend,omitempty"`
-	AgentState       []byte            `json:"agent_state,omitempty"`
+	ID               string          `json:"id"`
+	AgentID          string          `json:"agent_id"`
+	SourceArch       vm.Architecture `json:"source_arch"`
+	Kind             SnapshotKind    `json:"kind"`
+	BaseImageVersion string          `json:"base_image_version"`
+	CreatedAt        time.Time       `json:"created_at"`
+	SourceHostID     string          `json:"source_host_id,omitempty"`
+	Backend          string          `json:"backend,omitempty"`
+	AgentState       []byte          `json:"agent_state,omitempty"`
+	// AgentStateSHA256 (hex) is checked before the agent state is handed
+	// out: it is most of what a checkpoint carries.
+	AgentStateSHA256 string            `json:"agent_state_sha256,omitempty"`
 	Env              map[string]string `json:"env,omitempty"`
 	// UploadID is unique to the upload that made the package, so a writer
 	// whose commit went unanswered can tell its own package from another
@@ -106,6 +111,28 @@ type Section struct {
 	Offset int64  `json:"offset"`
 	Size   int64  `json:"size"`
 	SHA256 string `json:"sha256"`
+}
+
+// SealAgentState records the SHA-256 of the agent state.
+func (p *Package) SealAgentState() {
+	p.AgentStateSHA256 = ""
+	if len(p.AgentState) > 0 {
+		sum := sha256.Sum256(p.AgentState)
+		p.AgentStateSHA256 = hex.EncodeToString(sum[:])
+	}
+}
+
+// CheckAgentState fails with ErrChecksumMismatch unless the agent state
+// is the one SealAgentState recorded.
+func (p *Package) CheckAgentState() error {
+	if len(p.AgentState) == 0 && p.AgentStateSHA256 == "" {
+		return nil
+	}
+	sum := sha256.Sum256(p.AgentState)
+	if got := hex.EncodeToString(sum[:]); got != p.AgentStateSHA256 {
+		return fmt.Errorf("package %s: its agent state has sha256 %.12s, the manifest says %.12s: %w", p.ID, got, p.AgentStateSHA256, ErrChecksumMismatch)
+	}
+	return nil
 }
 
 // Section returns the section called name, if the package has one.
@@ -238,4 +265,17 @@ var (
 	// ErrStore: the store failed (I/O, network, server error); may be
 	// transient.
 	ErrStore = errors.New("package store error")
+	// ErrInvalidStore: a store's address or settings are malformed: a
+	// mistake in how the store was named, not a failure of it. It also
+	// matches ErrStore.
+	ErrInvalidStore error = &subcategory{"invalid store address", ErrStore}
 )
+
+// subcategory is an error category that also matches a broader one.
+type subcategory struct {
+	msg    string
+	parent error
+}
+
+func (e *subcategory) Error() string        { return e.msg }
+func (e *subcategory) Is(target error) bool { return target == e.parent }

@@ -6,6 +6,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+
+	"github.com/kelpie/teleport/vm"
 )
 
 // PackFiles writes a version 1 blob to out from up to three section files
@@ -107,4 +109,14 @@ func writeAtomic(path string, write func(*os.File) error) (err error) {
 		return err
 	}
 	return os.Rename(tmp.Name(), path)
+}
+
+// WriteSnapshotFile packs snap into the blob file out (EncodeSnapshot),
+// which appears only when complete, and returns its size.
+func WriteSnapshotFile(out string, snap *vm.Snapshot) (n int64, err error) {
+	err = writeAtomic(out, func(w *os.File) error {
+		n, err = EncodeSnapshot(w, snap)
+		return err
+	})
+	return n, err
 }

@@ -4,9 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 
@@ -103,7 +100,7 @@ func (h *Host) CreateVM(ctx context.Context, spec VMSpec) (*VMInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := h.durable(f); err != nil {
+	if err := h.durable(ctx, f); err != nil {
 		return nil, err
 	}
 	cfg := vm.Config{Name: spec.Name, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, Env: spec.Env, Workdir: spec.Workdir,
@@ -122,10 +119,7 @@ func (h *Host) CreateVM(ctx context.Context, spec VMSpec) (*VMInfo, error) {
 		return nil, err
 	}
 	if err := inst.Start(ctx); err != nil {
-		if derr := inst.Destroy(context.WithoutCancel(ctx)); derr != nil {
-			return nil, fmt.Errorf("%w; removing VM %s failed too (%v): %w", err, spec.Name, derr, vm.ErrLeftBehind)
-		}
-		return nil, err
+		return nil, vm.RemoveFailed(ctx, inst, err)
 	}
 	lv := h.keep(spec.Name, inst, f)
 	info := h.describe(ctx, lv)
@@ -134,18 +128,18 @@ func (h *Host) CreateVM(ctx context.Context, spec VMSpec) (*VMInfo, error) {
 
 // durable refuses, for a caller that exits after each call, a backend
 // whose VMs would die with it.
-func (h *Host) durable(f vm.Factory) error {
+func (h *Host) durable(ctx context.Context, f vm.Factory) error {
 	if _, ok := f.(vm.Attacher); ok || !h.o.OneShot {
 		return nil
 	}
 	return fmt.Errorf("backend %s keeps its VMs only inside the process that made them, and this command exits when it is done; "+
-		"use a backend whose VMs outlive one command (%s) or embed the host library: %w", f.Host().Backend, strings.Join(h.durableBackends(), ", "), ErrNotDurable)
+		"use a backend whose VMs outlive one command (%s) or embed the host library: %w", f.Host().Backend, strings.Join(h.durableBackends(ctx), ", "), ErrNotDurable)
 }
 
-func (h *Host) durableBackends() []string {
+func (h *Host) durableBackends(ctx context.Context) []string {
 	var out []string
 	for _, b := range h.o.Backends {
-		f, err := h.Factory(context.Background(), b.Name, "")
+		f, err := h.Factory(ctx, b.Name, "")
 		if err != nil {
 			continue
 		}
@@ -174,11 +168,21 @@ func (h *Host) nameFree(ctx context.Context, name string) error {
 	return err
 }
 
+// keep records a handle on VM name. If another caller kept one first (two
+// attached at once), that one stays and this one is let go: one handle per
+// VM, or a backend whose sockets serve one client would be blocked.
 func (h *Host) keep(name string, inst vm.Instance, f vm.Factory) *liveVM {
 	lv := &liveVM{inst: inst, f: f, backend: f.Host().Backend}
 	h.mu.Lock()
-	h.live[name] = lv
+	prev := h.live[name]
+	if prev == nil || prev.inst == inst {
+		h.live[name] = lv
+	}
 	h.mu.Unlock()
+	if prev != nil && prev.inst != inst {
+		vm.Detach(inst)
+		return prev
+	}
 	return lv
 }
 
@@ -201,12 +205,14 @@ func (h *Host) attach(ctx context.Context, name string) (*liveVM, error) {
 		return lv, nil
 	}
 	var unavailable []string
+	looked := 0
 	for _, b := range h.o.Backends {
 		f, err := h.Factory(ctx, b.Name, "")
 		if err != nil {
 			unavailable = append(unavailable, err.Error())
 			continue
 		}
+		looked++
 		inst, err := vm.Attach(ctx, f, name)
 		switch {
 		case err == nil:
@@ -216,8 +222,8 @@ func (h *Host) attach(ctx context.Context, name string) (*liveVM, error) {
 		}
 		return nil, err
 	}
-	if len(unavailable) > 0 {
-		return nil, fmt.Errorf("no VM %s on this host (not all backends could look: %s): %w", name, strings.Join(unavailable, "; "), vm.ErrNotFound)
+	if looked == 0 {
+		return nil, fmt.Errorf("no VM %s on this host: no backend runs here (%s): %w", name, strings.Join(unavailable, "; "), vm.ErrNotFound)
 	}
 	return nil, fmt.Errorf("no VM %s on this host: %w", name, vm.ErrNotFound)
 }
@@ -446,37 +452,8 @@ func (h *Host) SnapshotVM(ctx context.Context, name, out string, layout vm.Layou
 	if snap.Disk != nil {
 		res.NoDisk = "a KLP1 v1 blob has no section for the workspace disk, so this file carries memory and devices only; teleport out carries the disk"
 	}
-	if res.SizeBytes, err = writeBlobFile(out, snap); err != nil {
+	if res.SizeBytes, err = blob.WriteSnapshotFile(out, snap); err != nil {
 		return nil, fmt.Errorf("write %s: %w", out, err)
 	}
 	return res, nil
-}
-
-// writeBlobFile packs snap into the file out through a temporary sibling.
-func writeBlobFile(out string, snap *vm.Snapshot) (n int64, err error) {
-	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
-	if err != nil {
-		return 0, err
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if n, err = blob.EncodeSnapshot(tmp, snap); err != nil {
-		return 0, err
-	}
-	if err = tmp.Close(); err != nil {
-		return 0, err
-	}
-	return n, os.Rename(tmp.Name(), out)
-}
-
-// liveNames lists the VMs this process holds, for tests and the daemon.
-func (h *Host) liveNames() []string {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	names := sortedKeys(h.live)
-	return slices.Clip(names)
 }

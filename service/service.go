@@ -17,10 +17,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"log/slog"
-	"reflect"
 	"time"
 
 	"github.com/kelpie/teleport"
@@ -66,15 +64,13 @@ func WithStepObserver(f func(step string, d time.Duration)) Option {
 
 // WithSettleTimeout bounds the work that runs after the caller's context
 // ended or failed: resuming a source whose teleport failed, removing a
-// half-restored VM (default 30 s).
+// half-restored VM (default vm.SettleTimeout).
 func WithSettleTimeout(d time.Duration) Option { return func(s *Service) { s.settle = d } }
-
-const settleTimeoutDefault = 30 * time.Second
 
 // New returns the teleport service of a host over store and factory.
 func New(store teleport.Store, factory vm.Factory, opts ...Option) *Service {
 	s := &Service{store: store, factory: factory, clock: systemClock{}, newID: randomID,
-		log: slog.New(slog.DiscardHandler), settle: settleTimeoutDefault}
+		log: slog.New(slog.DiscardHandler), settle: vm.SettleTimeout}
 	for _, o := range opts {
 		o(s)
 	}
@@ -118,6 +114,12 @@ type OutRequest struct {
 	// Disk, when set, is a checkpoint's workspace disk: it becomes the
 	// package's disk section (a full VM's disk comes with its snapshot).
 	Disk *vm.DiskImage
+	// Fence, when set, is asked before the commit ("commit") and before a
+	// failed Out resumes its source ("resume-source") whether the caller
+	// still holds the agent (the registry's epoch). When it fails, Out
+	// neither commits nor resumes: the source stays paused, and the error
+	// (ErrFenced) says so.
+	Fence func(ctx context.Context, action string) error
 }
 
 // Errors that say what a failed flow could not undo.
@@ -135,6 +137,9 @@ var (
 	// ErrSourcePaused: a teleport out failed and resuming its source
 	// failed too: the source VM is paused.
 	ErrSourcePaused = errors.New("the source VM could not be resumed and is paused")
+	// ErrFenced: the caller's fence refused a step: it no longer holds
+	// the agent. Nothing was committed or resumed.
+	ErrFenced = errors.New("fenced: the agent's registry record moved on")
 	// errNotConfigured: a Service that was not made by New.
 	errNotConfigured = errors.New("service: no store or factory (make it with service.New)")
 )
@@ -192,10 +197,33 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 		}
 		rctx, cancel := s.settleContext(ctx)
 		defer cancel()
+		if errors.Is(cause, ErrFenced) {
+			return fmt.Errorf("%w; source VM %s left paused: %w", cause, inst.ID(), ErrSourcePaused)
+		}
+		if req.Fence != nil {
+			if ferr := req.Fence(rctx, "resume-source"); ferr != nil {
+				return fmt.Errorf("%w; source VM %s left paused (%w): %w", cause, inst.ID(), ferr, ErrSourcePaused)
+			}
+		}
 		if rerr := inst.Resume(rctx); rerr != nil {
 			return fmt.Errorf("%w; resuming source VM %s failed too (%w): %w", cause, inst.ID(), rerr, ErrSourcePaused)
 		}
 		return cause
+	}
+
+	// pause stops a running source for the capture (or, for a checkpoint
+	// move, so that it cannot run on while its package may be published).
+	// A pause that failed may have taken effect: rollback looks.
+	pause := func() error {
+		t := s.clock.Now()
+		if inst.State() == vm.StateRunning {
+			wasRunning = true
+			if err := inst.Pause(ctx); err != nil {
+				return rollback(fmt.Errorf("teleport out: pause: %w", err))
+			}
+		}
+		s.step("pause", t)
+		return nil
 	}
 
 	var snap *vm.Snapshot
@@ -203,15 +231,10 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 		if err := vm.CheckTransition(inst.ID(), vm.OpSnapshot, inst.State()); err != nil {
 			return nil, fmt.Errorf("teleport out: %w", err)
 		}
-		t := s.clock.Now()
-		if inst.State() == vm.StateRunning {
-			if err := inst.Pause(ctx); err != nil {
-				return nil, fmt.Errorf("teleport out: pause: %w", err)
-			}
-			wasRunning = true
+		if err := pause(); err != nil {
+			return nil, err
 		}
-		s.step("pause", t)
-		t = s.clock.Now()
+		t := s.clock.Now()
 		var err error
 		if snap, err = inst.Snapshot(ctx); err != nil {
 			return nil, rollback(fmt.Errorf("teleport out: snapshot: %w", err))
@@ -231,6 +254,13 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 			md.VMID = inst.ID()
 			md.VCPUCount, md.MemoryMiB = c.VCPUs, c.MemoryMiB
 			md.Network, md.Hostname = c.NetworkSpec(), c.GuestHostname()
+			if !req.KeepSource {
+				// The agent's state is what the caller captured: a moved
+				// source must not run on past it.
+				if err := pause(); err != nil {
+					return nil, err
+				}
+			}
 		}
 		snap = vm.NewSnapshot(md, nil, nil, nil)
 	}
@@ -290,6 +320,7 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 		disk, diskMD = req.Disk.Payload, &req.Disk.Metadata
 	}
 	pkg.Disk = diskMD
+	pkg.SealAgentState()
 	if md.BaseImageVersion != "" {
 		pkg.BaseImageVersion = md.BaseImageVersion
 	}
@@ -308,14 +339,15 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 		return nil, err
 	}
 	committed := false
+	sw := &sectionWriter{w: w}
 	defer func() {
+		sw.close()
 		if !committed {
 			actx, cancel := s.settleContext(ctx)
 			defer cancel()
 			w.Abort(actx)
 		}
 	}()
-	sw := &sectionWriter{w: w}
 	if _, err := blob.EncodeSnapshot(sw.begin(teleport.SectionBlob), snap); err != nil {
 		return nil, fmt.Errorf("pack package %s: %w", id, err)
 	}
@@ -341,6 +373,11 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 		sw.end()
 	}
 	pkg.Sections = sw.sections
+	if req.Fence != nil {
+		if err := req.Fence(ctx, "commit"); err != nil {
+			return nil, fmt.Errorf("package %s not committed: %w: %w", id, err, ErrFenced)
+		}
+	}
 	if err := w.Commit(ctx, pkg); err != nil {
 		// The commit may have taken effect with its answer lost: ask the
 		// store before declaring failure, or the agent could end up both
@@ -425,6 +462,7 @@ func (sw *sectionWriter) Write(p []byte) (int, error) {
 func (sw *sectionWriter) end() {
 	sw.cur.Size = sw.off - sw.cur.Offset
 	sw.cur.SHA256 = hex.EncodeToString(sw.h.Sum())
+	sw.h = nil
 	sw.sections = append(sw.sections, sw.cur)
 }
 
@@ -457,15 +495,39 @@ func (sw *sectionWriter) copySection(name string, p vm.Payload, size int64, sum 
 	return nil
 }
 
+// close ends the hash of a section that was never ended (a failed upload).
+func (sw *sectionWriter) close() {
+	if sw.h != nil {
+		sw.h.Sum()
+		sw.h = nil
+	}
+}
+
 // InOptions tunes In.
 type InOptions struct {
-	// RestoreWorkspace, when set and the package has a workspace, is given
-	// the workspace archive, verified, once the VM runs.
-	RestoreWorkspace func(ctx context.Context, inst vm.Instance, r io.Reader) error
+	// Workspace, when set and the package has a workspace, puts the
+	// workspace into the VM once it runs.
+	Workspace WorkspaceRestorer
+	// Fence, when set, is asked after the restore and before the VM runs
+	// (its Resume, or a checkpoint's fresh boot) whether the caller holds
+	// the agent; when it fails, the VM is removed and In fails with
+	// ErrFenced.
+	Fence func(ctx context.Context) error
 	// Identity, when set, is given to the restored guest before In
 	// returns, so before its first command (vm.Reidentify): what a restore
 	// that makes a second live copy of an agent needs.
 	Identity *vm.Identity
+}
+
+// A WorkspaceRestorer puts a checkpoint's workspace archive into the VM
+// restored from it, in two steps, so that nothing unverified reaches the
+// guest: Stage receives the archive as it streams from the store (it must
+// read it to the end; In verifies it in the same pass, vm.StagePayload),
+// and Restore, called only if it matched, unpacks what was staged into the
+// guest.
+type WorkspaceRestorer interface {
+	Stage(r io.Reader) error
+	Restore(ctx context.Context, inst vm.Instance) error
 }
 
 // In fetches package id, validates it against this host, and returns a
@@ -490,25 +552,17 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 			s.log.Warn("restoring with a caveat", "package", id, "warning", w)
 		}
 	}
+	if err := pkg.CheckAgentState(); err != nil {
+		return nil, pkg, refuse(pkg, err, "%v", err)
+	}
 	s.step("validate", t)
 
 	var inst vm.Instance
 	defer func() {
-		if err == nil || inst == nil {
-			return
-		}
-		dctx, cancel := s.settleContext(ctx)
-		defer cancel()
-		if derr := inst.Destroy(dctx); derr != nil {
-			err = fmt.Errorf("%w; removing VM %s failed too (%v): %w", err, inst.ID(), derr, vm.ErrLeftBehind)
+		if err != nil && inst != nil {
+			err = vm.RemoveFailed(ctx, inst, err)
 		}
 	}()
-	if cfg.VCPUs == 0 && pkg.Snapshot != nil {
-		cfg.VCPUs = pkg.Snapshot.VCPUCount
-	}
-	if cfg.MemoryMiB == 0 && pkg.Snapshot != nil {
-		cfg.MemoryMiB = pkg.Snapshot.MemoryMiB
-	}
 	// The network as it left, unless the caller gives one.
 	if cfg.Network == "" && pkg.Network != nil {
 		cfg.SetNetwork(pkg.Network)
@@ -532,11 +586,14 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 		if err != nil {
 			inst = nil // the factory cleaned up, or said it could not
 			if errors.Is(err, vm.ErrCorrupt) {
-				return nil, pkg, refuse(pkg, "%v", err)
+				return nil, pkg, refuse(pkg, err, "%v", err)
 			}
 			return nil, pkg, fmt.Errorf("teleport in: restore: %w", err)
 		}
 		s.step("restore", t)
+		if err := fence(ctx, opts); err != nil {
+			return nil, pkg, err
+		}
 		t = s.clock.Now()
 		if err := inst.Resume(ctx); err != nil {
 			return nil, pkg, fmt.Errorf("teleport in: resume: %w", err)
@@ -563,9 +620,12 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 		if err != nil {
 			inst = nil
 			if errors.Is(err, vm.ErrCorrupt) {
-				return nil, pkg, refuse(pkg, "%v", err)
+				return nil, pkg, refuse(pkg, err, "%v", err)
 			}
 			return nil, pkg, fmt.Errorf("teleport in: create: %w", err)
+		}
+		if err := fence(ctx, opts); err != nil {
+			return nil, pkg, err
 		}
 		if err := inst.Start(ctx); err != nil {
 			return nil, pkg, fmt.Errorf("teleport in: boot: %w", err)
@@ -579,9 +639,9 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 		}
 		s.step("identity", t)
 	}
-	if ws, ok := pkg.Section(teleport.SectionWorkspace); ok && opts.RestoreWorkspace != nil {
+	if ws, ok := pkg.Section(teleport.SectionWorkspace); ok && opts.Workspace != nil {
 		t = s.clock.Now()
-		if err := s.restoreWorkspace(ctx, pkg, r, ws, inst, opts.RestoreWorkspace); err != nil {
+		if err := s.restoreWorkspace(ctx, pkg, r, ws, inst, opts.Workspace); err != nil {
 			return nil, pkg, err
 		}
 		s.step("workspace", t)
@@ -589,48 +649,41 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 	return inst, pkg, nil
 }
 
-func refuse(pkg *teleport.Package, format string, args ...any) error {
+func fence(ctx context.Context, opts InOptions) error {
+	if opts.Fence == nil {
+		return nil
+	}
+	if err := opts.Fence(ctx); err != nil {
+		return fmt.Errorf("teleport in: %w: %w", err, ErrFenced)
+	}
+	return nil
+}
+
+// refuse is a checksum refusal of pkg, revealed by cause.
+func refuse(pkg *teleport.Package, cause error, format string, args ...any) error {
 	return &teleport.RefusalError{PackageID: pkg.ID, Rule: teleport.RuleChecksums,
-		Reason: fmt.Sprintf(format, args...), Err: teleport.ErrChecksumMismatch}
+		Reason: fmt.Sprintf(format, args...), Err: teleport.ErrChecksumMismatch, Cause: cause}
 }
 
 // readFailed: err is a read that failed, not bytes found wrong. Only bytes
 // that were read and found wrong make a package corrupt; a failed read
 // says nothing about the package (the caller may retry), so it must not be
 // reported as a checksum refusal.
-func readFailed(err error) bool { return !errors.Is(err, vm.ErrCorrupt) && blob.ErrorKind(err) == "" }
-
-// blobSection locates the KLP1 blob in a package's body; a package from
-// before sections existed is all blob.
-func blobSection(pkg *teleport.Package, bodySize int64) teleport.Section {
-	if sec, ok := pkg.Section(teleport.SectionBlob); ok {
-		return sec
-	}
-	return teleport.Section{Name: teleport.SectionBlob, Size: bodySize}
+func readFailed(err error) bool {
+	return !errors.Is(err, vm.ErrCorrupt) && !errors.Is(err, blob.ErrNotItsManifest) && blob.ErrorKind(err) == ""
 }
 
 // snapshotFromBlob maps a package's blob onto a snapshot whose payloads
-// read straight from the store (blob.OpenSnapshot), after checking its
-// metadata against the manifest. The payloads' checksums are verified by
-// the backend while it stages them (vm.Stage), in the same single read.
+// read straight from the store (blob.OpenPackage, which also checks the
+// blob is the manifest's). The payloads' checksums are verified by the
+// backend while it stages them (vm.Stage), in the same single read.
 func (s *Service) snapshotFromBlob(pkg *teleport.Package, r teleport.Reader) (*vm.Snapshot, error) {
-	sec := blobSection(pkg, r.Size())
-	if sec.Offset+sec.Size > r.Size() {
-		return nil, refuse(pkg, "its body has %d bytes, its blob section ends at %d", r.Size(), sec.Offset+sec.Size)
-	}
-	snap, err := blob.OpenSnapshot(io.NewSectionReader(r, sec.Offset, sec.Size), sec.Size)
+	snap, err := blob.OpenPackage(pkg, r, r.Size())
 	if err != nil {
 		if readFailed(err) {
 			return nil, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)
 		}
-		return nil, refuse(pkg, "its blob is unreadable: %v", err)
-	}
-	// The whole metadata section must be the manifest's copy: the backend
-	// restores from the blob's metadata (architecture, layout, host...), so
-	// a flipped bit there that left the id and checksums intact would
-	// otherwise reach the hypervisor unverified.
-	if !reflect.DeepEqual(snap.Metadata, *pkg.Snapshot) {
-		return nil, refuse(pkg, "the blob's metadata does not match the manifest (snapshot %s vs %s)", snap.Metadata.SnapshotID, pkg.Snapshot.SnapshotID)
+		return nil, refuse(pkg, err, "its blob is not the one its manifest describes: %v", err)
 	}
 	if s.bugs.SkipChecksums {
 		// The planted bug: trust whatever bytes are there by re-hashing
@@ -658,33 +711,27 @@ func diskPayload(pkg *teleport.Package, r teleport.Reader) (vm.Payload, error) {
 	if !ok {
 		return nil, nil
 	}
-	if sec.Offset+sec.Size > r.Size() {
-		return nil, refuse(pkg, "its body has %d bytes, its disk section ends at %d", r.Size(), sec.Offset+sec.Size)
+	if sec.Offset < 0 || sec.Size < 0 || sec.Offset > r.Size()-sec.Size {
+		return nil, refuse(pkg, nil, "its body has %d bytes, its disk section ends at %d", r.Size(), sec.Offset+sec.Size)
 	}
 	return &vm.SectionPayload{R: r, Offset: sec.Offset, N: sec.Size}, nil
 }
 
-// restoreWorkspace verifies the workspace section, then hands it to the
-// restorer: nothing unverified reaches the guest.
-func (s *Service) restoreWorkspace(ctx context.Context, pkg *teleport.Package, r teleport.Reader, ws teleport.Section, inst vm.Instance,
-	restore func(context.Context, vm.Instance, io.Reader) error) error {
-	if ws.Offset+ws.Size > r.Size() {
-		return refuse(pkg, "its body has %d bytes, its workspace section ends at %d", r.Size(), ws.Offset+ws.Size)
+// restoreWorkspace stages the workspace section through the restorer,
+// verifying it in the same pass, and has it restored only if it matched.
+func (s *Service) restoreWorkspace(ctx context.Context, pkg *teleport.Package, r teleport.Reader, ws teleport.Section, inst vm.Instance, wr WorkspaceRestorer) error {
+	if ws.Offset < 0 || ws.Size < 0 || ws.Offset > r.Size()-ws.Size {
+		return refuse(pkg, nil, "its body has %d bytes, its workspace section ends at %d", r.Size(), ws.Offset+ws.Size)
 	}
-	h := sha256.New()
-	if err := hashSection(h, r, ws); err != nil {
-		return fmt.Errorf("teleport in: read workspace of %s: %w", pkg.ID, err)
+	payload := &vm.SectionPayload{R: r, Offset: ws.Offset, N: ws.Size}
+	if err := vm.StagePayload("package "+pkg.ID, teleport.SectionWorkspace, payload, ws.Size, ws.SHA256, wr.Stage); err != nil {
+		if errors.Is(err, vm.ErrCorrupt) {
+			return refuse(pkg, err, "%v", err)
+		}
+		return fmt.Errorf("teleport in: workspace: %w", err)
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != ws.SHA256 {
-		return refuse(pkg, "its workspace section has sha256 %.12s, the manifest says %.12s", got, ws.SHA256)
-	}
-	if err := restore(ctx, inst, io.NewSectionReader(r, ws.Offset, ws.Size)); err != nil {
+	if err := wr.Restore(ctx, inst); err != nil {
 		return fmt.Errorf("teleport in: restore workspace: %w", err)
 	}
 	return nil
-}
-
-func hashSection(h hash.Hash, r io.ReaderAt, sec teleport.Section) error {
-	_, err := io.Copy(h, io.NewSectionReader(r, sec.Offset, sec.Size))
-	return err
 }

@@ -173,13 +173,13 @@ var (
 
 type roleError struct{ what string }
 
-func (e *roleError) Error() string { return "backend cannot " + e.what }
+func (e *roleError) Error() string { return "cannot " + e.what }
 
 // Is makes every role sentinel match ErrUnsupported.
 func (e *roleError) Is(target error) bool { return target == ErrUnsupported }
 
 func lacks(backend string, sentinel *roleError) error {
-	return fmt.Errorf("backend %s cannot %s: %w", backend, sentinel.what, sentinel)
+	return fmt.Errorf("backend %s %w", backend, sentinel)
 }
 
 // Attach returns a handle on VM name of f, or ErrNoAttach when f's VMs do

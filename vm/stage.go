@@ -44,11 +44,12 @@ func Stage(snap *Snapshot, deviceState, memory Sink) error {
 // section order is the one returned, after every section is done.
 func StageWithDisk(snap *Snapshot, deviceState, memory, disk Sink) error {
 	md := snap.Metadata
+	owner := "snapshot " + md.SnapshotID
 	diskErr := make(chan error, 1)
-	go func() { diskErr <- StageDisk(md.SnapshotID, snap.Disk, md.Disk, disk) }()
-	err := stageSection(md.SnapshotID, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState)
+	go func() { diskErr <- StageDisk(owner, snap.Disk, md.Disk, disk) }()
+	err := StagePayload(owner, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState)
 	if err == nil {
-		err = stageSection(md.SnapshotID, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
+		err = StagePayload(owner, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
 	}
 	if derr := <-diskErr; err == nil {
 		err = derr
@@ -56,16 +57,16 @@ func StageWithDisk(snap *Snapshot, deviceState, memory, disk Sink) error {
 	return err
 }
 
-// StageDisk hands a disk payload to sink, verifying it against md (nil: the
-// payload must be empty) in the same pass, as Stage does for a snapshot's
-// sections: for a disk that travels without a VM snapshot (a checkpoint).
-func StageDisk(id string, p Payload, md *DiskMetadata, sink Sink) error {
+// StageDisk is StagePayload for a workspace disk described by md (nil: the
+// payload must be empty): a snapshot's, or one that travels without a VM
+// snapshot (a checkpoint's). owner names it in errors.
+func StageDisk(owner string, p Payload, md *DiskMetadata, sink Sink) error {
 	var size int64
 	var sum string
 	if md != nil {
 		size, sum = md.PayloadBytes, md.SHA256
 	}
-	return stageSection(id, SectionDisk, p, size, sum, sink)
+	return StagePayload(owner, SectionDisk, p, size, sum, sink)
 }
 
 // VerifyPayloads checks every payload of s against the sizes and checksums
@@ -79,9 +80,14 @@ func drain(r io.Reader) error {
 	return err
 }
 
-func stageSection(snapID, section string, p Payload, size int64, sum string, sink Sink) error {
+// StagePayload is Stage for one payload of whatever (a snapshot's section,
+// a package's workspace): it hands p to sink once and checks, in the same
+// pass, that it has size bytes with SHA-256 sum (hex). owner names what p
+// belongs to in errors ("snapshot S", "package P").
+func StagePayload(owner, section string, p Payload, size int64, sum string, sink Sink) error {
+	snapID := owner
 	corrupt := func(format string, args ...any) error {
-		return fmt.Errorf("snapshot %s: %s section "+format+": %w", append(append([]any{snapID, section}, args...), ErrCorrupt)...)
+		return fmt.Errorf("%s: %s section "+format+": %w", append(append([]any{snapID, section}, args...), ErrCorrupt)...)
 	}
 	if got := PayloadSize(p); got != size {
 		return corrupt("has %d bytes, metadata says %d", got, size)
@@ -97,7 +103,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 	}
 	rc, err := p.Open()
 	if err != nil {
-		return fmt.Errorf("snapshot %s: open %s section: %w", snapID, section, err)
+		return fmt.Errorf("%s: open %s section: %w", snapID, section, err)
 	}
 	defer rc.Close()
 	vr := &verifyingReader{r: rc, left: size, h: NewAsyncHash(sha256.New())}
@@ -111,7 +117,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 	got := hex.EncodeToString(vr.h.Sum())
 	switch {
 	case vr.readErr != nil:
-		return fmt.Errorf("snapshot %s: read %s section: %w", snapID, section, vr.readErr)
+		return fmt.Errorf("%s: read %s section: %w", snapID, section, vr.readErr)
 	case vr.short:
 		return corrupt("ended after %d of %d bytes", size-vr.left, size)
 	}
@@ -119,7 +125,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 	if n, err := io.ReadFull(rc, one[:]); n > 0 {
 		return corrupt("has more than the %d bytes recorded", size)
 	} else if err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("snapshot %s: read %s section: %w", snapID, section, err)
+		return fmt.Errorf("%s: read %s section: %w", snapID, section, err)
 	}
 	if got != sum {
 		return corrupt("checksum mismatch (sha256 %.12s, metadata says %.12s)", got, sum)
@@ -128,7 +134,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 		serr = fmt.Errorf("the sink stopped %d bytes before the end", unread)
 	}
 	if serr != nil {
-		return fmt.Errorf("snapshot %s: stage %s section: %w", snapID, section, serr)
+		return fmt.Errorf("%s: stage %s section: %w", snapID, section, serr)
 	}
 	return nil
 }

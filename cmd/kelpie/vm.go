@@ -3,7 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
+	"flag"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -18,16 +18,16 @@ func init() {
 
 const vmCreateUsage = `kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg]
            [--network none|restricted|full] [--publish 127.0.0.1:HOSTPORT:GUESTPORT]... [--forward GUESTPORT:127.0.0.1:HOSTPORT]...
-           [--disk SIZE]`
+           [--disk SIZE] [--registry URL]`
 
 const vmUsage = vmCreateUsage + `
        kelpie vm ls [--json]
        kelpie vm fork NAME --count N [--prefix P] [--publish 127.0.0.1:0:GUESTPORT]... [--json]
        kelpie vm time NAME [--json]
        kelpie vm exec NAME [--timeout DURATION] [--workdir DIR] -- CMD [ARG...]
-       kelpie vm start|pause|resume|stop|rm NAME
+       kelpie vm start|pause|resume|stop|rm NAME [--registry URL]
        kelpie vm snapshot NAME --out FILE [--layout split|single]
-       kelpie vm suspend NAME [--store STORE]`
+       kelpie vm suspend NAME [--store STORE] [--registry URL]`
 
 func cmdVM(ctx context.Context, e *env, args []string) error {
 	if len(args) == 0 {
@@ -63,6 +63,7 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	mem := fs.Int("memory", host.VMMemoryMiBDefault, "guest memory in MiB")
 	cpus := fs.Int("cpus", host.VMCPUsDefault, "vCPUs")
 	accel := fs.String("accel", "", "accelerator: auto, kvm or tcg (default $KELPIE_ACCEL or auto)")
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	network := fs.String("network", string(host.VMNetworkDefault), "none; restricted: no egress but the --forward ports; full: full egress (production use; reaches the host's loopback too)")
 	var nf netFlags
 	addPublishFlag(fs, &nf, "")
@@ -75,7 +76,18 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 1 {
 		return usagef("usage: %s", vmCreateUsage)
 	}
-	if err := checkAccel(*accel); err != nil {
+	if e.server != "" {
+		sandbox := false
+		fs.Visit(func(f *flag.Flag) {
+			sandbox = sandbox || f.Name == "network" || f.Name == "publish" || f.Name == "forward" || f.Name == "disk"
+		})
+		if sandbox {
+			return usagef("--network, --publish, --forward and --disk are not served through a daemon yet; run vm create on the host")
+		}
+		return agentCreateRemote(ctx, e, pos[0], *mem, *cpus, *backend)
+	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
 		return err
 	}
 	spec := host.VMSpec{Name: pos[0], Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem}
@@ -98,12 +110,16 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer h.Close()
-	start := time.Now()
-	info, err := h.CreateVM(ctx, spec)
+	f, err := h.join(ctx, e, regURL)
 	if err != nil {
-		return configUsage(backendUsage(err))
+		return err
 	}
-	sayAccel(ctx, e, h, info.Backend, *accel)
+	start := time.Now()
+	_, info, err := f.Create(ctx, spec)
+	if err != nil {
+		return err
+	}
+	sayAccel(ctx, e, h.Host, info.Backend, *accel)
 	fmt.Fprintf(e.stderr, "kelpie: vm %s running (%s, %d MiB, %d vCPU, network %s%s, disk %s, ready in %.2f s)\n", info.Name, info.Backend,
 		info.MemoryMiB, info.VCPUs, orNone(info.Network), portsNote(info.Ports), humanDisk(info.DiskBytes), time.Since(start).Seconds())
 	fmt.Fprintln(e.stdout, info.Name)
@@ -120,14 +136,24 @@ func vmList(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 0 {
 		return usagef("usage: kelpie vm ls [--json]")
 	}
-	h, err := openHost(ctx, e, false, false)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	vms, err := h.VMs(ctx)
-	if err != nil {
-		return err
+	var vms []host.VMInfo
+	if e.server != "" {
+		c, err := e.client()
+		if err != nil {
+			return err
+		}
+		if vms, err = c.VMs(ctx); err != nil {
+			return err
+		}
+	} else {
+		h, err := openHost(ctx, e, false, false)
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		if vms, err = h.VMs(ctx); err != nil {
+			return err
+		}
 	}
 	if *asJSON {
 		return json.NewEncoder(e.stdout).Encode(vms)
@@ -141,24 +167,6 @@ func vmList(ctx context.Context, e *env, args []string) error {
 	return tw.Flush()
 }
 
-// checkAccel refuses an --accel value no backend knows.
-func checkAccel(a string) error {
-	switch a {
-	case "", "auto", "kvm", "tcg":
-		return nil
-	}
-	return usagef("--accel %q: want auto, kvm or tcg", a)
-}
-
-// configUsage makes a configuration the flags described badly (a port
-// published twice, a disk out of range) a usage mistake.
-func configUsage(err error) error {
-	if errors.Is(err, vm.ErrInvalidConfig) {
-		return usagef("%v", err)
-	}
-	return err
-}
-
 func portsNote(ps []vm.PortBinding) string {
 	if len(ps) == 0 {
 		return ""
@@ -169,6 +177,9 @@ func portsNote(ps []vm.PortBinding) string {
 // vmFork snapshots a VM once and restores copies of it; stdout lists the
 // copies' names, one a line.
 func vmFork(ctx context.Context, e *env, args []string) error {
+	if e.server != "" {
+		return usagef("vm fork is not served through a daemon yet; run it on the host")
+	}
 	const usage = "usage: kelpie vm fork NAME --count N [--prefix P] [--publish 127.0.0.1:0:GUESTPORT]... [--json]"
 	fs := newFlags(e, "vm fork")
 	count := fs.Int("count", 0, "how many copies")
@@ -193,9 +204,14 @@ func vmFork(ctx context.Context, e *env, args []string) error {
 	}
 	defer h.Close()
 	start := time.Now()
+	if regURL, err := registryURL(e, ""); err != nil {
+		return err
+	} else if regURL != "" {
+		return usagef("vm fork does not register its copies with a registry yet; run it without one (KELPIE_REGISTRY)")
+	}
 	res, err := h.ForkVM(ctx, pos[0], req)
 	if err != nil {
-		return configUsage(err)
+		return err
 	}
 	if *asJSON {
 		return json.NewEncoder(e.stdout).Encode(res.VMs)
@@ -210,6 +226,9 @@ func vmFork(ctx context.Context, e *env, args []string) error {
 // vmTime reads a guest's clocks to the nanosecond and compares its wall
 // clock with this host's.
 func vmTime(ctx context.Context, e *env, args []string) error {
+	if e.server != "" {
+		return usagef("vm time is not served through a daemon yet; run it on the host")
+	}
 	fs := newFlags(e, "vm time")
 	asJSON := fs.Bool("json", false, "print JSON")
 	pos, err := parse(fs, args)
@@ -238,14 +257,6 @@ func vmTime(ctx context.Context, e *env, args []string) error {
 		gt.Realtime.UTC().Format(time.RFC3339Nano), gt.Monotonic.Seconds(), gt.Host.UTC().Format(time.RFC3339Nano),
 		fmtOffset(float64(gt.Offset().Nanoseconds())/1e6), ms(gt.RoundTrip))
 	return nil
-}
-
-// backendUsage makes an unknown --backend a usage mistake.
-func backendUsage(err error) error {
-	if errors.Is(err, host.ErrUnknownBackend) {
-		return usagef("%v", err)
-	}
-	return err
 }
 
 // sayAccel tells the user which accelerator a backend with a choice
@@ -287,6 +298,9 @@ func vmExec(ctx context.Context, e *env, args []string) error {
 	if len(pos) < 2 {
 		return usagef(usage)
 	}
+	if e.server != "" {
+		return agentExecRemote(ctx, e, pos[0], pos[1], pos[2:], *timeout, *workdir)
+	}
 	h, err := openHost(ctx, e, false, false)
 	if err != nil {
 		return err
@@ -296,16 +310,21 @@ func vmExec(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	e.stdout.Write(res.Stdout)
-	e.stderr.Write(res.Stderr)
-	if res.OutputTruncated {
+	return printExec(e, res.Stdout, res.Stderr, res.OutputTruncated, res.TimedOut, *timeout, res.ExitCode)
+}
+
+// printExec prints a guest command's output and passes its exit code on.
+func printExec(e *env, stdout, stderr []byte, truncated, timedOut bool, timeout time.Duration, exitCode int) error {
+	e.stdout.Write(stdout)
+	e.stderr.Write(stderr)
+	if truncated {
 		fmt.Fprintln(e.stderr, "kelpie: guest output truncated")
 	}
-	if res.TimedOut {
-		fmt.Fprintf(e.stderr, "kelpie: guest command killed after %v\n", *timeout)
+	if timedOut {
+		fmt.Fprintf(e.stderr, "kelpie: guest command killed after %v\n", timeout)
 	}
-	if res.ExitCode != 0 {
-		code := res.ExitCode
+	if exitCode != 0 {
+		code := exitCode
 		if code < 0 || code > 255 {
 			code = 128 + 9 // killed by a signal
 		}
@@ -316,29 +335,44 @@ func vmExec(ctx context.Context, e *env, args []string) error {
 
 func vmSimple(ctx context.Context, e *env, sub string, args []string) error {
 	fs := newFlags(e, "vm "+sub)
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm %s NAME", sub)
+		return usagef("usage: kelpie vm %s NAME [--registry URL]", sub)
 	}
 	name := pos[0]
+	if e.server != "" {
+		return agentActRemote(ctx, e, sub, name)
+	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
+		return err
+	}
 	h, err := openHost(ctx, e, false, false)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
+	f, err := h.join(ctx, e, regURL, name)
+	if err != nil {
+		return err
+	}
 	switch sub {
 	case "start":
+		if f.Enforced() {
+			return usagef("vm start with a registry: a stopped agent's memory is gone; vm rm it and create it again")
+		}
 		err = h.StartVM(ctx, name)
 	case "pause":
-		err = h.PauseVM(ctx, name)
+		err = f.Pause(ctx, name)
 	case "stop":
-		err = h.StopVM(ctx, name)
+		err = f.Stop(ctx, name)
 	case "rm":
 		var res *host.RemoveResult
-		if res, err = h.RemoveVM(ctx, name); err == nil && res.PackageID != "" {
+		if res, err = f.Remove(ctx, name); err == nil && res.PackageID != "" {
 			fmt.Fprintf(e.stderr, "kelpie: vm %s: removed (and its suspend package %s)\n", name, res.PackageID)
 			return nil
 		}
@@ -391,14 +425,19 @@ func vmSnapshot(ctx context.Context, e *env, args []string) error {
 func vmSuspend(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "vm suspend")
 	storeF := addStoreFlags(fs)
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm suspend NAME [--store STORE]")
+		return usagef("usage: kelpie vm suspend NAME [--store STORE] [--registry URL]")
 	}
 	url, err := storeF.url()
+	if err != nil {
+		return err
+	}
+	regURL, err := registryURL(e, *regFlag)
 	if err != nil {
 		return err
 	}
@@ -407,7 +446,11 @@ func vmSuspend(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer h.Close()
-	pkg, err := h.SuspendVM(ctx, pos[0], url)
+	f, err := h.join(ctx, e, regURL, pos[0])
+	if err != nil {
+		return err
+	}
+	pkg, err := f.Suspend(ctx, pos[0], url)
 	if err != nil {
 		return err
 	}
@@ -419,20 +462,32 @@ func vmSuspend(ctx context.Context, e *env, args []string) error {
 // name.
 func vmResume(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "vm resume")
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm resume NAME")
+		return usagef("usage: kelpie vm resume NAME [--registry URL]")
+	}
+	if e.server != "" {
+		return agentActRemote(ctx, e, "resume", pos[0])
+	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
+		return err
 	}
 	h, err := openHost(ctx, e, false, true)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
+	f, err := h.join(ctx, e, regURL, pos[0])
+	if err != nil {
+		return err
+	}
 	start := time.Now()
-	res, err := h.ResumeVM(ctx, pos[0])
+	res, err := f.Resume(ctx, pos[0])
 	if err != nil {
 		return err
 	}

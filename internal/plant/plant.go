@@ -16,3 +16,15 @@ type ServiceBugs struct {
 // SetServiceBugs plants bugs in a *service.Service; the service package
 // sets it in its init, so this package need not import it.
 var SetServiceBugs func(svc any, b ServiceBugs)
+
+// RegistryBugs break the move protocol (registry.Node). The zero value is
+// the correct protocol.
+type RegistryBugs struct {
+	// SkipClaimCheck claims any record, whatever its state, package and
+	// epoch: a restore that does not check that the agent is in flight.
+	SkipClaimCheck bool
+}
+
+// SetRegistryBugs plants bugs in a *registry.Node; the registry package
+// sets it in its init.
+var SetRegistryBugs func(node any, b RegistryBugs)

@@ -293,7 +293,7 @@ func (v *Instance) Snapshot(ctx context.Context) (_ *vm.Snapshot, err error) {
 		if !wasRunning || isDone(m.Done()) {
 			return err
 		}
-		sctx, cancel := settleContext(ctx)
+		sctx, cancel := vm.SettleContext(ctx)
 		defer cancel()
 		if rerr := m.Resume(sctx); rerr != nil {
 			return fmt.Errorf("%w (and resuming the VM failed: %v)", err, rerr)
@@ -413,9 +413,9 @@ func (v *Instance) stage(snap *vm.Snapshot) (Files, error) {
 	var memory vm.Sink
 	if v.f.spec.Layout == vm.LayoutSplit {
 		files.Memory = filepath.Join(dir, memoryFileName)
-		memory = fileSink(files.Memory)
+		memory = vm.FileSink(files.Memory)
 	}
-	if err := vm.Stage(snap, fileSink(files.State), memory); err != nil {
+	if err := vm.Stage(snap, vm.FileSink(files.State), memory); err != nil {
 		os.RemoveAll(dir)
 		return Files{}, err
 	}

@@ -199,7 +199,7 @@ func (c *capture) closeFiles() {
 func (c *capture) undo(ctx context.Context, err error) error {
 	v := c.v
 	if c.wasRunning && !c.stopped.IsZero() && v.State() != vm.StateCrashed {
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+		rctx, cancel := vm.SettleContext(ctx)
 		defer cancel()
 		v.setClockStale(true)
 		if q, qerr := v.qmpConn(rctx); qerr == nil {

@@ -233,7 +233,7 @@ func (v *Instance) ExportDisk(ctx context.Context) (_ *vm.DiskImage, err error) 
 	raw := filepath.Join(dir, "disk.raw")
 	cerr := v.copyDisk(raw)
 	// Thaw whatever happened, even when ctx ended.
-	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+	tctx, cancel := vm.SettleContext(ctx)
 	terr := v.guestShell(tctx, "fsfreeze --unfreeze "+guestWorkspace)
 	cancel()
 	if err := errors.Join(cerr, terr); err != nil {
@@ -261,7 +261,7 @@ func (f *Factory) CreateWithDisk(ctx context.Context, cfg vm.Config, img *vm.Dis
 	if err != nil {
 		return nil, err
 	}
-	if err := vm.StageDisk("disk of "+cfg.Name, img.Payload, &img.Metadata, diskSink(v.diskPath(), &img.Metadata)); err != nil {
+	if err := vm.StageDisk("the disk of vm "+cfg.Name, img.Payload, &img.Metadata, diskSink(v.diskPath(), &img.Metadata)); err != nil {
 		if derr := v.Destroy(context.WithoutCancel(ctx)); derr != nil {
 			return nil, fmt.Errorf("vm %s: workspace disk: %w; removing the VM failed too (%v): %w", cfg.Name, err, derr, vm.ErrLeftBehind)
 		}

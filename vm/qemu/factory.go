@@ -463,12 +463,7 @@ func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *v
 	if snap == nil {
 		return nil, fmt.Errorf("restore: no snapshot: %w", vm.ErrInvalidConfig)
 	}
-	if cfg.MemoryMiB == 0 {
-		cfg.MemoryMiB = snap.Metadata.MemoryMiB
-	}
-	if cfg.VCPUs == 0 {
-		cfg.VCPUs = snap.Metadata.VCPUCount
-	}
+	cfg = vm.ConfigFor(cfg, snap.Metadata)
 	// Refuse a foreign snapshot before anything is created.
 	if err := f.checkSnapshot(snap.Metadata, cfg); err != nil {
 		return nil, err
@@ -481,10 +476,7 @@ func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *v
 		return nil, err
 	}
 	if err := v.restore(ctx, snap); err != nil {
-		if derr := v.Destroy(context.WithoutCancel(ctx)); derr != nil {
-			return nil, fmt.Errorf("%w; removing the half-restored VM %s failed too (%v): %w", err, v.ID(), derr, vm.ErrLeftBehind)
-		}
-		return nil, err
+		return nil, vm.RemoveFailed(ctx, v, err)
 	}
 	return v, nil
 }

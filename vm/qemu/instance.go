@@ -649,6 +649,10 @@ func (v *Instance) WaitReady(ctx context.Context) error {
 	if err := v.check(ctx, vm.OpExec); err != nil {
 		return err
 	}
+	// A guest that never answers must not hang a caller without a
+	// deadline.
+	ctx, cancel := bootContext(ctx)
+	defer cancel()
 	if _, err := v.agentConn(ctx); err != nil {
 		return v.failed("wait ready", err)
 	}
@@ -742,17 +746,20 @@ func (v *Instance) Destroy(ctx context.Context) error {
 	if v.destroyed {
 		return nil
 	}
-	var err error
 	if s := v.State(); s != vm.StateStopped && s != vm.StateCreated {
-		err = v.stopLocked(ctx)
+		// A QEMU that would not die keeps its record: the VM is still
+		// here, and a later Destroy tries again.
+		if err := v.stopLocked(ctx); err != nil {
+			return err
+		}
 	}
 	v.dropConns()
 	v.clearRuntime()
-	v.destroyed = true
-	if rerr := os.RemoveAll(v.dir); rerr != nil && err == nil {
-		err = fmt.Errorf("vm %s: remove %s: %w", v.rec.Name, v.dir, rerr)
+	if err := os.RemoveAll(v.dir); err != nil {
+		return fmt.Errorf("vm %s: remove %s: %w", v.rec.Name, v.dir, err)
 	}
-	return err
+	v.destroyed = true
+	return nil
 }
 
 // execNotFound tells the agent's "no such command" apart from other

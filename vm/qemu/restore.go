@@ -5,7 +5,6 @@ package qemu
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -21,16 +20,7 @@ func (f *Factory) checkSnapshot(md vm.SnapshotMetadata, cfg vm.Config) error {
 	if err := vm.CheckSnapshot(md, f.Host()); err != nil {
 		return err
 	}
-	refuse := func(format string, args ...any) error {
-		return fmt.Errorf("snapshot %s: "+format+": %w", append([]any{md.SnapshotID}, append(args, vm.ErrIncompatible)...)...)
-	}
-	switch {
-	case cfg.MemoryMiB != md.MemoryMiB:
-		return refuse("holds a %d MiB guest, the VM is configured with %d MiB", md.MemoryMiB, cfg.MemoryMiB)
-	case cfg.VCPUs != md.VCPUCount:
-		return refuse("holds %d vCPUs, the VM is configured with %d", md.VCPUCount, cfg.VCPUs)
-	}
-	return nil
+	return vm.CheckShape(md, cfg)
 }
 
 // restoreDevices makes cfg's devices the snapshot's: its network device
@@ -117,11 +107,16 @@ func (v *Instance) loadStaged(ctx context.Context, stats RestoreStats, staged fu
 	}
 	stats.Launch = time.Since(t)
 	t = time.Now()
+	// The payloads passed vm.Stage: whatever fails now is QEMU's, not the
+	// snapshot's bytes, and says so with its own category.
 	fail := func(err error) error {
+		died := !p.alive()
 		v.dropConns()
-		p.kill(context.WithoutCancel(ctx))
-		if !p.alive() && ctx.Err() == nil && !errors.Is(err, vm.ErrCorrupt) {
-			return fmt.Errorf("vm %s: restore: %v (QEMU: %s): %w", v.rec.Name, err, tailFile(v.path(qemuLog), 600), vm.ErrCorrupt)
+		kctx, cancel := vm.SettleContext(ctx)
+		defer cancel()
+		p.kill(kctx)
+		if died && ctx.Err() == nil {
+			return fmt.Errorf("vm %s: restore: QEMU exited while loading the snapshot (%s): %w: %w", v.rec.Name, tailFile(v.path(qemuLog), 600), err, vm.ErrCrashed)
 		}
 		return fmt.Errorf("vm %s: restore: %w", v.rec.Name, err)
 	}
@@ -141,7 +136,7 @@ func (v *Instance) loadStaged(ctx context.Context, stats RestoreStats, staged fu
 	// (live copies, ramstream.go); the stream says which.
 	ignoreShared, err := streamIgnoresShared(v.path(stagedState))
 	if err != nil {
-		return fail(fmt.Errorf("%v: %w", err, vm.ErrCorrupt))
+		return fail(fmt.Errorf("the device-state stream is not one this QEMU understands (%w): %w", err, vm.ErrIncompatible))
 	}
 	if staged != nil {
 		if err := staged(); err != nil {
@@ -201,8 +196,8 @@ func (v *Instance) stage(md vm.SnapshotMetadata, snap *vm.Snapshot) (err error) 
 			return err
 		}
 	}
-	deviceState := func(r io.Reader) error { return writeNewFile(v.path(stagedState), r) }
-	if err := vm.StageWithDisk(snap, deviceState, memory, diskSink(v.diskPath(), md.Disk)); err != nil {
+	os.Remove(v.path(stagedState))
+	if err := vm.StageWithDisk(snap, vm.FileSink(v.path(stagedState)), memory, diskSink(v.diskPath(), md.Disk)); err != nil {
 		os.Remove(v.diskPath())
 		return err
 	}
@@ -210,17 +205,4 @@ func (v *Instance) stage(md vm.SnapshotMetadata, snap *vm.Snapshot) (err error) 
 		return os.Rename(memTmp, v.ramPath())
 	}
 	return nil
-}
-
-// writeNewFile copies r into a new file at path.
-func writeNewFile(path string, r io.Reader) error {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = io.Copy(f, r)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
