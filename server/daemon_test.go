@@ -117,7 +117,7 @@ func TestDaemonTLSAndToken(t *testing.T) {
 // registers there.
 func TestDaemonEmbeddedRegistry(t *testing.T) {
 	dir := t.TempDir()
-	addrs := registrytest.FreeAddrs(t, 2)
+	addrs := registrytest.FreeMemberAddrs(t, 2)
 	regListen := addrs[0]
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan string, 1)

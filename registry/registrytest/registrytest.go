@@ -305,6 +305,32 @@ func FreeAddrs(t testing.TB, n int) []string {
 	return out
 }
 
+// FreeMemberAddrs is FreeAddrs for a test that starts a member with its
+// default peer address (client port + 1): the first address's next port
+// is free too, and none of the others is it.
+func FreeMemberAddrs(t testing.TB, n int) []string {
+	t.Helper()
+	for try := 0; try < 100; try++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		next, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port+1))
+		if err != nil {
+			l.Close()
+			continue
+		}
+		// Draw the others while both are held, so none of them is either.
+		rest := FreeAddrs(t, n-1)
+		l.Close()
+		next.Close()
+		return append([]string{l.Addr().String()}, rest...)
+	}
+	t.Fatal("no free pair of loopback ports")
+	return nil
+}
+
 // Member starts an embedded single member in a temporary directory, with
 // fsync on, and stops it when the test ends.
 func Member(t testing.TB) *registry.Member {
