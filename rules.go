@@ -29,20 +29,27 @@ const (
 )
 
 // RefusalError is why a package cannot be restored on a target. It matches
-// its category (ErrArchMismatch, ...) with errors.Is.
+// its category (ErrArchMismatch, ...) with errors.Is, and the error that
+// revealed it (Cause, if any) too.
 type RefusalError struct {
 	PackageID string
 	Rule      string
 	Reason    string
 	Err       error
+	Cause     error
 }
 
 func (e *RefusalError) Error() string {
 	return fmt.Sprintf("package %s cannot be restored here: %s", e.PackageID, e.Reason)
 }
 
-// Unwrap returns the category.
-func (e *RefusalError) Unwrap() error { return e.Err }
+// Unwrap returns the category and the cause.
+func (e *RefusalError) Unwrap() []error {
+	if e.Cause == nil {
+		return []error{e.Err}
+	}
+	return []error{e.Err, e.Cause}
+}
 
 // RuleResult is one rule's verdict.
 type RuleResult struct {

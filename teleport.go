@@ -8,9 +8,13 @@
 package teleport
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"math"
+	"reflect"
+	"slices"
 	"time"
 
 	"github.com/kelpie/teleport/vm"
@@ -48,15 +52,18 @@ func (k SnapshotKind) FullVM() bool { return k == KindSuspend || k == KindTelepo
 // beside the manifest in a Store, is its sections back to back: first the
 // VM snapshot as a KLP1 blob, then (a checkpoint's) workspace archive.
 type Package struct {
-	ID               string            `json:"id"`
-	AgentID          string            `json:"agent_id"`
-	SourceArch       vm.Architecture   `json:"source_arch"`
-	Kind             SnapshotKind      `json:"kind"`
-	BaseImageVersion string            `json:"base_image_version"`
-	CreatedAt        time.Time         `json:"created_at"`
-	SourceHostID     string            `json:"source_host_id,omitempty"`
-	Backend          string            `json:"backend,omitempty"`
-	AgentState       []byte            `json:"agent_state,omitempty"`
+	ID               string          `json:"id"`
+	AgentID          string          `json:"agent_id"`
+	SourceArch       vm.Architecture `json:"source_arch"`
+	Kind             SnapshotKind    `json:"kind"`
+	BaseImageVersion string          `json:"base_image_version"`
+	CreatedAt        time.Time       `json:"created_at"`
+	SourceHostID     string          `json:"source_host_id,omitempty"`
+	Backend          string          `json:"backend,omitempty"`
+	AgentState       []byte          `json:"agent_state,omitempty"`
+	// AgentStateSHA256 (hex) is checked before the agent state is handed
+	// out: it is most of what a checkpoint carries.
+	AgentStateSHA256 string            `json:"agent_state_sha256,omitempty"`
 	Env              map[string]string `json:"env,omitempty"`
 	// UploadID is unique to the upload that made the package, so a writer
 	// whose commit went unanswered can tell its own package from another
@@ -66,10 +73,23 @@ type Package struct {
 	// can be checked without reading the blob. Nil for a checkpoint.
 	Snapshot *vm.SnapshotMetadata `json:"snapshot,omitempty"`
 	// Sections locate the parts of the body, in order and back to back
-	// from offset 0: SectionBlob always, SectionWorkspace for a checkpoint
-	// that carries one. Each has its own size and SHA-256, verified before
-	// it is used. The store checks that they add up to the body.
+	// from offset 0: SectionBlob always, SectionDisk for a VM with a
+	// workspace disk, SectionWorkspace for a checkpoint that carries an
+	// archive of /workspace instead. Each has its own size and SHA-256,
+	// verified before it is used. The store checks that they add up to
+	// the body.
 	Sections []Section `json:"sections,omitempty"`
+	// Network is the VM's network as it left (mode, MAC, published ports,
+	// forwards); nil for none. A restore recreates it, with the published
+	// ports the restoring host asks for (default these).
+	Network *vm.Network `json:"network,omitempty"`
+	// Disk describes the workspace disk the disk section carries (size,
+	// filesystem, and the section's encoding, size and SHA-256).
+	Disk *vm.DiskMetadata `json:"disk,omitempty"`
+	// SourceKept: the source VM ran on after the package was made (a
+	// copy), so restoring it makes a second live copy of the agent, which
+	// must get an identity of its own.
+	SourceKept bool `json:"source_kept,omitempty"`
 	// Set by the store on commit: the whole body's size and SHA-256 (hex).
 	SizeBytes  int64  `json:"size_bytes"`
 	BlobSHA256 string `json:"blob_sha256"`
@@ -97,8 +117,12 @@ type Package struct {
 // Section names.
 const (
 	SectionBlob      = "blob"      // the KLP1 snapshot blob
+	SectionDisk      = "disk"      // the workspace disk's allocated blocks
 	SectionWorkspace = "workspace" // a checkpoint's workspace archive
 )
+
+// sectionOrder is the order sections come in; each at most once.
+var sectionOrder = []string{SectionBlob, SectionDisk, SectionWorkspace}
 
 // Section is one part of a package's body.
 type Section struct {
@@ -106,6 +130,28 @@ type Section struct {
 	Offset int64  `json:"offset"`
 	Size   int64  `json:"size"`
 	SHA256 string `json:"sha256"`
+}
+
+// SealAgentState records the SHA-256 of the agent state.
+func (p *Package) SealAgentState() {
+	p.AgentStateSHA256 = ""
+	if len(p.AgentState) > 0 {
+		sum := sha256.Sum256(p.AgentState)
+		p.AgentStateSHA256 = hex.EncodeToString(sum[:])
+	}
+}
+
+// CheckAgentState fails with ErrChecksumMismatch unless the agent state
+// is the one SealAgentState recorded.
+func (p *Package) CheckAgentState() error {
+	if len(p.AgentState) == 0 && p.AgentStateSHA256 == "" {
+		return nil
+	}
+	sum := sha256.Sum256(p.AgentState)
+	if got := hex.EncodeToString(sum[:]); got != p.AgentStateSHA256 {
+		return fmt.Errorf("package %s: its agent state has sha256 %.12s, the manifest says %.12s: %w", p.ID, got, p.AgentStateSHA256, ErrChecksumMismatch)
+	}
+	return nil
 }
 
 // Section returns the section called name, if the package has one.
@@ -144,6 +190,11 @@ func (p *Package) Validate() error {
 		if p.Snapshot.Architecture != p.SourceArch {
 			return fmt.Errorf("package %s: the manifest says %s, its snapshot %s: %w", p.ID, p.SourceArch, p.Snapshot.Architecture, ErrInvalidPackage)
 		}
+		// The snapshot's copy of the devices is what the backend restores:
+		// the manifest's must say the same.
+		if !reflect.DeepEqual(p.Snapshot.Network, p.Network) || !reflect.DeepEqual(p.Snapshot.Disk, p.Disk) {
+			return fmt.Errorf("package %s: the manifest's network or disk differs from its snapshot's: %w", p.ID, ErrInvalidPackage)
+		}
 	}
 	if err := p.validateChunks(); err != nil {
 		return err
@@ -181,25 +232,45 @@ func (p *Package) validateSections() error {
 		return fmt.Errorf("package %s: "+format+": %w", append(append([]any{p.ID}, args...), ErrInvalidPackage)...)
 	}
 	var end int64
+	prev := -1
 	for i, s := range p.Sections {
+		k := slices.Index(sectionOrder, s.Name)
 		switch {
-		case s.Name != SectionBlob && s.Name != SectionWorkspace:
+		case k < 0:
 			return bad("unknown section %q", s.Name)
 		case (i == 0) != (s.Name == SectionBlob):
 			return bad("the %s section must come first, once", SectionBlob)
-		case i > 1 || (i == 1 && p.Kind != KindCheckpoint):
+		case k <= prev:
+			return bad("section %s is out of order or repeated (the order is %v)", s.Name, sectionOrder)
+		case s.Name == SectionWorkspace && p.Kind != KindCheckpoint:
 			return bad("only a checkpoint carries a %s section", SectionWorkspace)
 		case s.Offset != end || s.Size < 0 || s.Offset > math.MaxInt64-s.Size:
 			return bad("section %s at %d+%d does not follow the previous one (which ends at %d)", s.Name, s.Offset, s.Size, end)
 		case len(s.SHA256) != 64:
 			return bad("section %s has no SHA-256", s.Name)
 		}
-		end = s.Offset + s.Size
+		end, prev = s.Offset+s.Size, k
+	}
+	if len(p.Sections) > 0 {
+		ds, ok := p.Section(SectionDisk)
+		switch {
+		case ok != (p.Disk != nil):
+			return bad("a %s section goes with a disk in the manifest, and the manifest has %s", SectionDisk, hasNot(p.Disk != nil, "one", "none"))
+		case ok && (ds.Size != p.Disk.PayloadBytes || ds.SHA256 != p.Disk.SHA256):
+			return bad("the %s section (%d bytes, sha256 %.12s) is not the disk the manifest describes (%d bytes, sha256 %.12s)", SectionDisk, ds.Size, ds.SHA256, p.Disk.PayloadBytes, p.Disk.SHA256)
+		}
 	}
 	if p.BlobSHA256 != "" && len(p.Sections) > 0 && end != p.SizeBytes {
 		return bad("its sections cover %d bytes, its body has %d", end, p.SizeBytes)
 	}
 	return nil
+}
+
+func hasNot(b bool, yes, no string) string {
+	if b {
+		return yes
+	}
+	return no
 }
 
 // ID rules: an id becomes an object key and a directory name, so it is
@@ -241,4 +312,17 @@ var (
 	// ErrStore: the store failed (I/O, network, server error); may be
 	// transient.
 	ErrStore = errors.New("package store error")
+	// ErrInvalidStore: a store's address or settings are malformed: a
+	// mistake in how the store was named, not a failure of it. It also
+	// matches ErrStore.
+	ErrInvalidStore error = &subcategory{"invalid store address", ErrStore}
 )
+
+// subcategory is an error category that also matches a broader one.
+type subcategory struct {
+	msg    string
+	parent error
+}
+
+func (e *subcategory) Error() string        { return e.msg }
+func (e *subcategory) Is(target error) bool { return target == e.parent }

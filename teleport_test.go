@@ -78,6 +78,56 @@ func TestPackageValidate(t *testing.T) {
 	}
 }
 
+// Sections come blob, disk, workspace; a disk section goes with the
+// manifest's disk and is the disk it describes; a full VM's manifest says
+// what its snapshot says about the network and the disk.
+func TestPackageDiskSections(t *testing.T) {
+	sum := func(c byte) string { return strings.Repeat(string(c), 64) }
+	disk := &vm.DiskMetadata{SizeBytes: 64 << 20, Filesystem: "ext4", Format: "klpqmem1", PayloadBytes: 30, SHA256: sum('d')}
+	net := &vm.Network{Mode: vm.NetworkRestricted, MAC: "52:54:00:00:00:01"}
+	good := func() *Package {
+		md := &vm.SnapshotMetadata{SnapshotID: "s", Architecture: vm.ArchX86_64, IsFullSnapshot: true, Disk: disk, Network: net}
+		return &Package{ID: "p", AgentID: "a", SourceArch: vm.ArchX86_64, Kind: KindTeleport, BaseImageVersion: "1.1.0",
+			Snapshot: md, Disk: disk, Network: net, SizeBytes: 130, BlobSHA256: sum('b'),
+			Sections: []Section{{SectionBlob, 0, 100, sum('a')}, {SectionDisk, 100, 30, sum('d')}}}
+	}
+	if err := good().Validate(); err != nil {
+		t.Fatal(err)
+	}
+	for name, mut := range map[string]func(*Package){
+		"disk section without a disk": func(p *Package) { p.Disk, p.Snapshot.Disk = nil, nil },
+		"disk without a section": func(p *Package) {
+			p.Sections, p.SizeBytes = p.Sections[:1], 100
+		},
+		"another disk's section":   func(p *Package) { p.Sections[1].SHA256 = sum('e') },
+		"disk section before blob": func(p *Package) { p.Sections[0], p.Sections[1] = p.Sections[1], p.Sections[0] },
+		"two disk sections": func(p *Package) {
+			p.Sections = append(p.Sections, Section{SectionDisk, 130, 30, sum('d')})
+			p.SizeBytes = 160
+		},
+		"workspace in a teleport": func(p *Package) {
+			p.Sections = append(p.Sections, Section{SectionWorkspace, 130, 1, sum('w')})
+			p.SizeBytes = 131
+		},
+		"manifest disk differs from the snapshot's":    func(p *Package) { p.Disk = &vm.DiskMetadata{SizeBytes: 1} },
+		"manifest network differs from the snapshot's": func(p *Package) { p.Network = nil },
+	} {
+		p := good()
+		mut(p)
+		if err := p.Validate(); !errors.Is(err, ErrInvalidPackage) {
+			t.Errorf("%s: %v, want ErrInvalidPackage", name, err)
+		}
+	}
+	// A checkpoint carries its disk, then (or instead) a workspace.
+	cp := good()
+	cp.Kind, cp.Snapshot = KindCheckpoint, nil
+	cp.Sections = append(cp.Sections, Section{SectionWorkspace, 130, 5, sum('w')})
+	cp.SizeBytes = 135
+	if err := cp.Validate(); err != nil {
+		t.Fatalf("checkpoint with disk and workspace: %v", err)
+	}
+}
+
 // A backend that declares its snapshots host-bound never gets Teleport to
 // another host, whatever its name.
 func TestChooseKindHonoursHostBound(t *testing.T) {

@@ -239,3 +239,13 @@ func unpackV2(f *os.File, size int64, path, dir string) (err error) {
 	}
 	return nil
 }
+
+// WriteSnapshotFile packs snap into the blob file out (EncodeSnapshot),
+// which appears only when complete.
+func WriteSnapshotFile(ctx context.Context, out string, snap *vm.Snapshot, o EncodeOptions) (res *Encoded, err error) {
+	err = writeAtomic(out, func(w *os.File) error {
+		res, err = EncodeSnapshot(ctx, w, snap, o)
+		return err
+	})
+	return res, err
+}

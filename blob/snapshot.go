@@ -5,9 +5,11 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/vm"
 )
 
@@ -93,6 +95,14 @@ func EncodeSnapshot(ctx context.Context, w io.Writer, snap *vm.Snapshot, o Encod
 	}
 	var secs [2]Section
 	var hashes [2]*vm.AsyncHash
+	sums := [2]string{}
+	defer func() {
+		for i, h := range hashes {
+			if h != nil && sums[i] == "" {
+				h.Sum() // ends its goroutine
+			}
+		}
+	}()
 	for i, p := range ps {
 		n := vm.PayloadSize(p.p)
 		if n == 0 {
@@ -111,9 +121,9 @@ func EncodeSnapshot(ctx context.Context, w io.Writer, snap *vm.Snapshot, o Encod
 		if h == nil {
 			continue
 		}
-		got := hex.EncodeToString(h.Sum())
-		if err == nil && got != ps[i].sum {
-			err = fmt.Errorf("snapshot %s: %s payload differs from its recorded checksum (sha256 %.12s, recorded %.12s): %w", md.SnapshotID, ps[i].name, got, ps[i].sum, vm.ErrCorrupt)
+		sums[i] = hex.EncodeToString(h.Sum())
+		if err == nil && sums[i] != ps[i].sum {
+			err = fmt.Errorf("snapshot %s: %s payload differs from its recorded checksum (sha256 %.12s, recorded %.12s): %w", md.SnapshotID, ps[i].name, sums[i], ps[i].sum, vm.ErrCorrupt)
 		}
 	}
 	if err != nil {
@@ -174,4 +184,80 @@ func OpenSnapshot(r io.ReaderAt, size int64, o OpenOptions) (*vm.Snapshot, error
 		memory = &vm.SectionPayload{R: r, Offset: b.MemoryOffset(), N: n}
 	}
 	return vm.NewSnapshot(md, state, memory, nil), nil
+}
+
+// ErrNotItsManifest: a package's blob is not the one its manifest
+// describes (its metadata or its sections differ).
+var ErrNotItsManifest = errors.New("blob does not match its manifest")
+
+// OpenPackage maps the blob of a package, whose body of size bytes r
+// holds, onto a vm.Snapshot (OpenSnapshot), after checking that the blob is
+// the one the manifest describes: its metadata section byte for byte the
+// manifest's copy, its payload sizes the recorded ones. The payloads'
+// checksums are verified where they are used (vm.Stage); a version 2
+// blob's chunks are read through o.Chunks (the store's chunk space), each
+// checked against its hash as it is read. A mismatch is
+// ErrNotItsManifest, a malformed blob one of the format's errors
+// (ErrorKind), anything else a failed read.
+func OpenPackage(pkg *teleport.Package, r io.ReaderAt, size int64, o OpenOptions) (*vm.Snapshot, error) {
+	sec, ok := pkg.Section(teleport.SectionBlob)
+	if !ok {
+		// A package from before sections is all blob.
+		sec = teleport.Section{Name: teleport.SectionBlob, Size: size}
+	}
+	if sec.Offset < 0 || sec.Size < 0 || sec.Offset > size-sec.Size {
+		return nil, fmt.Errorf("package %s: its blob section ends at %d of a %d-byte body: %w", pkg.ID, sec.Offset+sec.Size, size, ErrNotItsManifest)
+	}
+	br := io.NewSectionReader(r, sec.Offset, sec.Size)
+	if o.Name == "" {
+		o.Name = "package " + pkg.ID
+	}
+	if pkg.Snapshot != nil {
+		want, err := pkg.Snapshot.Marshal()
+		if err != nil {
+			return nil, err
+		}
+		meta, err := metadataSection(br, sec.Size, o)
+		if err != nil {
+			return nil, err
+		}
+		got, err := io.ReadAll(io.LimitReader(meta, int64(len(want))+1))
+		if err != nil {
+			return nil, fmt.Errorf("package %s: read the blob's metadata: %w", pkg.ID, err)
+		}
+		if !bytes.Equal(got, want) {
+			return nil, fmt.Errorf("package %s: the blob's metadata is not the manifest's: %w", pkg.ID, ErrNotItsManifest)
+		}
+	}
+	snap, err := OpenSnapshot(br, sec.Size, o)
+	if err != nil {
+		return nil, err
+	}
+	md := snap.Metadata
+	if vm.PayloadSize(snap.DeviceState) != md.DeviceStateSize || vm.PayloadSize(snap.Memory) != md.MemorySize {
+		return nil, fmt.Errorf("package %s: the blob's sections have %d and %d bytes, its metadata says %d and %d: %w", pkg.ID,
+			vm.PayloadSize(snap.DeviceState), vm.PayloadSize(snap.Memory), md.DeviceStateSize, md.MemorySize, ErrNotItsManifest)
+	}
+	return snap, nil
+}
+
+// metadataSection is the raw metadata section of the blob of either
+// version in r.
+func metadataSection(r io.ReaderAt, size int64, o OpenOptions) (io.Reader, error) {
+	v, err := Version(r, size)
+	if err != nil {
+		return nil, err
+	}
+	if v == Version2 {
+		b, err := OpenV2(r, size, o)
+		if err != nil {
+			return nil, err
+		}
+		return b.Metadata(), nil
+	}
+	b, err := Open(r, size)
+	if err != nil {
+		return nil, err
+	}
+	return b.Metadata(), nil
 }

@@ -128,7 +128,7 @@ func TestSnapshotRoundTripV2(t *testing.T) {
 		t.Fatal(err)
 	}
 	ram.Truncate(int64(len(mem)))
-	if err := vm.StageImage(context.Background(), got, func(r io.Reader) error { _, err := io.Copy(io.Discard, r); return err }, ram); err != nil {
+	if err := vm.StageImage(context.Background(), got, func(r io.Reader) error { _, err := io.Copy(io.Discard, r); return err }, ram, nil); err != nil {
 		t.Fatal(err)
 	}
 	back, _ := os.ReadFile(ram.Name())
@@ -154,7 +154,7 @@ func TestSnapshotRoundTripV2(t *testing.T) {
 	}
 	ram.Truncate(0)
 	ram.Truncate(int64(len(mem)))
-	if err := vm.StageImage(context.Background(), got, func(r io.Reader) error { _, err := io.Copy(io.Discard, r); return err }, ram); err != nil {
+	if err := vm.StageImage(context.Background(), got, func(r io.Reader) error { _, err := io.Copy(io.Discard, r); return err }, ram, nil); err != nil {
 		t.Fatal(err)
 	}
 	back, _ = os.ReadFile(ram.Name())
@@ -172,7 +172,7 @@ func TestSnapshotRoundTripV2(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = vm.StageImage(context.Background(), got, func(r io.Reader) error { _, err := io.Copy(io.Discard, r); return err }, ram)
+	err = vm.StageImage(context.Background(), got, func(r io.Reader) error { _, err := io.Copy(io.Discard, r); return err }, ram, nil)
 	if !errors.Is(err, vm.ErrCorrupt) || !strings.Contains(err.Error(), "package p1: chunk ") {
 		t.Fatalf("damaged chunk: %v", err)
 	}

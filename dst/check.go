@@ -151,8 +151,8 @@ func (r *run) checkRunning(a *agent) {
 		r.lose(a, "host "+a.host.cfg.ID+" crashed")
 	case st == vm.StateCrashed && r.crashedVM[v.ID()]:
 		r.lose(a, "VM "+v.ID()+" crashed")
-	case v.destroyed || !isLive(st):
-		r.violate(InvNoLoss, "agent %s should run in %s on %s, which is %s (destroyed=%v) with no injected crash", a.id, v, a.host.cfg.ID, st, v.destroyed)
+	case v.gone() || !isLive(st):
+		r.violate(InvNoLoss, "agent %s should run in %s on %s, which is %s (destroyed=%v) with no injected crash", a.id, v, a.host.cfg.ID, st, v.gone())
 	default:
 		if got := v.guest(); !maps.Equal(got, a.kv) {
 			r.violate(InvSnapshotConsistency, "agent %s in %s holds %v, the model says %v", a.id, v, got, a.kv)
@@ -243,11 +243,7 @@ func (r *run) probeRestore(e *pkgExpect, m *teleport.Package, b []byte) (map[str
 	if m.Snapshot == nil {
 		return nil, fmt.Errorf("manifest has no snapshot metadata")
 	}
-	sec, ok := m.Section(teleport.SectionBlob)
-	if !ok || sec.Offset+sec.Size > int64(len(b)) {
-		return nil, fmt.Errorf("manifest has no blob section within the body")
-	}
-	o := blob.OpenOptions{Name: "package " + m.ID, Workers: 1}
+	o := blob.OpenOptions{Workers: 1}
 	if m.Format == blob.Version2 {
 		cr, err := r.store.PeekChunks(r.ctx, m.ChunkPacks)
 		if err != nil {
@@ -255,13 +251,9 @@ func (r *run) probeRestore(e *pkgExpect, m *teleport.Package, b []byte) (map[str
 		}
 		o.Chunks = cr
 	}
-	snap, err := blob.OpenSnapshot(bytes.NewReader(b[sec.Offset:sec.Offset+sec.Size]), sec.Size, o)
+	snap, err := blob.OpenPackage(m, bytes.NewReader(b), int64(len(b)), o)
 	if err != nil {
 		return nil, err
-	}
-	md := snap.Metadata
-	if md.SnapshotID != m.Snapshot.SnapshotID || md.DeviceStateSHA256 != m.Snapshot.DeviceStateSHA256 || md.MemorySHA256 != m.Snapshot.MemorySHA256 {
-		return nil, fmt.Errorf("blob metadata differs from the manifest")
 	}
 	if err := vm.VerifyPayloads(snap); err != nil {
 		return nil, err

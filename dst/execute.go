@@ -355,6 +355,8 @@ func (r *run) teleportOut(a *agent, kind teleport.SnapshotKind, pkg, newID strin
 		// stays paused so the agent cannot run twice, until the controller
 		// finds out (resolveDoubt).
 		a.doubt = pkg
+	case unknown && !keep:
+		r.violate(InvOutAtomicity, "the move of %s may have committed package %s (%v), yet its source %s is %s: it could run twice", a.id, pkg, err, v, st)
 	case st == vm.StatePaused && wasState == vm.StateRunning && (hasEvent(evs, VMResume, v.ID()) || hasEvent(evs, VMCrash, v.ID())):
 		// Rolling back needed a resume that the injector failed: the
 		// service must say so, naming the source; the controller retries.
@@ -409,7 +411,7 @@ func (r *run) teleportIn(pkg string, dst *host, step int) (v *hostVM, ok, corrup
 	}
 	created, epoch := len(dst.vms), dst.epoch
 	mark := r.inj.mark()
-	inst, _, err := dst.svc.In(r.ctx, pkg, cfg, service.InOptions{RestoreWorkspace: r.restoreWorkspace})
+	inst, _, err := dst.svc.In(r.ctx, pkg, cfg, service.InOptions{Workspace: &workspaceRuntime{}})
 	r.res.Restores++
 	faulted := len(r.inj.since(mark)) > 0
 	if !dst.alive || dst.epoch != epoch {
@@ -417,7 +419,7 @@ func (r *run) teleportIn(pkg string, dst *host, step int) (v *hostVM, ok, corrup
 		return nil, false, false
 	}
 	for _, left := range dst.vms[created:] {
-		if (err == nil && vm.Instance(left) == inst) || left.destroyed {
+		if (err == nil && vm.Instance(left) == inst) || left.gone() {
 			continue
 		}
 		if err != nil && errors.Is(err, vm.ErrLeftBehind) && strings.Contains(err.Error(), left.ID()) && hasEvent(r.inj.since(mark), VMDestroy, left.ID()) {
@@ -443,12 +445,7 @@ func (r *run) teleportIn(pkg string, dst *host, step int) (v *hostVM, ok, corrup
 				r.violate(InvSnapshotConsistency, "%s restored from %s on %s: its memory differs from the snapshot's", e.agent, pkg, dst.cfg.ID)
 			}
 		}
-		if want == teleport.ErrChecksumMismatch && memOK && maps.Equal(v.guest(), e.kv) {
-			// The flipped bit changed nothing the restore reads (JSON keys
-			// match case-insensitively, for one): harmless, and
-			// SnapshotConsistency below still holds the restore to account.
-			r.note("corruption of %s was harmless to this restore", pkg)
-		} else if want != nil {
+		if want != nil && memOK {
 			r.violate(invariantFor(want), "%s %s package %s from %s was restored on %s; the rules imply %s", e.kind, e.agent, pkg, e.src, dst.cfg, categoryName(want))
 		}
 		if v.State() != vm.StateRunning {
@@ -527,7 +524,7 @@ func (r *run) repair() {
 	}
 	kept := r.leftovers[:0]
 	for _, v := range r.leftovers {
-		if v.destroyed || !v.h.alive || v.epoch != v.h.epoch {
+		if v.gone() || !v.h.alive || v.epoch != v.h.epoch {
 			continue // gone, or gone with its host
 		}
 		if err := v.Destroy(r.ctx); err != nil {
@@ -561,14 +558,18 @@ func (r *run) resolveDoubt(a *agent) {
 	}
 }
 
-// restoreWorkspace is the simulated agent runtime on a checkpoint's new
-// VM: it verifies the workspace and replays it into the guest.
-func (r *run) restoreWorkspace(ctx context.Context, inst vm.Instance, rd io.Reader) error {
-	b, err := readAllBounded(rd, workspaceMaxBytes)
-	if err != nil {
-		return fmt.Errorf("read workspace: %w", err)
-	}
-	kv, err := decodeWorkspace(b)
+// workspaceRuntime is the simulated agent runtime on a checkpoint's new
+// VM: it takes the workspace (verified by the service as it streams) and
+// replays it into the guest.
+type workspaceRuntime struct{ staged []byte }
+
+func (w *workspaceRuntime) Stage(rd io.Reader) (err error) {
+	w.staged, err = readAllBounded(rd, workspaceMaxBytes)
+	return err
+}
+
+func (w *workspaceRuntime) Restore(ctx context.Context, inst vm.Instance) error {
+	kv, err := decodeWorkspace(w.staged)
 	if err != nil {
 		return err
 	}

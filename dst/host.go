@@ -86,6 +86,8 @@ func (h *host) start() {
 	h.dying = map[string]bool{}
 	o := h.cfg.simOptions()
 	o.Clock, o.Faults = h.r.clock, h
+	epoch := h.epoch
+	o.OnCreate = func(v *sim.VM) { h.adopt(v, epoch) }
 	h.fac = sim.NewFactory(o)
 	format := h.cfg.Format
 	if format == 0 {
@@ -179,15 +181,26 @@ func (h *host) Inject(point, vmID string) error {
 
 // settle lands a crash decided during v's last call.
 func (h *host) settle(v *hostVM) {
-	if h.dying[v.inner.ID()] && !v.destroyed && v.inner.State() != vm.StateCrashed {
+	if h.dying[v.inner.ID()] && !v.gone() && v.inner.State() != vm.StateCrashed {
 		v.inner.Crash()
 	}
 }
 
-func (h *host) adopt(inst vm.Instance, epoch int) *hostVM {
-	v := &hostVM{h: h, epoch: epoch, inner: inst.(*sim.VM)}
+// adopt records a VM the host's factory made (sim.Options.OnCreate).
+func (h *host) adopt(inner *sim.VM, epoch int) *hostVM {
+	v := &hostVM{h: h, epoch: epoch, inner: inner}
 	h.vms = append(h.vms, v)
 	return v
+}
+
+// vmOf is the host's record of a VM its factory made.
+func (h *host) vmOf(inst vm.Instance) *hostVM {
+	for _, v := range h.vms {
+		if vm.Instance(v.inner) == inst {
+			return v
+		}
+	}
+	panic("dst: a VM the factory made was not adopted")
 }
 
 // hostFactory is the vm.Factory the host's service sees.
@@ -208,7 +221,7 @@ func (f *hostFactory) Create(ctx context.Context, cfg vm.Config) (vm.Instance, e
 	inst, err := f.h.fac.Create(ctx, cfg)
 	var v *hostVM
 	if err == nil {
-		v = f.h.adopt(inst, f.epoch)
+		v = f.h.vmOf(inst)
 	}
 	if err = f.h.leave(after, "create vm", err); err != nil {
 		return nil, err
@@ -229,7 +242,7 @@ func (f *hostFactory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, sna
 	inst, err := f.h.fac.CreateFromSnapshot(ctx, cfg, snap)
 	var v *hostVM
 	if err == nil {
-		v = f.h.adopt(inst, f.epoch)
+		v = f.h.vmOf(inst)
 		f.h.settle(v)
 	}
 	if err = f.h.leave(after, "restore vm", err); err != nil {
@@ -240,11 +253,10 @@ func (f *hostFactory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, sna
 
 // hostVM is a VM as its host's processes see it.
 type hostVM struct {
-	h         *host
-	epoch     int
-	inner     *sim.VM
-	agent     string // the agent the simulator runs in it ("" for none)
-	destroyed bool
+	h     *host
+	epoch int
+	inner *sim.VM
+	agent string // the agent the simulator runs in it ("" for none)
 }
 
 var _ vm.Instance = (*hostVM)(nil)
@@ -252,7 +264,7 @@ var _ vm.Instance = (*hostVM)(nil)
 func (v *hostVM) ID() string               { return v.inner.ID() }
 func (v *hostVM) State() vm.State          { return v.inner.State() }
 func (v *hostVM) Config() vm.Config        { return v.inner.Config() }
-func (v *hostVM) live() bool               { return !v.destroyed && isLive(v.inner.State()) }
+func (v *hostVM) live() bool               { return !v.gone() && isLive(v.inner.State()) }
 func isLive(s vm.State) bool               { return s == vm.StateRunning || s == vm.StatePaused }
 func (v *hostVM) String() string           { return v.inner.ID() }
 func (v *hostVM) guest() map[string]string { return v.inner.GuestState() }
@@ -305,13 +317,13 @@ func (v *hostVM) Destroy(ctx context.Context) error {
 		if v.h.r.cfg.harness.leakVMs {
 			return nil
 		}
-		err := v.inner.Destroy(ctx)
-		if err == nil {
-			v.destroyed = true
-		}
-		return err
+		return v.inner.Destroy(ctx)
 	})
 }
+
+// gone: the VM was destroyed, by whoever (the factory removes what a
+// failed restore made).
+func (v *hostVM) gone() bool { return v.inner.Destroyed() }
 
 // Snapshot takes the snapshot, then applies the snapshot faults the
 // hypervisor can cause after the fact: a payload too large for the store,

@@ -119,7 +119,7 @@ func openStore(ctx context.Context, url string, getenv func(string) string) (tel
 		}
 		return s3store.New(ctx, o)
 	case strings.Contains(url, "://"):
-		return nil, fmt.Errorf("store %q: want a directory or s3://bucket/prefix: %w", url, teleport.ErrStore)
+		return nil, fmt.Errorf("store %q: want a directory or s3://bucket/prefix: %w", url, teleport.ErrInvalidStore)
 	}
 	dir, err := filepath.Abs(url)
 	if err != nil {

@@ -115,7 +115,7 @@ func ExampleHost_ExplainPackage() {
 	defer a.Close()
 	defer b.Close()
 	a.CreateVM(ctx, host.VMSpec{Name: "agent"})
-	out, err := a.TeleportOut(ctx, "agent", host.OutRequest{Store: store, Kind: "suspend"})
+	out, err := a.TeleportOut(ctx, "agent", host.OutRequest{Store: store, Kind: "suspend", KeepSource: true})
 	if err != nil {
 		log.Fatal(err)
 	}

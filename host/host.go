@@ -67,6 +67,9 @@ var (
 	ErrNotDurable = fmt.Errorf("backend VMs do not outlive this process: %w", vm.ErrUnsupported)
 	// ErrUnknownBackend: no backend of that name on this host.
 	ErrUnknownBackend = errors.New("unknown backend")
+	// ErrInvalidRequest: the request itself is malformed (options that
+	// do not go together); nothing was done.
+	ErrInvalidRequest = errors.New("invalid request")
 )
 
 // Host is one Kelpie host. Make it with Open; Close it when done.
@@ -145,7 +148,10 @@ func (h *Host) Close() error {
 			errs = append(errs, vm.Detach(lv.inst))
 			continue
 		}
-		if err := lv.inst.Destroy(context.Background()); err != nil {
+		dctx, cancel := vm.SettleContext(context.Background())
+		err := lv.inst.Destroy(dctx)
+		cancel()
+		if err != nil {
 			errs = append(errs, fmt.Errorf("vm %s: %w", name, err))
 		}
 	}
@@ -262,15 +268,35 @@ func (h *Host) Store(ctx context.Context, url string) (teleport.Store, error) {
 }
 
 // service is the teleport service of one backend and store of this host.
-func (h *Host) service(f vm.Factory, st teleport.Store, op string) *service.Service {
+func (h *Host) service(ctx context.Context, f vm.Factory, st teleport.Store, op string) *service.Service {
 	opts := []service.Option{service.WithLogger(h.o.Log)}
 	if h.o.Clock != nil {
 		opts = append(opts, service.WithClock(h.o.Clock))
 	}
-	if h.o.OnStep != nil {
-		opts = append(opts, service.WithStepObserver(func(step string, d time.Duration) { h.o.OnStep(op, step, d) }))
+	perCall, _ := ctx.Value(stepsKey{}).(StepObserver)
+	if h.o.OnStep != nil || perCall != nil {
+		opts = append(opts, service.WithStepObserver(func(step string, d time.Duration) {
+			if h.o.OnStep != nil {
+				h.o.OnStep(op, step, d)
+			}
+			if perCall != nil {
+				perCall(op, step, d)
+			}
+		}))
 	}
 	return service.New(st, f, opts...)
+}
+
+// StepObserver is told each step of a long operation (see Options.OnStep).
+type StepObserver func(op, step string, d time.Duration)
+
+type stepsKey struct{}
+
+// WithSteps returns a context whose operations also tell f their steps,
+// beside Options.OnStep: one caller's progress (a daemon streaming it to
+// its client).
+func WithSteps(ctx context.Context, f StepObserver) context.Context {
+	return context.WithValue(ctx, stepsKey{}, f)
 }
 
 func (h *Host) now() time.Time {

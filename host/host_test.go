@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/guest/image"
 	"github.com/kelpie/teleport/host"
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
@@ -77,7 +78,7 @@ func (f durableFactory) Attach(ctx context.Context, name string) (vm.Instance, e
 
 func durableBackend(m *machine) host.Backend {
 	return host.Backend{Name: "sim", Open: func(ctx context.Context, env host.BackendEnv) (vm.Factory, error) {
-		return durableFactory{sim.NewFactory(sim.Options{HostID: env.HostID, BaseImageVersion: "1.0.0"}), m}, nil
+		return durableFactory{sim.NewFactory(sim.Options{HostID: env.HostID, BaseImageVersion: image.Version()}), m}, nil
 	}}
 }
 
@@ -267,7 +268,7 @@ func TestTeleportInRemovesAGuestThatIsNotReady(t *testing.T) {
 	var made []vm.Instance
 	b := openHost(t, filepath.Join(dir, "b"), host.Options{Backends: []host.Backend{{Name: "sim",
 		Open: func(ctx context.Context, env host.BackendEnv) (vm.Factory, error) {
-			return notReadyFactory{sim.NewFactory(sim.Options{HostID: env.HostID, BaseImageVersion: "1.0.0"}), &made}, nil
+			return notReadyFactory{sim.NewFactory(sim.Options{HostID: env.HostID, BaseImageVersion: image.Version()}), &made}, nil
 		}}}})
 	_, err = b.TeleportIn(ctx, out.Package.ID, host.InRequest{Store: store, Name: "agent"})
 	if !errors.Is(err, vm.ErrTimeout) || !strings.Contains(err.Error(), "did not answer") {

@@ -4,10 +4,10 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"hash"
 	"io"
-	"reflect"
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/blob"
@@ -72,7 +72,7 @@ func (h *Host) ExplainPackage(ctx context.Context, url, id string) (*Explanation
 	}
 	backend := ""
 	if pkg.Snapshot != nil {
-		backend = h.backendFor(pkg.Snapshot.Backend)
+		backend = h.backendFor(ctx, pkg.Snapshot.Backend)
 	}
 	target, err := h.Info(ctx, backend)
 	if err != nil {
@@ -152,11 +152,10 @@ func (h *Host) VerifyPackage(ctx context.Context, url, id string) (*Verification
 		}
 		res.Sections = append(res.Sections, s.Name)
 	}
-	sec, ok := p.Section(teleport.SectionBlob)
-	if !ok {
-		sec = teleport.Section{Name: teleport.SectionBlob, Size: r.Size()}
+	if err := p.CheckAgentState(); err != nil {
+		return fail(err)
 	}
-	o := blob.OpenOptions{Name: "package " + id}
+	var o blob.OpenOptions
 	if p.Format == blob.Version2 {
 		cs, ok := st.(teleport.ChunkStore)
 		if !ok {
@@ -169,17 +168,12 @@ func (h *Host) VerifyPackage(ctx context.Context, url, id string) (*Verification
 		defer cr.Close()
 		o.Chunks = cr
 	}
-	snap, err := blob.OpenSnapshot(io.NewSectionReader(r, sec.Offset, sec.Size), sec.Size, o)
-	if err != nil {
-		return mismatch("its blob is unreadable: %v", err)
-	}
-	if p.Snapshot != nil && !reflect.DeepEqual(snap.Metadata, *p.Snapshot) {
-		return mismatch("the blob's metadata differs from the manifest's")
-	}
-	md := snap.Metadata
-	if vm.PayloadSize(snap.DeviceState) != md.DeviceStateSize || vm.PayloadSize(snap.Memory) != md.MemorySize {
-		return mismatch("the blob's sections have %d and %d bytes, its metadata says %d and %d",
-			vm.PayloadSize(snap.DeviceState), vm.PayloadSize(snap.Memory), md.DeviceStateSize, md.MemorySize)
+	snap, err := blob.OpenPackage(p, r, r.Size(), o)
+	switch {
+	case err != nil && (errors.Is(err, blob.ErrNotItsManifest) || errors.Is(err, vm.ErrCorrupt) || blob.ErrorKind(err) != ""):
+		return mismatch("%v", err)
+	case err != nil:
+		return fail(err)
 	}
 	if p.Format == blob.Version2 {
 		// Every chunk, against its hash (and the payloads against the

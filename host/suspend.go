@@ -141,7 +141,7 @@ func (h *Host) SuspendVM(ctx context.Context, name, url string) (*teleport.Packa
 	if err := h.writeSuspended(rec); err != nil {
 		return nil, err
 	}
-	pkg, err := h.service(lv.f, st, "suspend").Out(ctx, lv.inst, service.OutRequest{AgentID: name, Kind: teleport.KindSuspend, PackageID: rec.PackageID})
+	pkg, err := h.service(ctx, lv.f, st, "suspend").Out(ctx, lv.inst, service.OutRequest{AgentID: name, Kind: teleport.KindSuspend, PackageID: rec.PackageID})
 	switch {
 	case errors.Is(err, service.ErrOutcomeUnknown):
 		// The package may be committed: keep the record, so that `vm
@@ -184,18 +184,26 @@ func (h *Host) resumeSuspended(ctx context.Context, rec *suspendRecord) (*Resume
 	}
 	if rec.State == recordSuspending {
 		// A suspend that did not finish: the instance may still hold the
-		// VM, paused (or running if the suspend never began).
+		// VM, paused (or running if the suspend never began). Its package,
+		// if one was committed, goes first: the VM must not run on while a
+		// package that restores it exists.
 		if lv, err := h.attach(ctx, rec.Name); err == nil {
 			switch lv.inst.State() {
-			case vm.StatePaused:
-				if err := lv.inst.Resume(ctx); err != nil {
-					return nil, err
+			case vm.StatePaused, vm.StateRunning:
+				if err := st.Delete(ctx, rec.PackageID); err != nil && !errors.Is(err, teleport.ErrNotFound) {
+					return nil, fmt.Errorf("vm %s: its unfinished suspend may have committed package %s, which could not be removed (%w); the VM stays as it is", rec.Name, rec.PackageID, err)
 				}
-				fallthrough
-			case vm.StateRunning:
+				if lv.inst.State() == vm.StatePaused {
+					if err := lv.inst.Resume(ctx); err != nil {
+						return nil, err
+					}
+				}
 				return h.finishResume(ctx, st, rec, res, false)
 			}
-			if err := lv.inst.Destroy(ctx); err != nil {
+			dctx, cancel := vm.SettleContext(ctx)
+			err := lv.inst.Destroy(dctx)
+			cancel()
+			if err != nil {
 				return nil, fmt.Errorf("vm %s: remove the stopped instance of an unfinished suspend: %w", rec.Name, err)
 			}
 			h.forget(rec.Name)
@@ -205,8 +213,8 @@ func (h *Host) resumeSuspended(ctx context.Context, rec *suspendRecord) (*Resume
 	if err != nil {
 		return nil, err
 	}
-	inst, _, err := h.service(f, st, "resume").In(ctx, rec.PackageID, vm.Config{Name: rec.Name, VCPUs: rec.Config.VCPUs,
-		MemoryMiB: rec.Config.MemoryMiB, Env: rec.Config.Env, Workdir: rec.Config.Workdir}, service.InOptions{})
+	inst, _, err := h.service(ctx, f, st, "resume").In(ctx, rec.PackageID, vm.Config{Name: rec.Name, VCPUs: rec.Config.VCPUs,
+		MemoryMiB: rec.Config.MemoryMiB, Env: rec.Config.Env, Workdir: rec.Config.Workdir, AgentID: rec.Config.AgentID}, service.InOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("resume suspended vm %s from package %s: %w", rec.Name, rec.PackageID, err)
 	}

@@ -2,12 +2,14 @@ package host
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
 	"maps"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/service"
@@ -21,11 +23,13 @@ const KindAuto = "auto"
 type OutRequest struct {
 	// Store is the package store URL ("" for the host's own).
 	Store string
-	// Kind is teleport, suspend, checkpoint, or KindAuto: teleport when
-	// Target can restore the full VM, checkpoint otherwise.
+	// Kind is teleport, suspend (only as a copy: a suspend that removes
+	// its source is SuspendVM), checkpoint, or KindAuto: suspend when
+	// Target is this host and the source stays, else teleport when Target
+	// can restore the full VM, else checkpoint.
 	Kind string
 	// Target describes the restoring host for KindAuto; empty fields are
-	// this host's.
+	// this host's, but for the host id: empty is another host.
 	Target Target
 	// KeepSource makes a copy: the source keeps running. Otherwise it is a
 	// move: the source is removed once the package is committed, and
@@ -39,6 +43,10 @@ type OutRequest struct {
 	// Format is the package's KLP1 version (0: blob.FormatDefault; a
 	// version 2 package needs a store with a chunk space).
 	Format int
+	// Fence, when set, is asked before the commit and before a failed
+	// move resumes its source (see service.OutRequest.Fence): the
+	// registry's ownership check.
+	Fence func(ctx context.Context, action string) error
 }
 
 // Target is the host a package is meant for (OutRequest.Kind auto).
@@ -77,10 +85,10 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 	res := &OutResult{}
 	if req.Kind != KindAuto {
 		if res.Kind, err = teleport.ParseKind(req.Kind); err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%w: %w", err, ErrInvalidRequest)
 		}
 		if req.Target != (Target{}) {
-			return nil, fmt.Errorf("a target only goes with kind auto: %w", teleport.ErrInvalidPackage)
+			return nil, fmt.Errorf("a target only goes with kind auto: %w", ErrInvalidRequest)
 		}
 	}
 	st, err := h.Store(ctx, req.Store)
@@ -99,41 +107,73 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 		}
 		res.Kind, res.KindReason = teleport.ChooseKind(src, dst)
 	}
+	if res.Kind == teleport.KindSuspend && !req.KeepSource {
+		// A suspend that removes its source is SuspendVM, which keeps a
+		// record the VM can be resumed from by name.
+		return nil, fmt.Errorf("vm %s: a suspend that removes the VM is `vm suspend` (SuspendVM), which records it; teleport out sends a suspend only as a copy: %w", name, ErrInvalidRequest)
+	}
 	out := service.OutRequest{AgentID: req.AgentID, AgentState: req.AgentState, Kind: res.Kind, KeepSource: req.KeepSource,
-		PackageID: req.PackageID, Format: req.Format}
+		PackageID: req.PackageID, Format: req.Format, Fence: req.Fence}
 	if out.AgentID == "" {
-		out.AgentID = name
+		out.AgentID = agentID(lv.inst)
 	}
 	if res.Kind == teleport.KindCheckpoint {
-		ws, cleanup, why, err := h.archiveWorkspace(ctx, lv)
+		// A workspace disk travels whole; a workspace in guest RAM as an
+		// archive.
+		disk, err := exportDisk(ctx, lv)
 		if err != nil {
 			return nil, err
 		}
-		defer cleanup()
-		out.Workspace, res.NoWorkspace = ws, why
+		if disk != nil {
+			defer disk.Close()
+			out.Disk = disk
+		} else {
+			ws, cleanup, why, err := h.archiveWorkspace(ctx, lv)
+			if err != nil {
+				return nil, err
+			}
+			defer cleanup()
+			out.Workspace, res.NoWorkspace = ws, why
+		}
 	}
-	pkg, err := h.service(lv.f, st, "out").Out(ctx, lv.inst, out)
+	pkg, err := h.service(ctx, lv.f, st, "out").Out(ctx, lv.inst, out)
 	if err != nil && !errors.Is(err, service.ErrSourceNotSettled) {
 		return nil, err
 	}
 	res.Package = pkg
+	var warnings []string
 	if err != nil {
-		res.Warning = err.Error()
+		warnings = append(warnings, err.Error())
+	} else if req.KeepSource && lv.inst.State() == vm.StateRunning {
+		// The source ran on: it answers, its clock set again, before the
+		// next command.
+		if werr := vm.WaitReady(ctx, lv.inst); werr != nil {
+			warnings = append(warnings, fmt.Sprintf("package %s committed, but the source vm %s does not answer: %v", pkg.ID, name, werr))
+		}
 	}
 	if !req.KeepSource {
 		// The package holds the agent now; the stopped source goes.
-		if derr := lv.inst.Destroy(context.WithoutCancel(ctx)); derr != nil {
-			res.Warning = fmt.Sprintf("package %s committed, but removing the stopped source vm %s failed: %v", pkg.ID, name, derr)
+		dctx, cancel := vm.SettleContext(ctx)
+		derr := lv.inst.Destroy(dctx)
+		cancel()
+		if derr != nil {
+			warnings = append(warnings, fmt.Sprintf("package %s committed, but removing the stopped source vm %s failed: %v", pkg.ID, name, derr))
 		} else {
 			h.forget(name)
 			res.SourceRemoved = true
 		}
 	}
+	res.Warning = strings.Join(warnings, "; ")
 	return res, nil
 }
 
+// apply is the host a package for t would be restored on: src's shape
+// with t's fields, and, unless t names a host, some other host (a package
+// meant for this host is a suspend, and only `vm suspend` makes one that
+// removes its source).
 func (t Target) apply(src vm.HostInfo) (vm.HostInfo, error) {
 	dst := src
+	dst.HostID = ""
 	dst.Compat = maps.Clone(src.Compat)
 	if t.Arch != "" {
 		a, err := vm.ParseArchitecture(t.Arch)
@@ -155,6 +195,30 @@ func (t Target) apply(src vm.HostInfo) (vm.HostInfo, error) {
 		dst.Compat["cpu"] = t.CPU
 	}
 	return dst, nil
+}
+
+// agentID is the agent a VM runs: the one it was given, else its name.
+func agentID(inst vm.Instance) string {
+	if id := inst.Config().AgentID; id != "" {
+		return id
+	}
+	return inst.ID()
+}
+
+// exportDisk is lv's workspace disk image, or nil when it has none (or
+// its backend cannot hand one out).
+func exportDisk(ctx context.Context, lv *liveVM) (*vm.DiskImage, error) {
+	if !lv.inst.Config().Disk.Present() {
+		return nil, nil
+	}
+	img, err := vm.ExportDisk(ctx, lv.f, lv.inst)
+	if errors.Is(err, vm.ErrNoDisk) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("export the workspace disk of vm %s: %w", lv.inst.ID(), err)
+	}
+	return img, nil
 }
 
 // archiveWorkspace packs the guest's workspace into a temporary file
@@ -197,14 +261,30 @@ type InRequest struct {
 	Backend string
 	Accel   string
 	// VCPUs and MemoryMiB size a checkpoint's fresh VM (0 for the
-	// defaults); a full VM keeps its own.
+	// defaults). A full VM keeps its own: for one, they must be 0.
 	VCPUs, MemoryMiB int
+	// Publish replaces the package's published ports when PublishSet (an
+	// empty list: none); otherwise the recorded ones are used.
+	Publish    []vm.Publish
+	PublishSet bool
+	// Fork restores a copy with a new identity: its name as hostname, a
+	// new agent id, its kernel RNG reseeded with fresh entropy before its
+	// first command, and no published ports unless PublishSet. A package
+	// made with KeepSource is restored so in any case (the source lives
+	// on), except for the ports.
+	Fork bool
+	// Fence, when set, is asked after the restore and before the VM runs
+	// (see service.InOptions.Fence): the registry's ownership check.
+	Fence func(ctx context.Context) error
 }
 
 // InResult is what TeleportIn restored.
 type InResult struct {
 	VM      VMInfo
 	Package *teleport.Package
+	// Warning: the VM runs, but something of the package could not come
+	// with it.
+	Warning string
 }
 
 // TeleportIn restores package id as a new VM of this host. It returns once
@@ -231,10 +311,35 @@ func (h *Host) TeleportIn(ctx context.Context, id string, req InRequest) (*InRes
 		return nil, err
 	}
 	backend := req.Backend
-	cfg := vm.Config{Name: req.Name, VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB}
+	cfg := vm.Config{Name: req.Name, VCPUs: req.VCPUs, MemoryMiB: req.MemoryMiB, AgentID: pkg.AgentID}
+	// The network as recorded, with the ports this host is asked for.
+	if n := pkg.Network; n != nil {
+		cfg.SetNetwork(n)
+		switch {
+		case req.PublishSet:
+			cfg.Publish = req.Publish
+		case req.Fork:
+			cfg.Publish = nil
+		}
+	} else if req.PublishSet && len(req.Publish) > 0 {
+		return nil, fmt.Errorf("package %s: its VM has no network to publish ports of: %w", id, vm.ErrInvalidConfig)
+	}
+	var identity *vm.Identity
+	if req.Fork || pkg.SourceKept {
+		// A second live copy of the agent: its own name, agent id and
+		// random numbers. (A move keeps its identity.)
+		cfg.Hostname, cfg.AgentID = req.Name, newAgentID(req.Name, pkg.AgentID)
+		if pkg.Kind.FullVM() {
+			identity = &vm.Identity{Hostname: req.Name, Entropy: freshEntropy()}
+		}
+	}
 	if pkg.Snapshot != nil {
+		if cfg.VCPUs != 0 || cfg.MemoryMiB != 0 {
+			return nil, fmt.Errorf("package %s holds a whole VM of %d vCPUs and %d MiB, which it keeps; vCPUs and memory size only a checkpoint's fresh VM: %w",
+				id, pkg.Snapshot.VCPUCount, pkg.Snapshot.MemoryMiB, ErrInvalidRequest)
+		}
 		if backend == "" {
-			backend = h.backendFor(pkg.Snapshot.Backend)
+			backend = h.backendFor(ctx, pkg.Snapshot.Backend)
 		}
 	} else {
 		if cfg.VCPUs == 0 {
@@ -248,29 +353,94 @@ func (h *Host) TeleportIn(ctx context.Context, id string, req InRequest) (*InRes
 	if err != nil {
 		return nil, err
 	}
-	if err := h.durable(f); err != nil {
+	if err := h.durable(ctx, f); err != nil {
 		return nil, err
 	}
-	inst, got, err := h.service(f, st, "in").In(ctx, id, cfg, service.InOptions{
-		RestoreWorkspace: func(ctx context.Context, inst vm.Instance, r io.Reader) error {
-			return vm.RestoreWorkspace(ctx, f, inst, r)
-		}})
+	ws := &workspaceFile{dir: filepath.Join(h.o.Home, "tmp"), f: f}
+	defer ws.remove()
+	inst, got, err := h.service(ctx, f, st, "in").In(ctx, id, cfg, service.InOptions{Workspace: ws, Fence: req.Fence, Identity: identity})
 	if err != nil {
 		return nil, err
 	}
 	lv := h.keep(req.Name, inst, f)
-	return &InResult{VM: h.describe(ctx, lv), Package: got}, nil
+	return &InResult{VM: h.describe(ctx, lv), Package: got, Warning: ws.warning}, nil
 }
+
+// workspaceFile stages a checkpoint's workspace archive in a temporary file
+// under the home, then unpacks it into the guest (vm.RestoreWorkspace).
+// A backend that cannot do that gets its VM without the workspace, and a
+// warning: the package, and the workspace in it, stay in the store.
+type workspaceFile struct {
+	dir     string
+	f       vm.Factory
+	path    string
+	warning string
+}
+
+func (w *workspaceFile) Stage(r io.Reader) error {
+	if err := os.MkdirAll(w.dir, 0o755); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(w.dir, "workspace-in-*.tgz")
+	if err != nil {
+		return err
+	}
+	w.path = tmp.Name()
+	_, err = io.Copy(tmp, r)
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (w *workspaceFile) Restore(ctx context.Context, inst vm.Instance) error {
+	if _, ok := inst.(vm.WorkspaceArchiver); !ok {
+		w.warning = fmt.Sprintf("the workspace was not restored: backend %s cannot unpack one into its guest (it stays in the package)", w.f.Host().Backend)
+		return nil
+	}
+	f, err := os.Open(w.path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return vm.RestoreWorkspace(ctx, w.f, inst, f)
+}
+
+func (w *workspaceFile) remove() {
+	if w.path != "" {
+		os.Remove(w.path)
+	}
+}
+
+// newAgentID is the agent id of a copy named name of agent from: its
+// name, unless that is the agent's own id.
+func newAgentID(name, from string) string {
+	if name != from {
+		return name
+	}
+	return newPackageID(name)
+}
+
+// freshEntropy is what a copy's guest RNG is reseeded with.
+func freshEntropy() []byte {
+	b := make([]byte, identityEntropyBytes)
+	rand.Read(b)
+	return b
+}
+
+// identityEntropyBytes is how much entropy a copy's guest gets: two
+// ChaCha20 keys' worth.
+const identityEntropyBytes = 64
 
 // backendFor is the host's backend of that name, or "" (the default) when
 // it has none this caller can use: the restore rules then say why the
 // package cannot come here.
-func (h *Host) backendFor(name string) string {
+func (h *Host) backendFor(ctx context.Context, name string) string {
 	for _, b := range h.o.Backends {
 		if b.Name != name {
 			continue
 		}
-		if f, err := h.Factory(context.Background(), name, ""); err == nil && h.durable(f) == nil {
+		if f, err := h.Factory(ctx, name, ""); err == nil && h.durable(ctx, f) == nil {
 			return name
 		}
 	}

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -18,6 +16,8 @@ import (
 const (
 	VMMemoryMiBDefault = 256
 	VMCPUsDefault      = 1
+	// VMNetworkDefault: a sandbox reaches nothing but what it is given.
+	VMNetworkDefault = vm.NetworkRestricted
 )
 
 // VMSpec describes a VM to create.
@@ -29,6 +29,14 @@ type VMSpec struct {
 	MemoryMiB int    // 0 for VMMemoryMiBDefault
 	Env       map[string]string
 	Workdir   string
+	// Network is none, restricted or full ("" for VMNetworkDefault);
+	// Publish and Forwards are its ports (host -> guest, guest -> host).
+	Network  vm.NetworkMode
+	Publish  []vm.Publish
+	Forwards []vm.Forward
+	// DiskBytes sizes the workspace disk mounted at /workspace (0: none;
+	// /workspace is then in guest RAM).
+	DiskBytes int64
 }
 
 // VMInfo describes one VM of the host: running, paused, stopped, or
@@ -46,6 +54,16 @@ type VMInfo struct {
 	// A suspended VM's package and store.
 	PackageID string `json:"package_id,omitempty"`
 	Store     string `json:"store,omitempty"`
+	Network   string `json:"network,omitempty"`
+	// Ports are the published ports as bound now: a host port asked as 0
+	// shows the one it got.
+	Ports     []vm.PortBinding `json:"ports,omitempty"`
+	Forwards  []vm.Forward     `json:"forwards,omitempty"`
+	DiskBytes int64            `json:"disk_bytes,omitempty"`
+	Hostname  string           `json:"hostname,omitempty"`
+	// AgentID is the agent the VM runs (its name unless it came as a move
+	// of another agent).
+	AgentID string `json:"agent_id,omitempty"`
 }
 
 // StateSuspended is a VMInfo state: the VM is a package in a store.
@@ -53,7 +71,15 @@ const StateSuspended = "suspended"
 
 func infoOf(i vm.Info) VMInfo {
 	return VMInfo{Name: i.Name, Backend: i.Backend, State: i.State.String(), PID: i.PID, VCPUs: i.VCPUs, MemoryMiB: i.MemoryMiB,
-		Accel: i.Accel, Dir: i.Dir, CreatedAt: i.CreatedAt}
+		Accel: i.Accel, Dir: i.Dir, CreatedAt: i.CreatedAt, Network: string(i.Network), Ports: i.Ports, Forwards: i.Forwards,
+		DiskBytes: i.DiskBytes, Hostname: i.Hostname, AgentID: orName(i.AgentID, i.Name)}
+}
+
+func orName(id, name string) string {
+	if id == "" {
+		return name
+	}
+	return id
 }
 
 // CreateVM creates a VM and boots it; it returns once the guest answers.
@@ -75,10 +101,14 @@ func (h *Host) CreateVM(ctx context.Context, spec VMSpec) (*VMInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := h.durable(f); err != nil {
+	if err := h.durable(ctx, f); err != nil {
 		return nil, err
 	}
-	cfg := vm.Config{Name: spec.Name, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, Env: spec.Env, Workdir: spec.Workdir}
+	cfg := vm.Config{Name: spec.Name, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, Env: spec.Env, Workdir: spec.Workdir,
+		Network: spec.Network, Publish: spec.Publish, Forwards: spec.Forwards, Disk: vm.Disk{SizeBytes: spec.DiskBytes}}
+	if cfg.Network == "" {
+		cfg.Network = VMNetworkDefault
+	}
 	if cfg.VCPUs == 0 {
 		cfg.VCPUs = VMCPUsDefault
 	}
@@ -90,10 +120,7 @@ func (h *Host) CreateVM(ctx context.Context, spec VMSpec) (*VMInfo, error) {
 		return nil, err
 	}
 	if err := inst.Start(ctx); err != nil {
-		if derr := inst.Destroy(context.WithoutCancel(ctx)); derr != nil {
-			return nil, fmt.Errorf("%w; removing VM %s failed too (%v): %w", err, spec.Name, derr, vm.ErrLeftBehind)
-		}
-		return nil, err
+		return nil, vm.RemoveFailed(ctx, inst, err)
 	}
 	lv := h.keep(spec.Name, inst, f)
 	info := h.describe(ctx, lv)
@@ -102,18 +129,18 @@ func (h *Host) CreateVM(ctx context.Context, spec VMSpec) (*VMInfo, error) {
 
 // durable refuses, for a caller that exits after each call, a backend
 // whose VMs would die with it.
-func (h *Host) durable(f vm.Factory) error {
+func (h *Host) durable(ctx context.Context, f vm.Factory) error {
 	if _, ok := f.(vm.Attacher); ok || !h.o.OneShot {
 		return nil
 	}
 	return fmt.Errorf("backend %s keeps its VMs only inside the process that made them, and this command exits when it is done; "+
-		"use a backend whose VMs outlive one command (%s) or embed the host library: %w", f.Host().Backend, strings.Join(h.durableBackends(), ", "), ErrNotDurable)
+		"use a backend whose VMs outlive one command (%s) or embed the host library: %w", f.Host().Backend, strings.Join(h.durableBackends(ctx), ", "), ErrNotDurable)
 }
 
-func (h *Host) durableBackends() []string {
+func (h *Host) durableBackends(ctx context.Context) []string {
 	var out []string
 	for _, b := range h.o.Backends {
-		f, err := h.Factory(context.Background(), b.Name, "")
+		f, err := h.Factory(ctx, b.Name, "")
 		if err != nil {
 			continue
 		}
@@ -142,11 +169,21 @@ func (h *Host) nameFree(ctx context.Context, name string) error {
 	return err
 }
 
+// keep records a handle on VM name. If another caller kept one first (two
+// attached at once), that one stays and this one is let go: one handle per
+// VM, or a backend whose sockets serve one client would be blocked.
 func (h *Host) keep(name string, inst vm.Instance, f vm.Factory) *liveVM {
 	lv := &liveVM{inst: inst, f: f, backend: f.Host().Backend}
 	h.mu.Lock()
-	h.live[name] = lv
+	prev := h.live[name]
+	if prev == nil || prev.inst == inst {
+		h.live[name] = lv
+	}
 	h.mu.Unlock()
+	if prev != nil && prev.inst != inst {
+		vm.Detach(inst)
+		return prev
+	}
 	return lv
 }
 
@@ -169,12 +206,14 @@ func (h *Host) attach(ctx context.Context, name string) (*liveVM, error) {
 		return lv, nil
 	}
 	var unavailable []string
+	looked := 0
 	for _, b := range h.o.Backends {
 		f, err := h.Factory(ctx, b.Name, "")
 		if err != nil {
 			unavailable = append(unavailable, err.Error())
 			continue
 		}
+		looked++
 		inst, err := vm.Attach(ctx, f, name)
 		switch {
 		case err == nil:
@@ -184,8 +223,8 @@ func (h *Host) attach(ctx context.Context, name string) (*liveVM, error) {
 		}
 		return nil, err
 	}
-	if len(unavailable) > 0 {
-		return nil, fmt.Errorf("no VM %s on this host (not all backends could look: %s): %w", name, strings.Join(unavailable, "; "), vm.ErrNotFound)
+	if looked == 0 {
+		return nil, fmt.Errorf("no VM %s on this host: no backend runs here (%s): %w", name, strings.Join(unavailable, "; "), vm.ErrNotFound)
 	}
 	return nil, fmt.Errorf("no VM %s on this host: %w", name, vm.ErrNotFound)
 }
@@ -202,7 +241,9 @@ func (h *Host) describe(ctx context.Context, lv *liveVM) VMInfo {
 		}
 	}
 	c := lv.inst.Config()
-	return VMInfo{Name: lv.inst.ID(), Backend: lv.backend, State: lv.inst.State().String(), VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB}
+	return VMInfo{Name: lv.inst.ID(), Backend: lv.backend, State: lv.inst.State().String(), VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB,
+		Network: string(c.Network), Forwards: c.Forwards, DiskBytes: c.Disk.SizeBytes, Hostname: c.GuestHostname(),
+		AgentID: orName(c.AgentID, lv.inst.ID())}
 }
 
 // VM describes VM name.
@@ -321,7 +362,22 @@ func (h *Host) ResumeVM(ctx context.Context, name string) (*ResumeResult, error)
 	if err := lv.inst.Resume(ctx); err != nil {
 		return nil, err
 	}
+	// The guest answers, with its wall clock set from the host's, before
+	// ResumeVM returns.
+	if err := vm.WaitReady(ctx, lv.inst); err != nil {
+		return nil, fmt.Errorf("vm %s runs again, but its guest does not answer: %w", name, err)
+	}
 	return &ResumeResult{Name: name}, nil
+}
+
+// GuestTime reads VM name's guest clocks, with the host's clock at the
+// same moment (vm.TimeReader).
+func (h *Host) GuestTime(ctx context.Context, name string) (vm.GuestTime, error) {
+	lv, err := h.attach(ctx, name)
+	if err != nil {
+		return vm.GuestTime{}, err
+	}
+	return vm.ReadGuestTime(ctx, lv.f, lv.inst)
 }
 
 // RemoveVM destroys a VM and everything it owns on the host; a suspended
@@ -372,6 +428,9 @@ type SnapshotResult struct {
 	// where the backend measures it (DowntimeKnown).
 	Downtime      time.Duration
 	DowntimeKnown bool
+	// NoDisk says why the blob lacks the VM's workspace disk ("" when the
+	// VM has none): a KLP1 v1 blob has no section for it.
+	NoDisk string
 }
 
 // SnapshotVM writes a snapshot of VM name to the KLP1 blob file out, in
@@ -405,33 +464,15 @@ func (h *Host) SnapshotVM(ctx context.Context, name, out string, layout vm.Layou
 	defer snap.Close()
 	res := &SnapshotResult{SnapshotID: snap.Metadata.SnapshotID, Layout: snap.Metadata.Layout, Format: format}
 	res.Downtime, res.DowntimeKnown = vm.LastSnapshotDowntime(lv.inst)
-	enc, err := writeBlobFile(ctx, out, snap, format)
+	if snap.Disk != nil {
+		res.NoDisk = "a KLP1 blob file has no section for the workspace disk, so this file carries memory and devices only; teleport out carries the disk"
+	}
+	enc, err := blob.WriteSnapshotFile(ctx, out, snap, blob.EncodeOptions{Format: format})
 	if err != nil {
 		return nil, fmt.Errorf("write %s: %w", out, err)
 	}
 	res.SizeBytes, res.LogicalBytes = enc.Bytes, enc.LogicalBytes
 	return res, nil
-}
-
-// writeBlobFile packs snap into the file out through a temporary sibling.
-func writeBlobFile(ctx context.Context, out string, snap *vm.Snapshot, format int) (enc *blob.Encoded, err error) {
-	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
-	if err != nil {
-		return nil, err
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if enc, err = blob.EncodeSnapshot(ctx, tmp, snap, blob.EncodeOptions{Format: format}); err != nil {
-		return nil, err
-	}
-	if err = tmp.Close(); err != nil {
-		return nil, err
-	}
-	return enc, os.Rename(tmp.Name(), out)
 }
 
 // liveNames lists the VMs this process holds, for tests and the daemon.

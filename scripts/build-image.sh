@@ -7,6 +7,8 @@
 #     vmlinux            uncompressed kernel, PVH entry (for -M microvm)
 #     bzImage            Debian's vmlinuz as is (for -M pc)
 #     initramfs.cpio.gz  busybox, kelpie-agent, modules, /etc
+#     kelpie-forward     host-side relay QEMU runs per guest connection to a
+#                        forwarded port (vm/qemu/cmd/kelpie-forward)
 #     manifest.json      {version, kernel_version, arch, agent_sha256, built_at, ...}
 #   ${KELPIE_CACHE:-$HOME/.cache/kelpie}/image/current -> <VERSION>-<hash>
 # The last line printed is the output directory.
@@ -107,7 +109,7 @@ HASH=$(
 		"$GO" env GOVERSION
 		cd "$ROOT"
 		find scripts/build-image.sh guest/image/VERSION guest/image/modules.txt guest/image/rootfs \
-			guest/agent -type f ! -name '*_test.go' ! -path '*/testdata/*' -print0 |
+			guest/agent vm/qemu/cmd/kelpie-forward -type f ! -name '*_test.go' ! -path '*/testdata/*' -print0 |
 			LC_ALL=C sort -z | xargs -0 sha256sum
 		find guest/image/rootfs -perm -u+x -type f | LC_ALL=C sort
 	} | sha256sum | cut -c1-12
@@ -210,6 +212,9 @@ log "building kelpie-agent"
 (cd "$ROOT" && CGO_ENABLED=0 GOOS=linux GOARCH=amd64 "$GO" build -trimpath -ldflags='-s -w -buildid=' \
 	-o "$R/sbin/kelpie-agent" ./guest/agent/cmd/kelpie-agent)
 AGENT_SHA=$(sha256sum "$R/sbin/kelpie-agent" | cut -d' ' -f1)
+log "building kelpie-forward"
+(cd "$ROOT" && CGO_ENABLED=0 "$GO" build -trimpath -ldflags='-s -w -buildid=' \
+	-o "$WORK/out/kelpie-forward" ./vm/qemu/cmd/kelpie-forward)
 
 cp -a "$IMG_SRC/rootfs/." "$R/"
 chmod 0755 "$R/etc/init.d/rcS"
@@ -274,6 +279,7 @@ cat >"$WORK/out/manifest.json" <<EOF
   "agent_sha256": "$AGENT_SHA",
   "initramfs_sha256": "$(sha256sum "$WORK/out/initramfs.cpio.gz" | cut -d' ' -f1)",
   "agent_version": "$("$R/sbin/kelpie-agent" -version)",
+  "forward_sha256": "$(sha256sum "$WORK/out/kelpie-forward" | cut -d' ' -f1)",
   "built_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
   "inputs_hash": "$HASH",
   "kernel_package": "$KERNEL_PKG=$KERNEL_PKG_VER",

@@ -9,7 +9,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
-for t in cpio:cpio gzip:gzip lz4:lz4 dpkg-deb:dpkg flock:util-linux; do
+for t in cpio:cpio gzip:gzip lz4:lz4 dpkg-deb:dpkg flock:util-linux mkfs.ext4:e2fsprogs; do
 	command -v "${t%%:*}" >/dev/null 2>&1 || need+=("${t#*:}")
 done
 

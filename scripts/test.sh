@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing (scripts/setup.sh), starts a
 # real SeaweedFS S3 server on loopback for the S3 store tests, then runs
-# gofmt, go vet, the whole Go test suite (real QEMU VMs and the real S3
-# server included) and the race detector over the concurrent packages.
+# gofmt, go vet, the whole Go test suite (real QEMU VMs, the real S3
+# server, real etcd members and 3-member clusters on loopback, and kelpie
+# daemons killed with SIGKILL included) and the race detector over the
+# concurrent packages.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -34,4 +36,5 @@ if [ -n "$unformatted" ]; then
 fi
 go vet ./...
 go test -count=1 -timeout 30m ./...
-go test -count=1 -race -short -timeout 20m . ./blob/ ./service/ ./host/ ./store/... ./vm/ ./vm/sim/ ./vm/hostvm/... ./dst/ ./guest/agent/...
+go test -count=1 -race -short -timeout 20m . ./blob/ ./service/ ./host/ ./store/... ./vm/ ./vm/sim/ ./vm/hostvm/... ./dst/ ./guest/agent/... \
+  ./registry/... ./fleet/ ./server/

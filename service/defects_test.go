@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +18,23 @@ import (
 	"github.com/kelpie/teleport/vm"
 	"github.com/kelpie/teleport/vm/sim"
 )
+
+// bufRestorer stages a workspace in memory and "restores" it by keeping it.
+type bufRestorer struct {
+	staged   bytes.Buffer
+	restored string
+	called   bool
+}
+
+func (b *bufRestorer) Stage(r io.Reader) error {
+	_, err := io.Copy(&b.staged, r)
+	return err
+}
+
+func (b *bufRestorer) Restore(ctx context.Context, inst vm.Instance) error {
+	b.called, b.restored = true, b.staged.String()
+	return nil
+}
 
 // faults fails the named fault points of a sim VM with the given errors.
 type faults map[string]error
@@ -175,11 +193,10 @@ func TestSamePackageIDLoserLeavesWinnerAlone(t *testing.T) {
 	if err != nil || string(got.AgentState) != "a" {
 		t.Fatalf("winner's package: %+v, %v", got, err)
 	}
-	var ws bytes.Buffer
-	inst, _, err := b.svc.In(ctx, "same", vm.Config{VCPUs: 1, MemoryMiB: 64}, service.InOptions{
-		RestoreWorkspace: func(ctx context.Context, _ vm.Instance, r io.Reader) error { _, err := io.Copy(&ws, r); return err }})
-	if err != nil || ws.String() != "workspace of a" {
-		t.Fatalf("winner's workspace after the race: %q, %v", ws.String(), err)
+	ws := &bufRestorer{}
+	inst, _, err := b.svc.In(ctx, "same", vm.Config{VCPUs: 1, MemoryMiB: 64}, service.InOptions{Workspace: ws})
+	if err != nil || ws.restored != "workspace of a" {
+		t.Fatalf("winner's workspace after the race: %q, %v", ws.restored, err)
 	}
 	inst.Destroy(ctx)
 }
@@ -274,19 +291,13 @@ func TestWorkspaceIsASectionOfItsPackage(t *testing.T) {
 		t.Fatalf("sections %+v of a %d-byte body", pkg.Sections, pkg.SizeBytes)
 	}
 	restore := func(st teleport.Store) (string, bool, error) {
-		var got bytes.Buffer
-		called := false
+		ws := &bufRestorer{}
 		b := newHost(st, sim.Options{HostID: "b"})
-		inst, _, err := b.svc.In(ctx, pkg.ID, vm.Config{VCPUs: 1, MemoryMiB: 64}, service.InOptions{
-			RestoreWorkspace: func(ctx context.Context, _ vm.Instance, r io.Reader) error {
-				called = true
-				_, err := io.Copy(&got, r)
-				return err
-			}})
+		inst, _, err := b.svc.In(ctx, pkg.ID, vm.Config{VCPUs: 1, MemoryMiB: 64}, service.InOptions{Workspace: ws})
 		if inst != nil {
 			inst.Destroy(ctx)
 		}
-		return got.String(), called, err
+		return ws.restored, ws.called, err
 	}
 	if got, _, err := restore(store); err != nil || got != "the files" {
 		t.Fatalf("workspace restored as %q (%v)", got, err)
@@ -301,5 +312,137 @@ func TestWorkspaceIsASectionOfItsPackage(t *testing.T) {
 	}
 	if _, _, err := restore(store); !errors.Is(err, teleport.ErrNotFound) {
 		t.Fatalf("after Delete: %v", err)
+	}
+}
+
+// A checkpoint move whose commit outcome is unknown leaves its source
+// paused, as a VM move does: the package may be published, and the agent
+// must not run on in two places. (The source used to keep running.)
+func TestCheckpointMoveUnknownOutcomeLeavesSourcePaused(t *testing.T) {
+	ctx := context.Background()
+	fs := &faultyStore{Store: mem.New(), loseAck: true, failStat: true}
+	a := newHost(fs, sim.Options{HostID: "a"})
+	src := running(t, a, nil)
+	_, err := a.svc.Out(ctx, src, service.OutRequest{AgentID: "ag", Kind: teleport.KindCheckpoint, PackageID: "cp"})
+	if !errors.Is(err, service.ErrOutcomeUnknown) || src.State() != vm.StatePaused {
+		t.Fatalf("Out = %v with the source %s, want ErrOutcomeUnknown and a paused source", err, src.State())
+	}
+}
+
+// tamperStore changes the body of every package it hands out: at the
+// first occurrence of old, new is written instead.
+type tamperStore struct {
+	teleport.Store
+	old, new []byte
+}
+
+type tamperReader struct {
+	teleport.Reader
+	at  int64
+	new []byte
+}
+
+func (s *tamperStore) Open(ctx context.Context, id string) (teleport.Reader, error) {
+	r, err := s.Store.Open(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	body := make([]byte, r.Size())
+	r.ReadAt(body, 0)
+	return &tamperReader{r, int64(bytes.Index(body, s.old)), s.new}, nil
+}
+
+func (r *tamperReader) ReadAt(p []byte, off int64) (int, error) {
+	n, err := r.Reader.ReadAt(p, off)
+	for i := range r.new {
+		if at := r.at + int64(i) - off; r.at >= 0 && at >= 0 && at < int64(n) {
+			p[at] = r.new[i]
+		}
+	}
+	return n, err
+}
+
+// The blob's metadata must be the manifest's byte for byte: a changed key
+// that JSON would still read the same ("vm_id" as "Vm_id") is refused, not
+// restored.
+func TestInRefusesMetadataBytesThatDiffer(t *testing.T) {
+	ctx := context.Background()
+	store := mem.New()
+	a := newHost(store, sim.Options{HostID: "a"})
+	pkg, err := a.svc.Out(ctx, running(t, a, nil), service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newHost(&tamperStore{Store: store, old: []byte(`"vm_id"`), new: []byte(`"Vm_id"`)}, sim.Options{HostID: "b"})
+	inst, _, err := b.svc.In(ctx, pkg.ID, vm.Config{}, service.InOptions{})
+	if !errors.Is(err, teleport.ErrChecksumMismatch) || inst != nil {
+		t.Fatalf("In of a package whose metadata bytes changed: %v, want a checksum refusal", err)
+	}
+}
+
+// A checkpoint's agent state is checked against its SHA-256 before it is
+// handed out.
+func TestInRefusesChangedAgentState(t *testing.T) {
+	ctx := context.Background()
+	store := mem.New()
+	a := newHost(store, sim.Options{HostID: "a"})
+	pkg, err := a.svc.Out(ctx, nil, service.OutRequest{AgentID: "ag", Kind: teleport.KindCheckpoint, AgentState: []byte(`{"turn":7}`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pkg.AgentStateSHA256 == "" {
+		t.Fatal("no agent state checksum in the manifest")
+	}
+	b := newHost(&statStore{Store: store, mut: func(p *teleport.Package) { p.AgentState = []byte(`{"turn":8}`) }}, sim.Options{HostID: "b"})
+	if _, _, err := b.svc.In(ctx, pkg.ID, vm.Config{VCPUs: 1, MemoryMiB: 64}, service.InOptions{}); !errors.Is(err, teleport.ErrChecksumMismatch) {
+		t.Fatalf("In with a changed agent state: %v", err)
+	}
+}
+
+// statStore changes manifests as Stat hands them out.
+type statStore struct {
+	teleport.Store
+	mut func(*teleport.Package)
+}
+
+func (s *statStore) Stat(ctx context.Context, id string) (*teleport.Package, error) {
+	p, err := s.Store.Stat(ctx, id)
+	if err == nil {
+		s.mut(p)
+	}
+	return p, err
+}
+
+// A refused restore that also left its VM behind says both.
+func TestCorruptRestoreThatLeavesItsVMSaysSo(t *testing.T) {
+	ctx := context.Background()
+	store := mem.New()
+	a := newHost(store, sim.Options{HostID: "a"})
+	pkg, err := a.svc.Out(ctx, running(t, a, map[string]string{"k": "v"}), service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newHost(&corruptingStore{Store: store, at: 5}, sim.Options{HostID: "b", Faults: faults{sim.OpDestroy: errors.New("destroy broke")}})
+	_, _, err = b.svc.In(ctx, pkg.ID, vm.Config{}, service.InOptions{})
+	if !errors.Is(err, teleport.ErrChecksumMismatch) || !errors.Is(err, vm.ErrLeftBehind) {
+		t.Fatalf("In = %v, want a checksum refusal that also matches ErrLeftBehind", err)
+	}
+}
+
+// A failed upload leaves no goroutine behind (its section's hash used to
+// wait forever).
+func TestFailedUploadsLeakNoGoroutines(t *testing.T) {
+	ctx := context.Background()
+	a := newHost(&faultyStore{Store: mem.New(), failCommit: true}, sim.Options{HostID: "a"})
+	src := running(t, a, nil)
+	a.svc.Out(ctx, src, service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport})
+	before := runtime.NumGoroutine()
+	for i := 0; i < 50; i++ {
+		a.svc.Out(ctx, stripsChecksum{src}, service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport})
+		a.svc.Out(ctx, src, service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport})
+	}
+	time.Sleep(50 * time.Millisecond)
+	if after := runtime.NumGoroutine(); after > before+5 {
+		t.Fatalf("%d goroutines after 100 failed uploads, %d before", after, before)
 	}
 }

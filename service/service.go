@@ -17,10 +17,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"log/slog"
-	"reflect"
 	"time"
 
 	"github.com/kelpie/teleport"
@@ -68,10 +66,8 @@ func WithStepObserver(f func(step string, d time.Duration)) Option {
 
 // WithSettleTimeout bounds the work that runs after the caller's context
 // ended or failed: resuming a source whose teleport failed, removing a
-// half-restored VM (default 30 s).
+// half-restored VM (default vm.SettleTimeout).
 func WithSettleTimeout(d time.Duration) Option { return func(s *Service) { s.settle = d } }
-
-const settleTimeoutDefault = 30 * time.Second
 
 // WithFormat sets the KLP1 version packages are written in (default
 // blob.FormatDefault, 2). A version 2 package needs a store with a chunk
@@ -86,7 +82,7 @@ func WithWorkers(n int) Option { return func(s *Service) { s.workers = n } }
 // New returns the teleport service of a host over store and factory.
 func New(store teleport.Store, factory vm.Factory, opts ...Option) *Service {
 	s := &Service{store: store, factory: factory, clock: systemClock{}, newID: randomID,
-		log: slog.New(slog.DiscardHandler), settle: settleTimeoutDefault, format: blob.FormatDefault}
+		log: slog.New(slog.DiscardHandler), settle: vm.SettleTimeout, format: blob.FormatDefault}
 	for _, o := range opts {
 		o(s)
 	}
@@ -129,6 +125,15 @@ type OutRequest struct {
 	Workspace vm.Payload
 	// Format is the KLP1 version of the package (0: the service's).
 	Format int
+	// Disk, when set, is a checkpoint's workspace disk: it becomes the
+	// package's disk section (a full VM's disk comes with its snapshot).
+	Disk *vm.DiskImage
+	// Fence, when set, is asked before the commit ("commit") and before a
+	// failed Out resumes its source ("resume-source") whether the caller
+	// still holds the agent (the registry's epoch). When it fails, Out
+	// neither commits nor resumes: the source stays paused, and the error
+	// (ErrFenced) says so.
+	Fence func(ctx context.Context, action string) error
 }
 
 // Errors that say what a failed flow could not undo.
@@ -146,6 +151,9 @@ var (
 	// ErrSourcePaused: a teleport out failed and resuming its source
 	// failed too: the source VM is paused.
 	ErrSourcePaused = errors.New("the source VM could not be resumed and is paused")
+	// ErrFenced: the caller's fence refused a step: it no longer holds
+	// the agent. Nothing was committed or resumed.
+	ErrFenced = errors.New("fenced: the agent's registry record moved on")
 	// errNotConfigured: a Service that was not made by New.
 	errNotConfigured = errors.New("service: no store or factory (make it with service.New)")
 )
@@ -203,6 +211,14 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 		}
 		rctx, cancel := s.settleContext(ctx)
 		defer cancel()
+		if errors.Is(cause, ErrFenced) {
+			return fmt.Errorf("%w; source VM %s left paused: %w", cause, inst.ID(), ErrSourcePaused)
+		}
+		if req.Fence != nil {
+			if ferr := req.Fence(rctx, "resume-source"); ferr != nil {
+				return fmt.Errorf("%w; source VM %s left paused (%w): %w", cause, inst.ID(), ferr, ErrSourcePaused)
+			}
+		}
 		if rerr := inst.Resume(rctx); rerr != nil {
 			return fmt.Errorf("%w; resuming source VM %s failed too (%w): %w", cause, inst.ID(), rerr, ErrSourcePaused)
 		}
@@ -213,23 +229,35 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 	if err != nil {
 		return nil, err
 	}
+	// pause stops a running source for the capture (or, for a checkpoint
+	// move, so that it cannot run on while its package may be published).
+	// A pause that failed may have taken effect: rollback looks.
+	pause := func() error {
+		t := s.clock.Now()
+		if inst.State() == vm.StateRunning {
+			wasRunning = true
+			if err := inst.Pause(ctx); err != nil {
+				return rollback(fmt.Errorf("teleport out: pause: %w", err))
+			}
+		}
+		s.step("pause", t)
+		return nil
+	}
+
 	var snap *vm.Snapshot
 	if full {
 		if err := vm.CheckTransition(inst.ID(), vm.OpSnapshot, inst.State()); err != nil {
 			return nil, fmt.Errorf("teleport out: %w", err)
 		}
-		t := s.clock.Now()
 		// A move stays paused until the package is committed. A copy's
 		// source is paused only by the capture itself: the backend resumes
 		// it before the snapshot is packed and uploaded.
-		if inst.State() == vm.StateRunning && !req.KeepSource {
-			if err := inst.Pause(ctx); err != nil {
-				return nil, fmt.Errorf("teleport out: pause: %w", err)
+		if !req.KeepSource {
+			if err := pause(); err != nil {
+				return nil, err
 			}
-			wasRunning = true
 		}
-		s.step("pause", t)
-		t = s.clock.Now()
+		t := s.clock.Now()
 		capture := inst.Snapshot
 		if format == blob.Version2 {
 			// The packer chunks guest memory itself: take it raw.
@@ -249,8 +277,17 @@ func (s *Service) Out(ctx context.Context, inst vm.Instance, req OutRequest) (*t
 			Layout: vm.LayoutNone, Backend: host.Backend, BackendVersion: host.BackendVersion, HostID: host.HostID,
 			BaseImageVersion: host.BaseImageVersion}
 		if inst != nil {
+			c := inst.Config()
 			md.VMID = inst.ID()
-			md.VCPUCount, md.MemoryMiB = inst.Config().VCPUs, inst.Config().MemoryMiB
+			md.VCPUCount, md.MemoryMiB = c.VCPUs, c.MemoryMiB
+			md.Network, md.Hostname = c.NetworkSpec(), c.GuestHostname()
+			if !req.KeepSource {
+				// The agent's state is what the caller captured: a moved
+				// source must not run on past it.
+				if err := pause(); err != nil {
+					return nil, err
+				}
+			}
 		}
 		snap = vm.NewSnapshot(md, nil, nil, nil)
 	}
@@ -326,8 +363,15 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 	pkg := &teleport.Package{
 		ID: id, AgentID: req.AgentID, SourceArch: host.Arch, Kind: req.Kind, BaseImageVersion: host.BaseImageVersion,
 		CreatedAt: s.clock.Now(), SourceHostID: host.HostID, Backend: host.Backend, AgentState: req.AgentState, Env: req.Env,
-		UploadID: s.newID(),
+		UploadID: s.newID(), SourceKept: req.KeepSource, Network: md.Network,
 	}
+	// The disk: a full VM's comes with its snapshot, a checkpoint's apart.
+	disk, diskMD := snap.Disk, md.Disk
+	if req.Disk != nil {
+		disk, diskMD = req.Disk.Payload, &req.Disk.Metadata
+	}
+	pkg.Disk = diskMD
+	pkg.SealAgentState()
 	if md.BaseImageVersion != "" {
 		pkg.BaseImageVersion = md.BaseImageVersion
 	}
@@ -346,25 +390,30 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 		return nil, err
 	}
 	committed := false
+	sw := &sectionWriter{w: w}
 	defer func() {
+		sw.close()
 		if !committed {
 			actx, cancel := s.settleContext(ctx)
 			defer cancel()
 			w.Abort(actx)
 		}
 	}()
-	sw := &sectionWriter{w: w}
 	eo := blob.EncodeOptions{Format: format, V2: blob.V2Options{Workers: s.workers}}
 	if format == blob.Version2 {
 		eo.V2.Chunks = w.(teleport.ChunkWriter)
 	}
 	enc, err := blob.EncodeSnapshot(ctx, sw.begin(teleport.SectionBlob), snap, eo)
 	if err != nil {
-		sw.end()
 		return nil, fmt.Errorf("pack package %s: %w", id, err)
 	}
 	sw.end()
 	pkg.Format, pkg.LogicalBytes = enc.Format, enc.LogicalBytes
+	if diskMD != nil {
+		if err := sw.copySection(teleport.SectionDisk, disk, diskMD.PayloadBytes, diskMD.SHA256); err != nil {
+			return nil, fmt.Errorf("pack the disk of %s: %w", id, err)
+		}
+	}
 	if ws := req.Workspace; ws != nil {
 		rc, err := ws.Open()
 		if err != nil {
@@ -381,6 +430,11 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 		sw.end()
 	}
 	pkg.Sections = sw.sections
+	if req.Fence != nil {
+		if err := req.Fence(ctx, "commit"); err != nil {
+			return nil, fmt.Errorf("package %s not committed: %w: %w", id, err, ErrFenced)
+		}
+	}
 	if err := w.Commit(ctx, pkg); err != nil {
 		// The commit may have taken effect with its answer lost: ask the
 		// store before declaring failure, or the agent could end up both
@@ -465,14 +519,72 @@ func (sw *sectionWriter) Write(p []byte) (int, error) {
 func (sw *sectionWriter) end() {
 	sw.cur.Size = sw.off - sw.cur.Offset
 	sw.cur.SHA256 = hex.EncodeToString(sw.h.Sum())
+	sw.h = nil
 	sw.sections = append(sw.sections, sw.cur)
+}
+
+// copyBufferBytes is the chunk a section is copied in: large chunks keep
+// the store's and the hashes' per-write costs small.
+const copyBufferBytes = 1 << 20
+
+// copySection writes payload p as section name, and checks it has the
+// size and SHA-256 recorded for it: a payload that changed after its
+// checksum was taken would make a package no host can restore.
+func (sw *sectionWriter) copySection(name string, p vm.Payload, size int64, sum string) error {
+	if p == nil || p.Size() != size {
+		return fmt.Errorf("%s payload has %d bytes, its metadata says %d: %w", name, vm.PayloadSize(p), size, vm.ErrCorrupt)
+	}
+	rc, err := p.Open()
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	n, err := io.CopyBuffer(sw.begin(name), io.LimitReader(rc, size+1), make([]byte, copyBufferBytes))
+	sw.end()
+	switch {
+	case err != nil:
+		return err
+	case n != size:
+		return fmt.Errorf("%s payload has %d bytes, its metadata says %d: %w", name, n, size, vm.ErrCorrupt)
+	case sw.sections[len(sw.sections)-1].SHA256 != sum:
+		return fmt.Errorf("%s payload differs from its recorded checksum: %w", name, vm.ErrCorrupt)
+	}
+	return nil
+}
+
+// close ends the hash of a section that was never ended (a failed upload).
+func (sw *sectionWriter) close() {
+	if sw.h != nil {
+		sw.h.Sum()
+		sw.h = nil
+	}
 }
 
 // InOptions tunes In.
 type InOptions struct {
-	// RestoreWorkspace, when set and the package has a workspace, is given
-	// the workspace archive, verified, once the VM runs.
-	RestoreWorkspace func(ctx context.Context, inst vm.Instance, r io.Reader) error
+	// Workspace, when set and the package has a workspace, puts the
+	// workspace into the VM once it runs.
+	Workspace WorkspaceRestorer
+	// Fence, when set, is asked after the restore and before the VM runs
+	// (its Resume, or a checkpoint's fresh boot) whether the caller holds
+	// the agent; when it fails, the VM is removed and In fails with
+	// ErrFenced.
+	Fence func(ctx context.Context) error
+	// Identity, when set, is given to the restored guest before In
+	// returns, so before its first command (vm.Reidentify): what a restore
+	// that makes a second live copy of an agent needs.
+	Identity *vm.Identity
+}
+
+// A WorkspaceRestorer puts a checkpoint's workspace archive into the VM
+// restored from it, in two steps, so that nothing unverified reaches the
+// guest: Stage receives the archive as it streams from the store (it must
+// read it to the end; In verifies it in the same pass, vm.StagePayload),
+// and Restore, called only if it matched, unpacks what was staged into the
+// guest.
+type WorkspaceRestorer interface {
+	Stage(r io.Reader) error
+	Restore(ctx context.Context, inst vm.Instance) error
 }
 
 // In fetches package id, validates it against this host, and returns a
@@ -497,24 +609,20 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 			s.log.Warn("restoring with a caveat", "package", id, "warning", w)
 		}
 	}
+	if err := pkg.CheckAgentState(); err != nil {
+		return nil, pkg, refuse(pkg, err, "%v", err)
+	}
 	s.step("validate", t)
 
 	var inst vm.Instance
 	defer func() {
-		if err == nil || inst == nil {
-			return
-		}
-		dctx, cancel := s.settleContext(ctx)
-		defer cancel()
-		if derr := inst.Destroy(dctx); derr != nil {
-			err = fmt.Errorf("%w; removing VM %s failed too (%v): %w", err, inst.ID(), derr, vm.ErrLeftBehind)
+		if err != nil && inst != nil {
+			err = vm.RemoveFailed(ctx, inst, err)
 		}
 	}()
-	if cfg.VCPUs == 0 && pkg.Snapshot != nil {
-		cfg.VCPUs = pkg.Snapshot.VCPUCount
-	}
-	if cfg.MemoryMiB == 0 && pkg.Snapshot != nil {
-		cfg.MemoryMiB = pkg.Snapshot.MemoryMiB
+	// The network as it left, unless the caller gives one.
+	if cfg.Network == "" && pkg.Network != nil {
+		cfg.SetNetwork(pkg.Network)
 	}
 	r, err := s.store.Open(ctx, id)
 	if err != nil {
@@ -529,15 +637,21 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 			return nil, pkg, err
 		}
 		defer closeChunks()
+		if snap.Disk, err = diskPayload(pkg, r); err != nil {
+			return nil, pkg, err
+		}
 		inst, err = s.factory.CreateFromSnapshot(ctx, cfg, snap)
 		if err != nil {
 			inst = nil // the factory cleaned up, or said it could not
 			if errors.Is(err, vm.ErrCorrupt) {
-				return nil, pkg, refuse(pkg, "%v", err)
+				return nil, pkg, refuse(pkg, err, "%v", err)
 			}
 			return nil, pkg, fmt.Errorf("teleport in: restore: %w", err)
 		}
 		s.step("restore", t)
+		if err := fence(ctx, opts); err != nil {
+			return nil, pkg, err
+		}
 		t = s.clock.Now()
 		if err := inst.Resume(ctx); err != nil {
 			return nil, pkg, fmt.Errorf("teleport in: resume: %w", err)
@@ -550,19 +664,42 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 		s.step("ready", t)
 	} else {
 		t = s.clock.Now()
-		inst, err = s.factory.Create(ctx, cfg)
+		disk, err := diskPayload(pkg, r)
+		if err != nil {
+			return nil, pkg, err
+		}
+		if disk != nil {
+			// The fresh VM's workspace disk is the package's, verified
+			// before the hypervisor starts.
+			inst, err = vm.CreateWithDisk(ctx, s.factory, cfg, vm.NewDiskImage(*pkg.Disk, disk, nil))
+		} else {
+			inst, err = s.factory.Create(ctx, cfg)
+		}
 		if err != nil {
 			inst = nil
+			if errors.Is(err, vm.ErrCorrupt) {
+				return nil, pkg, refuse(pkg, err, "%v", err)
+			}
 			return nil, pkg, fmt.Errorf("teleport in: create: %w", err)
+		}
+		if err := fence(ctx, opts); err != nil {
+			return nil, pkg, err
 		}
 		if err := inst.Start(ctx); err != nil {
 			return nil, pkg, fmt.Errorf("teleport in: boot: %w", err)
 		}
 		s.step("boot", t)
 	}
-	if ws, ok := pkg.Section(teleport.SectionWorkspace); ok && opts.RestoreWorkspace != nil {
+	if opts.Identity != nil {
 		t = s.clock.Now()
-		if err := s.restoreWorkspace(ctx, pkg, r, ws, inst, opts.RestoreWorkspace); err != nil {
+		if err := vm.Reidentify(ctx, s.factory, inst, *opts.Identity); err != nil {
+			return nil, pkg, fmt.Errorf("teleport in: give the copy its own identity: %w", err)
+		}
+		s.step("identity", t)
+	}
+	if ws, ok := pkg.Section(teleport.SectionWorkspace); ok && opts.Workspace != nil {
+		t = s.clock.Now()
+		if err := s.restoreWorkspace(ctx, pkg, r, ws, inst, opts.Workspace); err != nil {
 			return nil, pkg, err
 		}
 		s.step("workspace", t)
@@ -570,9 +707,20 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 	return inst, pkg, nil
 }
 
-func refuse(pkg *teleport.Package, format string, args ...any) error {
+func fence(ctx context.Context, opts InOptions) error {
+	if opts.Fence == nil {
+		return nil
+	}
+	if err := opts.Fence(ctx); err != nil {
+		return fmt.Errorf("teleport in: %w: %w", err, ErrFenced)
+	}
+	return nil
+}
+
+// refuse is a checksum refusal of pkg, revealed by cause.
+func refuse(pkg *teleport.Package, cause error, format string, args ...any) error {
 	return &teleport.RefusalError{PackageID: pkg.ID, Rule: teleport.RuleChecksums,
-		Reason: fmt.Sprintf(format, args...), Err: teleport.ErrChecksumMismatch}
+		Reason: fmt.Sprintf(format, args...), Err: teleport.ErrChecksumMismatch, Cause: cause}
 }
 
 // readFailed: err is a read that failed, not bytes found wrong. Only bytes
@@ -580,32 +728,19 @@ func refuse(pkg *teleport.Package, format string, args ...any) error {
 // says nothing about the package (the caller may retry), so it must not be
 // reported as a checksum refusal.
 func readFailed(err error) bool {
-	return !errors.Is(err, vm.ErrCorrupt) && !errors.Is(err, teleport.ErrChunkMissing) && blob.ErrorKind(err) == ""
-}
-
-// blobSection locates the KLP1 blob in a package's body; a package from
-// before sections existed is all blob.
-func blobSection(pkg *teleport.Package, bodySize int64) teleport.Section {
-	if sec, ok := pkg.Section(teleport.SectionBlob); ok {
-		return sec
-	}
-	return teleport.Section{Name: teleport.SectionBlob, Size: bodySize}
+	return !errors.Is(err, vm.ErrCorrupt) && !errors.Is(err, teleport.ErrChunkMissing) && !errors.Is(err, blob.ErrNotItsManifest) && blob.ErrorKind(err) == ""
 }
 
 // snapshotFromBlob maps a package's blob onto a snapshot whose payloads
-// read straight from the store (blob.OpenSnapshot), after checking its
-// metadata against the manifest. A version 2 package's chunks come from
-// the store's chunk space, each verified against its hash as it is read;
-// the payloads' checksums are verified by the backend while it stages
-// them (vm.Stage), in the same single read. The caller calls the returned
-// func when done with the snapshot.
+// read straight from the store (blob.OpenPackage, which also checks the
+// blob is the manifest's). A version 2 package's chunks come from the
+// store's chunk space, each verified against its hash as it is read; the
+// payloads' checksums are verified by the backend while it stages them
+// (vm.Stage), in the same single read. The caller calls the returned func
+// when done with the snapshot.
 func (s *Service) snapshotFromBlob(ctx context.Context, pkg *teleport.Package, r teleport.Reader) (*vm.Snapshot, func(), error) {
 	none := func() {}
-	sec := blobSection(pkg, r.Size())
-	if sec.Offset+sec.Size > r.Size() {
-		return nil, none, refuse(pkg, "its body has %d bytes, its blob section ends at %d", r.Size(), sec.Offset+sec.Size)
-	}
-	o := blob.OpenOptions{Name: "package " + pkg.ID, Workers: s.workers}
+	o := blob.OpenOptions{Workers: s.workers}
 	closeChunks := none
 	if pkg.Format == blob.Version2 {
 		cs, ok := s.store.(teleport.ChunkStore)
@@ -614,14 +749,14 @@ func (s *Service) snapshotFromBlob(ctx context.Context, pkg *teleport.Package, r
 		}
 		cr, err := cs.OpenChunks(ctx, pkg)
 		if errors.Is(err, teleport.ErrChunkMissing) {
-			return nil, none, refuse(pkg, "%v", err)
+			return nil, none, refuse(pkg, err, "%v", err)
 		}
 		if err != nil {
 			return nil, none, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)
 		}
 		o.Chunks, closeChunks = cr, func() { cr.Close() }
 	}
-	snap, err := s.openBlob(pkg, io.NewSectionReader(r, sec.Offset, sec.Size), sec.Size, o)
+	snap, err := s.openBlob(pkg, r, o)
 	if err != nil {
 		closeChunks()
 		return nil, none, err
@@ -629,20 +764,13 @@ func (s *Service) snapshotFromBlob(ctx context.Context, pkg *teleport.Package, r
 	return snap, closeChunks, nil
 }
 
-func (s *Service) openBlob(pkg *teleport.Package, r io.ReaderAt, size int64, o blob.OpenOptions) (*vm.Snapshot, error) {
-	snap, err := blob.OpenSnapshot(r, size, o)
+func (s *Service) openBlob(pkg *teleport.Package, r teleport.Reader, o blob.OpenOptions) (*vm.Snapshot, error) {
+	snap, err := blob.OpenPackage(pkg, r, r.Size(), o)
 	if err != nil {
 		if readFailed(err) {
 			return nil, fmt.Errorf("teleport in: fetch package %s: %w", pkg.ID, err)
 		}
-		return nil, refuse(pkg, "its blob is unreadable: %v", err)
-	}
-	// The whole metadata section must be the manifest's copy: the backend
-	// restores from the blob's metadata (architecture, layout, host...), so
-	// a flipped bit there that left the id and checksums intact would
-	// otherwise reach the hypervisor unverified.
-	if !reflect.DeepEqual(snap.Metadata, *pkg.Snapshot) {
-		return nil, refuse(pkg, "the blob's metadata does not match the manifest (snapshot %s vs %s)", snap.Metadata.SnapshotID, pkg.Snapshot.SnapshotID)
+		return nil, refuse(pkg, err, "its blob is not the one its manifest describes: %v", err)
 	}
 	if s.bugs.SkipChecksums {
 		// The planted bug: trust whatever bytes are there by re-hashing
@@ -662,27 +790,35 @@ func (s *Service) openBlob(pkg *teleport.Package, r io.ReaderAt, size int64, o b
 	return snap, nil
 }
 
-// restoreWorkspace verifies the workspace section, then hands it to the
-// restorer: nothing unverified reaches the guest.
-func (s *Service) restoreWorkspace(ctx context.Context, pkg *teleport.Package, r teleport.Reader, ws teleport.Section, inst vm.Instance,
-	restore func(context.Context, vm.Instance, io.Reader) error) error {
-	if ws.Offset+ws.Size > r.Size() {
-		return refuse(pkg, "its body has %d bytes, its workspace section ends at %d", r.Size(), ws.Offset+ws.Size)
+// diskPayload is the package's disk section as a payload read straight
+// from the store, or nil when it has none. Its checksum is verified where
+// it is staged (vm.Stage*), in the same single read.
+func diskPayload(pkg *teleport.Package, r teleport.Reader) (vm.Payload, error) {
+	sec, ok := pkg.Section(teleport.SectionDisk)
+	if !ok {
+		return nil, nil
 	}
-	h := sha256.New()
-	if err := hashSection(h, r, ws); err != nil {
-		return fmt.Errorf("teleport in: read workspace of %s: %w", pkg.ID, err)
+	if sec.Offset < 0 || sec.Size < 0 || sec.Offset > r.Size()-sec.Size {
+		return nil, refuse(pkg, nil, "its body has %d bytes, its disk section ends at %d", r.Size(), sec.Offset+sec.Size)
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != ws.SHA256 {
-		return refuse(pkg, "its workspace section has sha256 %.12s, the manifest says %.12s", got, ws.SHA256)
+	return &vm.SectionPayload{R: r, Offset: sec.Offset, N: sec.Size}, nil
+}
+
+// restoreWorkspace stages the workspace section through the restorer,
+// verifying it in the same pass, and has it restored only if it matched.
+func (s *Service) restoreWorkspace(ctx context.Context, pkg *teleport.Package, r teleport.Reader, ws teleport.Section, inst vm.Instance, wr WorkspaceRestorer) error {
+	if ws.Offset < 0 || ws.Size < 0 || ws.Offset > r.Size()-ws.Size {
+		return refuse(pkg, nil, "its body has %d bytes, its workspace section ends at %d", r.Size(), ws.Offset+ws.Size)
 	}
-	if err := restore(ctx, inst, io.NewSectionReader(r, ws.Offset, ws.Size)); err != nil {
+	payload := &vm.SectionPayload{R: r, Offset: ws.Offset, N: ws.Size}
+	if err := vm.StagePayload("package "+pkg.ID, teleport.SectionWorkspace, payload, ws.Size, ws.SHA256, wr.Stage); err != nil {
+		if errors.Is(err, vm.ErrCorrupt) {
+			return refuse(pkg, err, "%v", err)
+		}
+		return fmt.Errorf("teleport in: workspace: %w", err)
+	}
+	if err := wr.Restore(ctx, inst); err != nil {
 		return fmt.Errorf("teleport in: restore workspace: %w", err)
 	}
 	return nil
-}
-
-func hashSection(h hash.Hash, r io.ReaderAt, sec teleport.Section) error {
-	_, err := io.Copy(h, io.NewSectionReader(r, sec.Offset, sec.Size))
-	return err
 }

@@ -120,7 +120,11 @@ func TestRestoreRules(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			dst, _, err := b.svc.In(ctx, pkg.ID, vm.Config{VCPUs: 1, MemoryMiB: 128}, service.InOptions{})
+			cfg := vm.Config{VCPUs: 1, MemoryMiB: 128} // a checkpoint's fresh VM
+			if c.kind.FullVM() {
+				cfg = vm.Config{} // a full VM keeps its own shape
+			}
+			dst, _, err := b.svc.In(ctx, pkg.ID, cfg, service.InOptions{})
 			if c.wantErr == nil {
 				if err != nil {
 					t.Fatalf("In: %v", err)

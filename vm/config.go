@@ -14,16 +14,6 @@ const (
 	nameLenMaxBytes = 64
 )
 
-// NetworkMode selects the guest's network.
-type NetworkMode string
-
-// Network modes. None is the safe default: a sandbox has no network unless
-// asked for.
-const (
-	NetworkNone NetworkMode = "none"
-	NetworkUser NetworkMode = "user"
-)
-
 // Config describes a VM to create.
 type Config struct {
 	Name       string
@@ -35,9 +25,52 @@ type Config struct {
 	RootDisk   string // optional path to a root disk image
 	Workdir    string // default working directory for Exec in the guest
 	Env        map[string]string
-	Network    NetworkMode
+	// Network is the guest's network ("" is none: no network device).
+	Network NetworkMode
+	// Publish lists guest ports reachable on host loopback addresses;
+	// Forwards the host loopback ports the guest may reach at its gateway
+	// address. Both need a network.
+	Publish  []Publish `json:",omitempty"`
+	Forwards []Forward `json:",omitempty"`
+	// MAC is the network device's address ("" : the backend picks one).
+	// A teleport keeps it.
+	MAC string `json:",omitempty"`
+	// Disk is the workspace disk (zero: none; /workspace is then in guest
+	// RAM).
+	Disk Disk
+	// Hostname is the guest's hostname ("" : Name). A move keeps it; a
+	// copy gets its new name.
+	Hostname string `json:",omitempty"`
+	// AgentID is the agent this VM runs, carried by teleports; backends
+	// only keep it ("" : Name).
+	AgentID string `json:",omitempty"`
 	// BaseImageVersion is the guest image's MAJOR.MINOR.PATCH.
 	BaseImageVersion string
+}
+
+// NetworkSpec is the network as snapshots record it, nil without one.
+func (c Config) NetworkSpec() *Network {
+	if !c.Network.HasDevice() {
+		return nil
+	}
+	return &Network{Mode: c.Network, MAC: c.MAC, Publish: c.Publish, Forwards: c.Forwards}
+}
+
+// SetNetwork makes n (nil: none) the configuration's network.
+func (c *Config) SetNetwork(n *Network) {
+	if n == nil {
+		c.Network, c.MAC, c.Publish, c.Forwards = "", "", nil, nil
+		return
+	}
+	c.Network, c.MAC, c.Publish, c.Forwards = n.Mode, n.MAC, n.Publish, n.Forwards
+}
+
+// GuestHostname is the hostname the guest gets.
+func (c Config) GuestHostname() string {
+	if c.Hostname != "" {
+		return c.Hostname
+	}
+	return c.Name
 }
 
 // Validate checks values every backend needs. Backends that boot a kernel
@@ -59,10 +92,16 @@ func (c Config) Validate() error {
 			return fmt.Errorf("%s path %q is not a usable path: %w", p.name, p.v, ErrInvalidConfig)
 		}
 	}
-	switch c.Network {
-	case "", NetworkNone, NetworkUser:
-	default:
-		return fmt.Errorf("network mode %q (want none or user): %w", c.Network, ErrInvalidConfig)
+	if err := validateNetwork(c.Network, c.MAC, c.Publish, c.Forwards); err != nil {
+		return err
+	}
+	if err := c.Disk.validate(); err != nil {
+		return err
+	}
+	if c.Hostname != "" {
+		if err := ValidateName(c.Hostname); err != nil {
+			return fmt.Errorf("hostname: %w", err)
+		}
 	}
 	for k := range c.Env {
 		if k == "" || strings.ContainsAny(k, "=\x00") {

@@ -30,6 +30,11 @@ var (
 	ErrCorrupt = errors.New("snapshot corrupt")
 	// ErrGuest: the guest agent failed to run a request.
 	ErrGuest = errors.New("guest agent error")
+	// ErrUnavailable: something the VM needs on this host is not there or
+	// is taken (a published host port in use, nothing listening where a
+	// forward points, a helper program missing). Refused before anything
+	// starts.
+	ErrUnavailable = errors.New("not available on this host")
 	// ErrLeftBehind: an operation failed and could not remove the VM it
 	// made (a half-restored VM): it is still on the host.
 	ErrLeftBehind = errors.New("a failed operation left its VM behind")

@@ -36,6 +36,14 @@ type Info struct {
 	Accel     string // the accelerator, where the backend has a choice
 	Dir       string // where the VM's files live on this host
 	CreatedAt time.Time
+	Network   NetworkMode
+	// Ports are the published ports as bound now (a HostPort asked as 0
+	// shows the port it got); empty while no hypervisor runs.
+	Ports     []PortBinding
+	Forwards  []Forward
+	DiskBytes int64 // the workspace disk's size, 0 without one
+	Hostname  string
+	AgentID   string
 }
 
 // Detacher is an Instance handle that holds connections other processes
@@ -88,6 +96,73 @@ type DowntimeReporter interface {
 	LastSnapshotDowntime() time.Duration
 }
 
+// Identity is what makes a live copy of a VM its own: its hostname and
+// fresh entropy for its kernel's random number generator.
+type Identity struct {
+	Hostname string
+	// Entropy is mixed into the guest's entropy pool before its CRNG is
+	// reseeded (RNDADDENTROPY, then RNDRESEEDCRNG): 32..4096 bytes from
+	// the host's own CSPRNG.
+	Entropy []byte
+}
+
+// IdentityMinEntropyBytes is the least entropy Reidentify accepts.
+const IdentityMinEntropyBytes = 32
+
+// Reidentifier is an Instance that can give a running guest a new
+// identity: what a restore that makes a second live copy of a VM (a
+// fork) does before the copy's first command, so that copies neither
+// share random numbers nor a name.
+type Reidentifier interface {
+	Reidentify(ctx context.Context, id Identity) error
+}
+
+// Cloner is an Instance that can restore copies of itself on its own host
+// from one capture, without a snapshot's encoding and verification (the
+// capture never leaves the host): each copy has cfgs[i]'s name, hostname,
+// agent id and published ports, and the source's machine and devices.
+// Each copy is handed to start (when not nil), on a goroutine of its own,
+// as soon as it is restored and Paused; Clone returns when every start
+// returned. The source is left as it was (a running one pauses for the
+// capture only). On any failure no copy is left, or ErrLeftBehind says
+// which one is.
+type Cloner interface {
+	Clone(ctx context.Context, cfgs []Config, start func(ctx context.Context, i int, copy Instance) error) ([]Instance, error)
+}
+
+// DiskExporter is an Instance that can hand out its workspace disk as a
+// consistent image while the guest runs on (filesystem frozen for the
+// copy): what a checkpoint carries instead of an archive of /workspace.
+type DiskExporter interface {
+	ExportDisk(ctx context.Context) (*DiskImage, error)
+}
+
+// DiskCreator is a Factory that can create a VM whose workspace disk is
+// the given image (cfg.Disk must describe it); the image is verified
+// against its metadata before the hypervisor starts.
+type DiskCreator interface {
+	CreateWithDisk(ctx context.Context, cfg Config, disk *DiskImage) (Instance, error)
+}
+
+// GuestTime is a reading of a guest's clocks, with the host's wall clock
+// at the middle of the round trip that read them.
+type GuestTime struct {
+	Realtime  time.Time     // the guest's wall clock (CLOCK_REALTIME)
+	Monotonic time.Duration // CLOCK_MONOTONIC: never goes back
+	Boottime  time.Duration // CLOCK_BOOTTIME
+	Host      time.Time     // the host's wall clock meanwhile
+	RoundTrip time.Duration // how long the read took: the uncertainty
+}
+
+// Offset is how far the guest's wall clock is ahead of the host's.
+func (t GuestTime) Offset() time.Duration { return t.Realtime.Sub(t.Host) }
+
+// TimeReader is an Instance whose guest clocks can be read to the
+// nanosecond (a busybox guest's date has whole seconds only).
+type TimeReader interface {
+	GuestTime(ctx context.Context) (GuestTime, error)
+}
+
 // AccelReporter is a Factory with a choice of accelerator: Accelerator
 // says which one its new VMs get and why.
 type AccelReporter interface {
@@ -100,17 +175,20 @@ var (
 	ErrNoList      = &roleError{"list its VMs"}
 	ErrNoWorkspace = &roleError{"archive a guest workspace"}
 	ErrNoLayout    = &roleError{"choose a snapshot layout"}
+	ErrNoIdentity  = &roleError{"give a running guest a new identity"}
+	ErrNoDisk      = &roleError{"carry a workspace disk"}
+	ErrNoTime      = &roleError{"read the guest's clocks"}
 )
 
 type roleError struct{ what string }
 
-func (e *roleError) Error() string { return "backend cannot " + e.what }
+func (e *roleError) Error() string { return "cannot " + e.what }
 
 // Is makes every role sentinel match ErrUnsupported.
 func (e *roleError) Is(target error) bool { return target == ErrUnsupported }
 
 func lacks(backend string, sentinel *roleError) error {
-	return fmt.Errorf("backend %s cannot %s: %w", backend, sentinel.what, sentinel)
+	return fmt.Errorf("backend %s %w", backend, sentinel)
 }
 
 // Attach returns a handle on VM name of f, or ErrNoAttach when f's VMs do
@@ -200,6 +278,48 @@ func SnapshotHost(f Factory, inst Instance) HostInfo {
 		h.Compat = maps.Clone(r.Compat())
 	}
 	return h
+}
+
+// Reidentify gives inst's guest a new identity, or fails with
+// ErrNoIdentity.
+func Reidentify(ctx context.Context, f Factory, inst Instance, id Identity) error {
+	r, ok := inst.(Reidentifier)
+	if !ok {
+		return lacks(f.Host().Backend, ErrNoIdentity)
+	}
+	if len(id.Entropy) < IdentityMinEntropyBytes {
+		return fmt.Errorf("vm %s: reidentify with %d bytes of entropy, want at least %d: %w", inst.ID(), len(id.Entropy), IdentityMinEntropyBytes, ErrInvalidConfig)
+	}
+	return r.Reidentify(ctx, id)
+}
+
+// ExportDisk hands out inst's workspace disk image, or fails with
+// ErrNoDisk.
+func ExportDisk(ctx context.Context, f Factory, inst Instance) (*DiskImage, error) {
+	e, ok := inst.(DiskExporter)
+	if !ok {
+		return nil, lacks(f.Host().Backend, ErrNoDisk)
+	}
+	return e.ExportDisk(ctx)
+}
+
+// CreateWithDisk creates a VM of f whose workspace disk is disk, or fails
+// with ErrNoDisk.
+func CreateWithDisk(ctx context.Context, f Factory, cfg Config, disk *DiskImage) (Instance, error) {
+	c, ok := f.(DiskCreator)
+	if !ok {
+		return nil, lacks(f.Host().Backend, ErrNoDisk)
+	}
+	return c.CreateWithDisk(ctx, cfg, disk)
+}
+
+// ReadGuestTime reads inst's guest clocks, or fails with ErrNoTime.
+func ReadGuestTime(ctx context.Context, f Factory, inst Instance) (GuestTime, error) {
+	r, ok := inst.(TimeReader)
+	if !ok {
+		return GuestTime{}, lacks(f.Host().Backend, ErrNoTime)
+	}
+	return r.GuestTime(ctx)
 }
 
 // LastSnapshotDowntime is how long inst's last snapshot stopped its guest,

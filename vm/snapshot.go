@@ -56,9 +56,34 @@ type SnapshotMetadata struct {
 	// HostBound: the payload restores only on the host that wrote it
 	// (Apple VZ save files are encrypted with a host key).
 	HostBound bool `json:"host_bound,omitempty"`
+	// Network is the VM's network device and ports, which a restore
+	// recreates; nil without a network.
+	Network *Network `json:"network,omitempty"`
+	// Disk is the workspace disk the snapshot's disk payload carries,
+	// captured at the same instant as memory; nil without a disk.
+	Disk *DiskMetadata `json:"disk,omitempty"`
+	// Hostname is the guest's hostname at the snapshot.
+	Hostname string `json:"hostname,omitempty"`
 	// MemoryFormat says what the memory payload holds: "" the backend's
 	// own encoding, MemoryFormatImage the raw guest RAM.
 	MemoryFormat string `json:"memory_format,omitempty"`
+}
+
+// DiskPayloadSize and DiskSHA256 are the disk payload's recorded size and
+// checksum (0 and "" without a disk).
+func (m SnapshotMetadata) DiskPayloadSize() int64 {
+	if m.Disk == nil {
+		return 0
+	}
+	return m.Disk.PayloadBytes
+}
+
+// DiskSHA256: see DiskPayloadSize.
+func (m SnapshotMetadata) DiskSHA256() string {
+	if m.Disk == nil {
+		return ""
+	}
+	return m.Disk.SHA256
 }
 
 // MemoryFormatImage: the memory payload is the guest RAM as a raw image

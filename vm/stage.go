@@ -16,6 +16,7 @@ import (
 const (
 	SectionDeviceState = "device-state"
 	SectionMemory      = "memory"
+	SectionDisk        = "disk"
 )
 
 // A Sink consumes one payload section (writes it to a staging file,
@@ -33,38 +34,50 @@ type Sink func(r io.Reader) error
 // also made the sink fail (the rest of the payload is then read and hashed
 // so the two can be told apart). A payload that could not be read is
 // reported as the read error it is: it says nothing about the snapshot.
+//
+// A backend without workspace disks stages with Stage, which refuses a
+// snapshot that carries one; one with disks uses StageWithDisk.
 func Stage(snap *Snapshot, deviceState, memory Sink) error {
-	md := snap.Metadata
-	if err := stageSection(md.SnapshotID, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState); err != nil {
-		return err
-	}
-	return stageSection(md.SnapshotID, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
+	return StageWithDisk(snap, deviceState, memory, nil)
 }
 
-// StageImage is Stage for a backend that loads guest memory from a RAM
-// file: the memory payload goes into dst, a fresh file of the guest RAM's
-// size, at its offsets, and pages that hold nothing stay holes. A memory
-// image whose chunks carry their own hashes (ImagePayload) and has no
-// recorded checksum is written in parallel, every chunk verified; any
+// StageImage is StageWithDisk for a backend that loads guest memory from
+// a RAM file: the memory payload goes into dst, a fresh file of the guest
+// RAM's size, at its offsets, and pages that hold nothing stay holes. A
+// memory image whose chunks carry their own hashes (ImagePayload) and has
+// no recorded checksum is written in parallel, every chunk verified; any
 // other payload streams through its recorded checksum as in Stage, its
-// zero pages skipped. As with Stage, dst may be used only if StageImage
-// returns nil.
-func StageImage(ctx context.Context, snap *Snapshot, deviceState Sink, dst *os.File) error {
+// zero pages skipped. disk is the workspace disk's sink (nil: the backend
+// has none, and a snapshot with one is refused). As with Stage, dst may be
+// used only if StageImage returns nil.
+func StageImage(ctx context.Context, snap *Snapshot, deviceState Sink, dst *os.File, disk Sink) error {
 	md := snap.Metadata
-	if err := stageSection(md.SnapshotID, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState); err != nil {
+	owner := "snapshot " + md.SnapshotID
+	diskErr := make(chan error, 1)
+	go func() { diskErr <- StageDisk(owner, snap.Disk, md.Disk, disk) }()
+	err := stageImage(ctx, owner, snap, deviceState, dst)
+	if derr := <-diskErr; err == nil {
+		err = derr
+	}
+	return err
+}
+
+func stageImage(ctx context.Context, owner string, snap *Snapshot, deviceState Sink, dst *os.File) error {
+	md := snap.Metadata
+	if err := StagePayload(owner, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState); err != nil {
 		return err
 	}
 	img, ok := snap.Memory.(ImagePayload)
 	if !ok || md.MemorySHA256 != "" {
-		return stageSection(md.SnapshotID, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, func(r io.Reader) error {
+		return StagePayload(owner, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, func(r io.Reader) error {
 			return writeSparse(dst, r)
 		})
 	}
 	if got := img.Size(); got != md.MemorySize {
-		return fmt.Errorf("snapshot %s: %s section has %d bytes, metadata says %d: %w", md.SnapshotID, SectionMemory, got, md.MemorySize, ErrCorrupt)
+		return fmt.Errorf("%s: %s section has %d bytes, metadata says %d: %w", owner, SectionMemory, got, md.MemorySize, ErrCorrupt)
 	}
 	if err := img.WriteImage(ctx, dst); err != nil {
-		return fmt.Errorf("snapshot %s: stage %s section: %w", md.SnapshotID, SectionMemory, err)
+		return fmt.Errorf("%s: stage %s section: %w", owner, SectionMemory, err)
 	}
 	return nil
 }
@@ -103,10 +116,41 @@ func writeSparse(dst *os.File, r io.Reader) error {
 	}
 }
 
-// VerifyPayloads checks both payloads of s against the sizes and checksums
+// StageWithDisk is Stage with a sink for the workspace disk payload too,
+// verified the same way against Metadata.Disk. The disk is staged beside
+// the other sections (its own reader, its own sink); the first error in
+// section order is the one returned, after every section is done.
+func StageWithDisk(snap *Snapshot, deviceState, memory, disk Sink) error {
+	md := snap.Metadata
+	owner := "snapshot " + md.SnapshotID
+	diskErr := make(chan error, 1)
+	go func() { diskErr <- StageDisk(owner, snap.Disk, md.Disk, disk) }()
+	err := StagePayload(owner, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState)
+	if err == nil {
+		err = StagePayload(owner, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
+	}
+	if derr := <-diskErr; err == nil {
+		err = derr
+	}
+	return err
+}
+
+// StageDisk is StagePayload for a workspace disk described by md (nil: the
+// payload must be empty): a snapshot's, or one that travels without a VM
+// snapshot (a checkpoint's). owner names it in errors.
+func StageDisk(owner string, p Payload, md *DiskMetadata, sink Sink) error {
+	var size int64
+	var sum string
+	if md != nil {
+		size, sum = md.PayloadBytes, md.SHA256
+	}
+	return StagePayload(owner, SectionDisk, p, size, sum, sink)
+}
+
+// VerifyPayloads checks every payload of s against the sizes and checksums
 // its metadata records, reading each once.
 func VerifyPayloads(s *Snapshot) error {
-	return Stage(s, drain, drain)
+	return StageWithDisk(s, drain, drain, drain)
 }
 
 func drain(r io.Reader) error {
@@ -114,9 +158,14 @@ func drain(r io.Reader) error {
 	return err
 }
 
-func stageSection(snapID, section string, p Payload, size int64, sum string, sink Sink) error {
+// StagePayload is Stage for one payload of whatever (a snapshot's section,
+// a package's workspace): it hands p to sink once and checks, in the same
+// pass, that it has size bytes with SHA-256 sum (hex). owner names what p
+// belongs to in errors ("snapshot S", "package P").
+func StagePayload(owner, section string, p Payload, size int64, sum string, sink Sink) error {
+	snapID := owner
 	corrupt := func(format string, args ...any) error {
-		return fmt.Errorf("snapshot %s: %s section "+format+": %w", append(append([]any{snapID, section}, args...), ErrCorrupt)...)
+		return fmt.Errorf("%s: %s section "+format+": %w", append(append([]any{snapID, section}, args...), ErrCorrupt)...)
 	}
 	if got := PayloadSize(p); got != size {
 		return corrupt("has %d bytes, metadata says %d", got, size)
@@ -133,7 +182,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 	}
 	rc, err := p.Open()
 	if err != nil {
-		return fmt.Errorf("snapshot %s: open %s section: %w", snapID, section, err)
+		return fmt.Errorf("%s: open %s section: %w", snapID, section, err)
 	}
 	defer rc.Close()
 	vr := &verifyingReader{r: rc, left: size, h: NewAsyncHash(sha256.New())}
@@ -147,7 +196,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 	got := hex.EncodeToString(vr.h.Sum())
 	switch {
 	case vr.readErr != nil:
-		return fmt.Errorf("snapshot %s: read %s section: %w", snapID, section, vr.readErr)
+		return fmt.Errorf("%s: read %s section: %w", snapID, section, vr.readErr)
 	case vr.short:
 		return corrupt("ended after %d of %d bytes", size-vr.left, size)
 	}
@@ -155,7 +204,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 	if n, err := io.ReadFull(rc, one[:]); n > 0 {
 		return corrupt("has more than the %d bytes recorded", size)
 	} else if err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("snapshot %s: read %s section: %w", snapID, section, err)
+		return fmt.Errorf("%s: read %s section: %w", snapID, section, err)
 	}
 	if sum != "" && got != sum {
 		return corrupt("checksum mismatch (sha256 %.12s, metadata says %.12s)", got, sum)
@@ -164,7 +213,7 @@ func stageSection(snapID, section string, p Payload, size int64, sum string, sin
 		serr = fmt.Errorf("the sink stopped %d bytes before the end", unread)
 	}
 	if serr != nil {
-		return fmt.Errorf("snapshot %s: stage %s section: %w", snapID, section, serr)
+		return fmt.Errorf("%s: stage %s section: %w", snapID, section, serr)
 	}
 	return nil
 }

@@ -153,32 +153,46 @@ type ImagePayload interface {
 	WriteImage(ctx context.Context, dst io.WriterAt) error
 }
 
-// Snapshot is metadata plus up to two payloads: the device state (KLP1's
-// "snapshot" section) and the guest memory (its "memory" section).
-// Single-file layouts (VZ-like, a QEMU stream with RAM inside) fill
-// DeviceState only; split layouts (Firecracker-like) fill both.
+// Snapshot is metadata plus up to three payloads: the device state
+// (KLP1's "snapshot" section), the guest memory (its "memory" section) and
+// the workspace disk's blocks (a package section of its own: KLP1 v1 has
+// no disk section). Single-file layouts (VZ-like, a QEMU stream with RAM
+// inside) fill DeviceState only; split layouts (Firecracker-like) fill
+// DeviceState and Memory. Disk is set when the VM has a workspace disk
+// (Metadata.Disk).
 type Snapshot struct {
 	Metadata    SnapshotMetadata
 	DeviceState Payload // nil when empty
 	Memory      Payload // nil when empty
+	Disk        Payload // nil when the VM has no workspace disk
 
-	release func() error
+	release releaser
 }
 
 // NewSnapshot builds a snapshot whose Close calls release (may be nil), for
 // backends that own temporary files behind the payloads.
 func NewSnapshot(md SnapshotMetadata, deviceState, memory Payload, release func() error) *Snapshot {
-	return &Snapshot{Metadata: md, DeviceState: deviceState, Memory: memory, release: release}
+	return &Snapshot{Metadata: md, DeviceState: deviceState, Memory: memory, release: releaser{release}}
 }
 
 // Close releases whatever backs the payloads. It is safe to call twice.
 func (s *Snapshot) Close() error {
-	if s == nil || s.release == nil {
+	if s == nil {
 		return nil
 	}
-	r := s.release
-	s.release = nil
-	return r()
+	return s.release.run()
+}
+
+// releaser runs a release function once; the second run is a no-op.
+type releaser struct{ f func() error }
+
+func (r *releaser) run() error {
+	f := r.f
+	r.f = nil
+	if f == nil {
+		return nil
+	}
+	return f()
 }
 
 // PayloadSize is p.Size(), or 0 for a nil payload.

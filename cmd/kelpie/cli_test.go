@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/guest/image"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/fs"
 	"github.com/kelpie/teleport/vm"
@@ -193,11 +194,11 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"vm", "snapshot", "x", "--out", "f", "--format", "v0"}, 2, "--format"},
 		{[]string{"teleport", "out", "x", "--format", "zip"}, 2, "--format"},
 		{[]string{"vm", "create", "x", "--backend", "hyperv"}, 2, "unknown backend"},
-		{[]string{"vm", "create", "x", "--accel", "hvf"}, 2, "--accel"},
+		{[]string{"vm", "create", "x", "--accel", "hvf"}, 2, "accelerator"},
 		{[]string{"vm", "snapshot", "x", "--out", "f", "--layout", "sideways"}, 2, "--layout"},
 		{[]string{"blob", "inspect", "/does/not/exist"}, 1, "no such file"},
 		{[]string{"blob", "inspect", "--bogus"}, 2, "flag provided but not defined"},
-		{[]string{"package", "show", "../../etc/passwd"}, 1, "invalid package id"},
+		{[]string{"package", "show", "../../etc/passwd"}, 2, "invalid package id"},
 		{[]string{"package", "show", "missing-id"}, 1, "not found"},
 		{[]string{"package", "frob"}, 2, "unknown package command"},
 		{[]string{"demo", "--backend", "vmware"}, 2, "want auto"},
@@ -232,7 +233,7 @@ func makePackage(t *testing.T, storeDir string, o sim.Options, kind teleport.Sna
 func TestPackageCommands(t *testing.T) {
 	storeDir := t.TempDir()
 	envs := map[string]string{"KELPIE_HOME": t.TempDir(), "KELPIE_BACKEND": "sim", "KELPIE_HOST_ID": "host-a"}
-	pkg := makePackage(t, storeDir, sim.Options{HostID: "host-a", Arch: vm.HostArchitecture()}, teleport.KindSuspend)
+	pkg := makePackage(t, storeDir, sim.Options{HostID: "host-a", Arch: vm.HostArchitecture(), BaseImageVersion: image.Version()}, teleport.KindSuspend)
 
 	out, errOut, code := kelpie(t, envs, "package", "ls", "--store", storeDir)
 	if code != 0 || !strings.Contains(out, pkg.ID) || !strings.Contains(out, "suspend") {

@@ -15,12 +15,22 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+
+	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/host"
+	"github.com/kelpie/teleport/vm"
 )
 
 // env is what a command may touch; tests give it buffers.
 type env struct {
 	stdout, stderr io.Writer
 	getenv         func(string) string
+	// server is the daemon the commands go through (--server or
+	// KELPIE_SERVER); "" runs them on this home.
+	server string
+	// unenforced: the command changed where an agent runs without a
+	// registry; a successful command says so.
+	unenforced bool
 }
 
 type command struct {
@@ -58,6 +68,10 @@ func run(ctx context.Context, e *env, args []string) (code int) {
 			code = 70
 		}
 	}()
+	args, err := globalFlags(e, args)
+	if err != nil {
+		return report(e, err)
+	}
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		printHelp(e.stdout)
 		return 0
@@ -72,6 +86,31 @@ func run(ctx context.Context, e *env, args []string) (code int) {
 	return 2
 }
 
+// globalFlags takes the flags that come before the command: --server URL
+// (default $KELPIE_SERVER).
+func globalFlags(e *env, args []string) ([]string, error) {
+	e.server = e.getenv("KELPIE_SERVER")
+	for len(args) > 0 {
+		a := args[0]
+		switch {
+		case a == "--server" || a == "-server":
+			if len(args) < 2 || strings.HasPrefix(args[1], "-") {
+				return nil, usagef("--server needs a URL (http://HOST:PORT)")
+			}
+			e.server, args = args[1], args[2:]
+		case strings.HasPrefix(a, "--server=") || strings.HasPrefix(a, "-server="):
+			_, e.server, _ = strings.Cut(a, "=")
+			args = args[1:]
+		default:
+			if e.server != "" && !strings.HasPrefix(e.server, "http://") && !strings.HasPrefix(e.server, "https://") {
+				return nil, usagef("--server %q: want http://HOST:PORT or https://HOST:PORT", e.server)
+			}
+			return args, nil
+		}
+	}
+	return args, nil
+}
+
 // exitError lets a command choose its exit code (vm exec passes the guest's).
 type exitError struct{ code int }
 
@@ -79,6 +118,9 @@ func (x exitError) Error() string { return fmt.Sprintf("exit %d", x.code) }
 
 func report(e *env, err error) int {
 	if err == nil {
+		if e.unenforced {
+			fmt.Fprintln(e.stderr, "kelpie: note: no registry (--registry or KELPIE_REGISTRY): single activation is not enforced")
+		}
 		return 0
 	}
 	var x exitError
@@ -90,11 +132,18 @@ func report(e *env, err error) int {
 	}
 	msg := strings.ReplaceAll(err.Error(), "\n", " ")
 	fmt.Fprintf(e.stderr, "kelpie: %s\n", msg)
-	var u usageError
-	if errors.As(err, &u) {
+	if isUsage(err) {
 		return 2
 	}
 	return 1
+}
+
+// isUsage: err is a mistake in how kelpie was called: a flag, a name, a
+// value, a store address, options that do not go together.
+func isUsage(err error) bool {
+	var u usageError
+	return errors.As(err, &u) || errors.Is(err, vm.ErrInvalidConfig) || errors.Is(err, teleport.ErrInvalidID) ||
+		errors.Is(err, teleport.ErrInvalidStore) || errors.Is(err, host.ErrInvalidRequest) || errors.Is(err, host.ErrUnknownBackend)
 }
 
 func printHelp(w io.Writer) {
@@ -104,6 +153,9 @@ func printHelp(w io.Writer) {
 		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w, "\nRun 'kelpie COMMAND -h' for a command's flags. KELPIE_HOME selects this host's home (default ~/.kelpie).")
+	fmt.Fprintln(w, "kelpie --server URL COMMAND (or KELPIE_SERVER) runs agent, host, vm, teleport and package commands through a daemon")
+	fmt.Fprintln(w, "(kelpie serve); KELPIE_TOKEN or --token-file carries its token. --registry URL (or KELPIE_REGISTRY) makes")
+	fmt.Fprintln(w, "the commands that change where an agent runs obey the registry's ownership rules without a daemon.")
 }
 
 // helpOut remembers where each flag set prints its -h text; errors are

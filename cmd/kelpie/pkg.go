@@ -7,7 +7,9 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/host"
+	"github.com/kelpie/teleport/server"
 )
 
 func init() {
@@ -15,6 +17,28 @@ func init() {
 }
 
 const packageUsage = `kelpie package ls|show ID|rm ID|verify ID|gc [--store STORE] [--json]`
+
+// packageHost is what the package commands ask: this home's host, or a
+// daemon (--server).
+type packageHost interface {
+	Packages(ctx context.Context, store string) ([]*teleport.Package, error)
+	Package(ctx context.Context, store, id string) (*teleport.Package, error)
+	RemovePackage(ctx context.Context, store, id string) error
+	VerifyPackage(ctx context.Context, store, id string) (*host.Verification, error)
+	ExplainPackage(ctx context.Context, store, id string) (*host.Explanation, error)
+	CollectGarbage(ctx context.Context, store string) (int, error)
+}
+
+// remotePackages are a daemon's package endpoints.
+type remotePackages struct{ *server.Client }
+
+func (remotePackages) ExplainPackage(context.Context, string, string) (*host.Explanation, error) {
+	return nil, usagef("package show --can-restore-here does not go through --server")
+}
+
+func (remotePackages) CollectGarbage(context.Context, string) (int, error) {
+	return 0, usagef("package gc does not go through --server")
+}
 
 func cmdPackage(ctx context.Context, e *env, args []string) error {
 	if len(args) == 0 {
@@ -41,11 +65,24 @@ func cmdPackage(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	h, err := openHost(ctx, e, *asJSON && sub == "verify", false)
-	if err != nil {
-		return err
+	var h packageHost
+	if e.server != "" {
+		if sub == "gc" || (here != nil && *here) {
+			return usagef("package %s runs on the store's machine, not through --server", sub)
+		}
+		c, err := e.client()
+		if err != nil {
+			return err
+		}
+		h = remotePackages{c}
+	} else {
+		lh, err := openHost(ctx, e, *asJSON && sub == "verify", false)
+		if err != nil {
+			return err
+		}
+		defer lh.Close()
+		h = lh
 	}
-	defer h.Close()
 	out := func(v any) error { return json.NewEncoder(e.stdout).Encode(v) }
 	switch sub {
 	case "ls", "list":

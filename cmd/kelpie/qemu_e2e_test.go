@@ -138,17 +138,19 @@ func pidAlive(pid int) bool {
 	return true
 }
 
-func TestQEMUEndToEnd(t *testing.T) {
-	needQEMUCLI(t)
-	tmp := t.TempDir()
+// twoHomes builds the kelpie binary into a temporary directory and names
+// two homes (hosts) and a store there; whatever VMs a failure leaves in
+// the homes are removed at cleanup (VMs outlive kelpie by design).
+func twoHomes(t *testing.T) (c cli, tmp, homeA, homeB, store string) {
+	t.Helper()
+	tmp = t.TempDir()
 	bin := filepath.Join(tmp, "kelpie")
 	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("build kelpie: %v\n%s", err, out)
 	}
-	c := cli{t, bin}
-	homeA, homeB, store := filepath.Join(tmp, "host-a"), filepath.Join(tmp, "host-b"), filepath.Join(tmp, "store")
+	c = cli{t, bin}
+	homeA, homeB, store = filepath.Join(tmp, "host-a"), filepath.Join(tmp, "host-b"), filepath.Join(tmp, "store")
 	t.Cleanup(func() {
-		// VMs outlive kelpie by design: remove whatever a failure left.
 		for _, h := range []string{homeA, homeB} {
 			var l []host.VMInfo
 			json.Unmarshal([]byte(c.run(h, "vm", "ls", "--json").stdout), &l)
@@ -157,6 +159,13 @@ func TestQEMUEndToEnd(t *testing.T) {
 			}
 		}
 	})
+	return c, tmp, homeA, homeB, store
+}
+
+func TestQEMUEndToEnd(t *testing.T) {
+	needQEMUCLI(t)
+	c, tmp, homeA, homeB, store := twoHomes(t)
+	bin := c.bin
 
 	if dir := c.ok(homeA, "image", "build"); !strings.Contains(dir, "image") {
 		t.Fatalf("image build printed %q", dir)

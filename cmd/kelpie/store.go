@@ -11,14 +11,22 @@ import (
 	"time"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/fleet"
 	"github.com/kelpie/teleport/host"
-	s3store "github.com/kelpie/teleport/store/s3"
+	"github.com/kelpie/teleport/registry"
 )
 
 // openHost opens this home's host for one command. Commands that move
 // packages pass progressJSON; a terminal gets a progress bar either way.
 // stepPrefix != "" prints each step of a long operation with its time.
-func openHost(ctx context.Context, e *env, progressJSON, steps bool) (*host.Host, error) {
+func openHost(ctx context.Context, e *env, progressJSON, steps bool) (*localHost, error) {
+	if e.server != "" {
+		return nil, usagef("this command does not go through a daemon; run it without --server (or unset KELPIE_SERVER) on the daemon's machine")
+	}
+	lock, err := host.UseHome(home(e))
+	if err != nil {
+		return nil, err
+	}
 	o := host.Options{
 		Home:           home(e),
 		HostID:         e.getenv("KELPIE_HOST_ID"),
@@ -27,12 +35,6 @@ func openHost(ctx context.Context, e *env, progressJSON, steps bool) (*host.Host
 		OneShot:        true,
 		Log:            slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 		OpenStore: func(ctx context.Context, url string) (teleport.Store, error) {
-			if strings.HasPrefix(url, "s3://") {
-				// A malformed URL is a mistake in how kelpie was called.
-				if _, err := s3store.ParseURL(url, e.getenv); err != nil {
-					return nil, usagef("--store: %s", strings.TrimSuffix(err.Error(), ": "+teleport.ErrStore.Error()))
-				}
-			}
 			st, err := host.StoreOpener(e.getenv)(ctx, url)
 			if err != nil {
 				return nil, err
@@ -45,7 +47,86 @@ func openHost(ctx context.Context, e *env, progressJSON, steps bool) (*host.Host
 			fmt.Fprintf(e.stderr, "kelpie: %s: %-14s %8.1f ms\n", op, step, ms(d))
 		}
 	}
-	return host.Open(ctx, o)
+	h, err := host.Open(ctx, o)
+	if err != nil {
+		lock.Release()
+		return nil, err
+	}
+	return &localHost{Host: h, lock: lock}, nil
+}
+
+// localHost is this home's host for one command, holding the home's
+// shared lock (no daemon serves it meanwhile), and its fleet membership
+// when the command was given a registry.
+type localHost struct {
+	*host.Host
+	lock  *host.HomeLock
+	fleet *fleet.Fleet
+	reg   registry.Registry
+}
+
+// Close leaves the registry, lets the VMs go (they keep running) and
+// releases the home.
+func (h *localHost) Close() error {
+	if h.fleet != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		h.fleet.Leave(ctx)
+		cancel()
+	}
+	if h.reg != nil {
+		h.reg.Close()
+	}
+	err := h.Host.Close()
+	h.lock.Release()
+	return err
+}
+
+const registryFlagHelp = "agent registry, etcd://HOST:PORT[,HOST:PORT...] (default $KELPIE_REGISTRY): enforce single activation"
+
+// registryURL is --registry, or KELPIE_REGISTRY.
+func registryURL(e *env, flagValue string) (string, error) {
+	u := flagValue
+	if u == "" {
+		u = e.getenv("KELPIE_REGISTRY")
+	}
+	if u != "" {
+		if _, err := registry.ParseURL(u); err != nil {
+			return "", usagef("--registry: %v", err)
+		}
+	}
+	return u, nil
+}
+
+// join makes the command's host a member of the fleet at registry URL u
+// (for the length of the command) and reconciles the named agents, so
+// that what a killed command left behind is settled first. Without a
+// registry it says that single activation is not enforced.
+func (h *localHost) join(ctx context.Context, e *env, u string, agents ...string) (*fleet.Fleet, error) {
+	if u == "" {
+		e.unenforced = true // said once the command succeeded
+		return fleet.Join(ctx, h.Host, nil, fleet.Options{})
+	}
+	reg, err := registry.Open(u, registry.Options{})
+	if err != nil {
+		return nil, err
+	}
+	f, err := fleet.Join(ctx, h.Host, reg, fleet.Options{})
+	if err != nil {
+		reg.Close()
+		return nil, fmt.Errorf("registry %s: %w", u, err)
+	}
+	h.fleet, h.reg = f, reg
+	repairs, err := f.Reconcile(ctx, agents...)
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range repairs {
+		fmt.Fprintf(e.stderr, "kelpie: reconciled agent %s: %s (%s -> %s)\n", r.Agent, r.Action, r.From, orDash(string(r.To)))
+		if r.Err != "" {
+			fmt.Fprintf(e.stderr, "kelpie: reconciling agent %s failed: %s\n", r.Agent, r.Err)
+		}
+	}
+	return f, nil
 }
 
 const storeFlagHelp = "package store: a directory or s3://bucket/prefix (default $KELPIE_HOME/packages)"

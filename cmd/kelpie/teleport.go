@@ -17,9 +17,10 @@ func init() {
 }
 
 const teleportUsage = `kelpie teleport out NAME --store STORE [--kind teleport|suspend|checkpoint|auto] [--keep-source] [--format v1|v2] [--json]
-           [--agent-id ID] [--agent-state FILE] [--target-arch A --target-backend B --target-host H --target-cpu C]
+           [--agent-id ID] [--agent-state FILE] [--target-arch A --target-backend B --target-host H --target-cpu C] [--registry URL]
        kelpie teleport in PACKAGE_ID --store STORE --name NEW [--backend B] [--accel auto|kvm|tcg] [--memory MIB --cpus N]
-           [--agent-state-out FILE]`
+           [--agent-state-out FILE] [--registry URL]   (with a registry the VM keeps its agent's name)
+           [--publish 127.0.0.1:HOSTPORT:GUESTPORT|none]... [--fork]`
 
 func cmdTeleport(ctx context.Context, e *env, args []string) error {
 	if len(args) == 0 {
@@ -52,20 +53,13 @@ func teleportOut(ctx context.Context, e *env, args []string) error {
 	fs.StringVar(&t.Backend, "target-backend", "", "--kind auto: target backend (default: this host's)")
 	fs.StringVar(&t.HostID, "target-host", "", "--kind auto: target host id (default: this host)")
 	fs.StringVar(&t.CPU, "target-cpu", "", "--kind auto: target CPU model (default: this host's)")
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
 		return usagef("usage: %s", teleportUsage)
-	}
-	if *kindFlag != host.KindAuto {
-		if _, err := teleport.ParseKind(*kindFlag); err != nil {
-			return usagef("--kind: %v", err)
-		}
-		if t != (host.Target{}) {
-			return usagef("--target-* flags only go with --kind auto")
-		}
 	}
 	ver, err := blob.ParseFormat(*format)
 	if err != nil {
@@ -81,15 +75,31 @@ func teleportOut(ctx context.Context, e *env, args []string) error {
 			return fmt.Errorf("--agent-state: %w", err)
 		}
 	}
+	if e.server != "" {
+		return teleportOutRemote(ctx, e, pos[0], url, *keep, *agentID)
+	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
+		return err
+	}
 	h, err := openHost(ctx, e, *progressJSON, true)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
-	start := time.Now()
-	res, err := h.TeleportOut(ctx, pos[0], req)
+	f, err := h.join(ctx, e, regURL, pos[0])
 	if err != nil {
 		return err
+	}
+	start := time.Now()
+	res, a, err := f.TeleportOut(ctx, pos[0], req)
+	if err != nil {
+		return err
+	}
+	if a != nil && a.Name != pos[0] {
+		fmt.Fprintf(e.stderr, "kelpie: the copy is a new agent, %s, in flight in its package (epoch %d)\n", a.Name, a.Epoch)
+	} else if a != nil {
+		fmt.Fprintf(e.stderr, "kelpie: agent %s is in flight (epoch %d): restore it once with teleport in\n", a.Name, a.Epoch)
 	}
 	if res.KindReason != "" {
 		fmt.Fprintf(e.stderr, "kelpie: kind %s: %s\n", res.Kind, res.KindReason)
@@ -143,34 +153,58 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	name := fs.String("name", "", "name of the new VM")
 	backend := fs.String("backend", "", "backend to restore with (default: the one that wrote the snapshot; a checkpoint: this host's default)")
 	accel := fs.String("accel", "", "accelerator: auto, kvm or tcg (default $KELPIE_ACCEL or auto)")
-	mem := fs.Int("memory", 0, "guest memory in MiB (a checkpoint's fresh VM; default 256; full VMs keep theirs)")
-	cpus := fs.Int("cpus", 0, "vCPUs (as --memory)")
+	mem := fs.Int("memory", 0, "guest memory in MiB of a checkpoint's fresh VM (default 256); a full VM keeps its own, so leave it unset")
+	cpus := fs.Int("cpus", 0, "vCPUs of a checkpoint's fresh VM (default 1); as --memory")
 	stateOut := fs.String("agent-state-out", "", "write the package's agent state to this file")
+	regFlag := fs.String("registry", "", registryFlagHelp)
+	fork := fs.Bool("fork", false, "restore a copy with a new identity (its name as hostname, a new agent id, a reseeded RNG; no published ports unless --publish)")
+	var nf netFlags
+	addPublishFlag(fs, &nf, "; replaces the package's ports on this host (default: the recorded ones; none: no ports)")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) != 1 || *name == "" {
-		return usagef("usage: %s", teleportUsage)
-	}
-	if err := checkAccel(*accel); err != nil {
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
 		return err
+	}
+	if len(pos) != 1 || (*name == "" && regURL == "" && e.server == "") {
+		return usagef("usage: %s", teleportUsage)
 	}
 	url, err := storeF.url()
 	if err != nil {
 		return err
+	}
+	publish, err := nf.published()
+	if err != nil {
+		return err
+	}
+	if (e.server != "" || regURL != "") && (*fork || nf.publish.set) {
+		return usagef("--fork and --publish are not served through a daemon or a registry yet; run teleport in on the host without them")
+	}
+	if e.server != "" {
+		return teleportInRemote(ctx, e, pos[0], url, *name)
 	}
 	h, err := openHost(ctx, e, *progressJSON, true)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
-	start := time.Now()
-	res, err := h.TeleportIn(ctx, pos[0], host.InRequest{Store: url, Name: *name, Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
+	f, err := h.join(ctx, e, regURL)
 	if err != nil {
-		return backendUsage(err)
+		return err
 	}
+	start := time.Now()
+	res, _, err := f.TeleportIn(ctx, pos[0], host.InRequest{Store: url, Name: *name, Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem,
+		Fork: *fork, Publish: publish, PublishSet: nf.publish.set})
+	if err != nil {
+		return err
+	}
+	*name = res.VM.Name
 	got := res.Package
+	if res.Warning != "" {
+		fmt.Fprintf(e.stderr, "kelpie: warning: %s\n", res.Warning)
+	}
 	if *stateOut != "" {
 		if err := os.WriteFile(*stateOut, got.AgentState, 0o600); err != nil {
 			return fmt.Errorf("vm %s runs, but --agent-state-out failed: %w", *name, err)
@@ -184,8 +218,11 @@ func teleportIn(ctx context.Context, e *env, args []string) error {
 	if res.VM.Accel != "" {
 		accelNote = ", " + res.VM.Accel
 	}
-	fmt.Fprintf(e.stderr, "kelpie: vm %s %s from %s package %s (%s%s, from host %s); ready in %.0f ms\n", *name, how, got.Kind, got.ID,
-		res.VM.Backend, accelNote, got.SourceHostID, ms(time.Since(start)))
+	if *fork || got.SourceKept {
+		how += " as a copy with its own identity"
+	}
+	fmt.Fprintf(e.stderr, "kelpie: vm %s %s from %s package %s (%s%s, from host %s%s); ready in %.0f ms\n", *name, how, got.Kind, got.ID,
+		res.VM.Backend, accelNote, got.SourceHostID, portsNote(res.VM.Ports), ms(time.Since(start)))
 	fmt.Fprintln(e.stdout, *name)
 	return nil
 }

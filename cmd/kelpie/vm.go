@@ -3,7 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
+	"flag"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -17,12 +17,18 @@ func init() {
 	register(command{"vm", "create, list, drive, snapshot, suspend and remove VMs of this host", cmdVM})
 }
 
-const vmUsage = `kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg]
+const vmCreateUsage = `kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg]
+           [--network none|restricted|full] [--publish 127.0.0.1:HOSTPORT:GUESTPORT]... [--forward GUESTPORT:127.0.0.1:HOSTPORT]...
+           [--disk SIZE] [--registry URL]`
+
+const vmUsage = vmCreateUsage + `
        kelpie vm ls [--json]
+       kelpie vm fork NAME --count N [--prefix P] [--publish 127.0.0.1:0:GUESTPORT]... [--json]
+       kelpie vm time NAME [--json]
        kelpie vm exec NAME [--timeout DURATION] [--workdir DIR] -- CMD [ARG...]
-       kelpie vm start|pause|resume|stop|rm NAME
+       kelpie vm start|pause|resume|stop|rm NAME [--registry URL]
        kelpie vm snapshot NAME --out FILE [--layout split|single] [--format v1|v2]
-       kelpie vm suspend NAME [--store STORE]`
+       kelpie vm suspend NAME [--store STORE] [--registry URL]`
 
 func cmdVM(ctx context.Context, e *env, args []string) error {
 	if len(args) == 0 {
@@ -40,6 +46,10 @@ func cmdVM(ctx context.Context, e *env, args []string) error {
 		return vmSnapshot(ctx, e, args)
 	case "suspend":
 		return vmSuspend(ctx, e, args)
+	case "fork":
+		return vmFork(ctx, e, args)
+	case "time":
+		return vmTime(ctx, e, args)
 	case "resume":
 		return vmResume(ctx, e, args)
 	case "start", "pause", "stop", "rm":
@@ -54,29 +64,65 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 	mem := fs.Int("memory", host.VMMemoryMiBDefault, "guest memory in MiB")
 	cpus := fs.Int("cpus", host.VMCPUsDefault, "vCPUs")
 	accel := fs.String("accel", "", "accelerator: auto, kvm or tcg (default $KELPIE_ACCEL or auto)")
+	regFlag := fs.String("registry", "", registryFlagHelp)
+	network := fs.String("network", string(host.VMNetworkDefault), "none; restricted: no egress but the --forward ports; full: full egress (production use; reaches the host's loopback too)")
+	var nf netFlags
+	addPublishFlag(fs, &nf, "")
+	addForwardFlag(fs, &nf)
+	disk := fs.String("disk", "", "a workspace disk of this size (ext4 at /workspace; sparse on the host), like 1G or 512M; default: /workspace in guest RAM")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm create NAME [--backend qemu] [--memory MIB] [--cpus N] [--accel auto|kvm|tcg]")
+		return usagef("usage: %s", vmCreateUsage)
 	}
-	if err := checkAccel(*accel); err != nil {
+	if e.server != "" {
+		sandbox := false
+		fs.Visit(func(f *flag.Flag) {
+			sandbox = sandbox || f.Name == "network" || f.Name == "publish" || f.Name == "forward" || f.Name == "disk"
+		})
+		if sandbox {
+			return usagef("--network, --publish, --forward and --disk are not served through a daemon yet; run vm create on the host")
+		}
+		return agentCreateRemote(ctx, e, pos[0], *mem, *cpus, *backend)
+	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
 		return err
+	}
+	spec := host.VMSpec{Name: pos[0], Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem}
+	if spec.Network, err = checkNetworkFlag(*network); err != nil {
+		return err
+	}
+	if spec.Publish, err = nf.published(); err != nil {
+		return err
+	}
+	if spec.Forwards, err = nf.forwarded(); err != nil {
+		return err
+	}
+	if *disk != "" {
+		if spec.DiskBytes, err = parseSize(*disk); err != nil {
+			return err
+		}
 	}
 	h, err := openHost(ctx, e, false, false)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
-	start := time.Now()
-	info, err := h.CreateVM(ctx, host.VMSpec{Name: pos[0], Backend: *backend, Accel: *accel, VCPUs: *cpus, MemoryMiB: *mem})
+	f, err := h.join(ctx, e, regURL)
 	if err != nil {
-		return backendUsage(err)
+		return err
 	}
-	sayAccel(ctx, e, h, info.Backend, *accel)
-	fmt.Fprintf(e.stderr, "kelpie: vm %s running (%s, %d MiB, %d vCPU, ready in %.2f s)\n", info.Name, info.Backend,
-		info.MemoryMiB, info.VCPUs, time.Since(start).Seconds())
+	start := time.Now()
+	_, info, err := f.Create(ctx, spec)
+	if err != nil {
+		return err
+	}
+	sayAccel(ctx, e, h.Host, info.Backend, *accel)
+	fmt.Fprintf(e.stderr, "kelpie: vm %s running (%s, %d MiB, %d vCPU, network %s%s, disk %s, ready in %.2f s)\n", info.Name, info.Backend,
+		info.MemoryMiB, info.VCPUs, orNone(info.Network), portsNote(info.Ports), humanDisk(info.DiskBytes), time.Since(start).Seconds())
 	fmt.Fprintln(e.stdout, info.Name)
 	return nil
 }
@@ -91,41 +137,127 @@ func vmList(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 0 {
 		return usagef("usage: kelpie vm ls [--json]")
 	}
-	h, err := openHost(ctx, e, false, false)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	vms, err := h.VMs(ctx)
-	if err != nil {
-		return err
+	var vms []host.VMInfo
+	if e.server != "" {
+		c, err := e.client()
+		if err != nil {
+			return err
+		}
+		if vms, err = c.VMs(ctx); err != nil {
+			return err
+		}
+	} else {
+		h, err := openHost(ctx, e, false, false)
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		if vms, err = h.VMs(ctx); err != nil {
+			return err
+		}
 	}
 	if *asJSON {
 		return json.NewEncoder(e.stdout).Encode(vms)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tBACKEND\tSTATE\tPID\tMEMORY\tCPUS\tACCEL")
+	fmt.Fprintln(tw, "NAME\tBACKEND\tSTATE\tPID\tMEMORY\tCPUS\tACCEL\tNETWORK\tPORTS\tDISK")
 	for _, v := range vms {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d\t%s\n", v.Name, v.Backend, v.State, dash(v.PID), v.MemoryMiB, v.VCPUs, orDash(v.Accel))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d\t%s\t%s\t%s\t%s\n", v.Name, v.Backend, v.State, dash(v.PID), v.MemoryMiB, v.VCPUs, orDash(v.Accel),
+			orDash(v.Network), humanPorts(v.Ports), humanDisk(v.DiskBytes))
 	}
 	return tw.Flush()
 }
 
-// checkAccel refuses an --accel value no backend knows.
-func checkAccel(a string) error {
-	switch a {
-	case "", "auto", "kvm", "tcg":
-		return nil
+func portsNote(ps []vm.PortBinding) string {
+	if len(ps) == 0 {
+		return ""
 	}
-	return usagef("--accel %q: want auto, kvm or tcg", a)
+	return ", ports " + humanPorts(ps)
 }
 
-// backendUsage makes an unknown --backend a usage mistake.
-func backendUsage(err error) error {
-	if errors.Is(err, host.ErrUnknownBackend) {
-		return usagef("%v", err)
+// vmFork snapshots a VM once and restores copies of it; stdout lists the
+// copies' names, one a line.
+func vmFork(ctx context.Context, e *env, args []string) error {
+	if e.server != "" {
+		return usagef("vm fork is not served through a daemon yet; run it on the host")
 	}
-	return err
+	const usage = "usage: kelpie vm fork NAME --count N [--prefix P] [--publish 127.0.0.1:0:GUESTPORT]... [--json]"
+	fs := newFlags(e, "vm fork")
+	count := fs.Int("count", 0, "how many copies")
+	prefix := fs.String("prefix", "", "name the copies PREFIX1..PREFIXN (default NAME-)")
+	asJSON := fs.Bool("json", false, "print the copies as JSON")
+	var nf netFlags
+	addPublishFlag(fs, &nf, "; copies get none unless given, and several copies need HOSTPORT 0")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 || *count < 1 {
+		return usagef(usage)
+	}
+	req := host.ForkRequest{Count: *count, Prefix: *prefix}
+	if req.Publish, err = nf.published(); err != nil {
+		return err
+	}
+	h, err := openHost(ctx, e, false, false)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	start := time.Now()
+	if regURL, err := registryURL(e, ""); err != nil {
+		return err
+	} else if regURL != "" {
+		return usagef("vm fork does not register its copies with a registry yet; run it without one (KELPIE_REGISTRY)")
+	}
+	res, err := h.ForkVM(ctx, pos[0], req)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return json.NewEncoder(e.stdout).Encode(res.VMs)
+	}
+	fmt.Fprintf(e.stderr, "kelpie: vm %s forked into %d copies in %.0f ms; source kept running\n", pos[0], len(res.VMs), ms(time.Since(start)))
+	for _, v := range res.VMs {
+		fmt.Fprintln(e.stdout, v.Name)
+	}
+	return nil
+}
+
+// vmTime reads a guest's clocks to the nanosecond and compares its wall
+// clock with this host's.
+func vmTime(ctx context.Context, e *env, args []string) error {
+	if e.server != "" {
+		return usagef("vm time is not served through a daemon yet; run it on the host")
+	}
+	fs := newFlags(e, "vm time")
+	asJSON := fs.Bool("json", false, "print JSON")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usagef("usage: kelpie vm time NAME [--json]")
+	}
+	h, err := openHost(ctx, e, false, false)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	gt, err := h.GuestTime(ctx, pos[0])
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return json.NewEncoder(e.stdout).Encode(map[string]any{
+			"guest_realtime_ns": gt.Realtime.UnixNano(), "guest_monotonic_ns": gt.Monotonic.Nanoseconds(),
+			"guest_boottime_ns": gt.Boottime.Nanoseconds(), "host_realtime_ns": gt.Host.UnixNano(),
+			"offset_ns": gt.Offset().Nanoseconds(), "round_trip_ns": gt.RoundTrip.Nanoseconds()})
+	}
+	fmt.Fprintf(e.stdout, "guest %s (monotonic %.6f s); host %s; guest ahead by %s (read in %.3f ms)\n",
+		gt.Realtime.UTC().Format(time.RFC3339Nano), gt.Monotonic.Seconds(), gt.Host.UTC().Format(time.RFC3339Nano),
+		fmtOffset(float64(gt.Offset().Nanoseconds())/1e6), ms(gt.RoundTrip))
+	return nil
 }
 
 // sayAccel tells the user which accelerator a backend with a choice
@@ -167,6 +299,9 @@ func vmExec(ctx context.Context, e *env, args []string) error {
 	if len(pos) < 2 {
 		return usagef(usage)
 	}
+	if e.server != "" {
+		return agentExecRemote(ctx, e, pos[0], pos[1], pos[2:], *timeout, *workdir)
+	}
 	h, err := openHost(ctx, e, false, false)
 	if err != nil {
 		return err
@@ -176,16 +311,21 @@ func vmExec(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	e.stdout.Write(res.Stdout)
-	e.stderr.Write(res.Stderr)
-	if res.OutputTruncated {
+	return printExec(e, res.Stdout, res.Stderr, res.OutputTruncated, res.TimedOut, *timeout, res.ExitCode)
+}
+
+// printExec prints a guest command's output and passes its exit code on.
+func printExec(e *env, stdout, stderr []byte, truncated, timedOut bool, timeout time.Duration, exitCode int) error {
+	e.stdout.Write(stdout)
+	e.stderr.Write(stderr)
+	if truncated {
 		fmt.Fprintln(e.stderr, "kelpie: guest output truncated")
 	}
-	if res.TimedOut {
-		fmt.Fprintf(e.stderr, "kelpie: guest command killed after %v\n", *timeout)
+	if timedOut {
+		fmt.Fprintf(e.stderr, "kelpie: guest command killed after %v\n", timeout)
 	}
-	if res.ExitCode != 0 {
-		code := res.ExitCode
+	if exitCode != 0 {
+		code := exitCode
 		if code < 0 || code > 255 {
 			code = 128 + 9 // killed by a signal
 		}
@@ -196,29 +336,44 @@ func vmExec(ctx context.Context, e *env, args []string) error {
 
 func vmSimple(ctx context.Context, e *env, sub string, args []string) error {
 	fs := newFlags(e, "vm "+sub)
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm %s NAME", sub)
+		return usagef("usage: kelpie vm %s NAME [--registry URL]", sub)
 	}
 	name := pos[0]
+	if e.server != "" {
+		return agentActRemote(ctx, e, sub, name)
+	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
+		return err
+	}
 	h, err := openHost(ctx, e, false, false)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
+	f, err := h.join(ctx, e, regURL, name)
+	if err != nil {
+		return err
+	}
 	switch sub {
 	case "start":
+		if f.Enforced() {
+			return usagef("vm start with a registry: a stopped agent's memory is gone; vm rm it and create it again")
+		}
 		err = h.StartVM(ctx, name)
 	case "pause":
-		err = h.PauseVM(ctx, name)
+		err = f.Pause(ctx, name)
 	case "stop":
-		err = h.StopVM(ctx, name)
+		err = f.Stop(ctx, name)
 	case "rm":
 		var res *host.RemoveResult
-		if res, err = h.RemoveVM(ctx, name); err == nil && res.PackageID != "" {
+		if res, err = f.Remove(ctx, name); err == nil && res.PackageID != "" {
 			fmt.Fprintf(e.stderr, "kelpie: vm %s: removed (and its suspend package %s)\n", name, res.PackageID)
 			return nil
 		}
@@ -266,6 +421,9 @@ func vmSnapshot(ctx context.Context, e *env, args []string) error {
 	}
 	fmt.Fprintf(e.stderr, "kelpie: snapshot %s of vm %s (%s layout, KLP1 v%d): %s for %s%s\n", res.SnapshotID, pos[0], res.Layout, res.Format,
 		humanBytes(res.SizeBytes), humanBytes(res.LogicalBytes), paused)
+	if res.NoDisk != "" {
+		fmt.Fprintf(e.stderr, "kelpie: warning: %s\n", res.NoDisk)
+	}
 	return nil
 }
 
@@ -274,14 +432,19 @@ func vmSnapshot(ctx context.Context, e *env, args []string) error {
 func vmSuspend(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "vm suspend")
 	storeF := addStoreFlags(fs)
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm suspend NAME [--store STORE]")
+		return usagef("usage: kelpie vm suspend NAME [--store STORE] [--registry URL]")
 	}
 	url, err := storeF.url()
+	if err != nil {
+		return err
+	}
+	regURL, err := registryURL(e, *regFlag)
 	if err != nil {
 		return err
 	}
@@ -290,7 +453,11 @@ func vmSuspend(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer h.Close()
-	pkg, err := h.SuspendVM(ctx, pos[0], url)
+	f, err := h.join(ctx, e, regURL, pos[0])
+	if err != nil {
+		return err
+	}
+	pkg, err := f.Suspend(ctx, pos[0], url)
 	if err != nil {
 		return err
 	}
@@ -302,20 +469,32 @@ func vmSuspend(ctx context.Context, e *env, args []string) error {
 // name.
 func vmResume(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "vm resume")
+	regFlag := fs.String("registry", "", registryFlagHelp)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return usagef("usage: kelpie vm resume NAME")
+		return usagef("usage: kelpie vm resume NAME [--registry URL]")
+	}
+	if e.server != "" {
+		return agentActRemote(ctx, e, "resume", pos[0])
+	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
+		return err
 	}
 	h, err := openHost(ctx, e, false, true)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
+	f, err := h.join(ctx, e, regURL, pos[0])
+	if err != nil {
+		return err
+	}
 	start := time.Now()
-	res, err := h.ResumeVM(ctx, pos[0])
+	res, err := f.Resume(ctx, pos[0])
 	if err != nil {
 		return err
 	}

@@ -371,6 +371,20 @@ func (c *Client) SetTime(ctx context.Context, t time.Time) error {
 	return c.Call(ctx, OpSetTime, SetTimeRequest{UnixNano: t.UnixNano()}, nil)
 }
 
+// Time reads the guest's clocks.
+func (c *Client) Time(ctx context.Context) (*TimeResult, error) {
+	var r TimeResult
+	if err := c.Call(ctx, OpTime, TimeRequest{}, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// SetHostname sets the guest's hostname.
+func (c *Client) SetHostname(ctx context.Context, hostname string) error {
+	return c.Call(ctx, OpSetHostname, SetHostnameRequest{Hostname: hostname}, nil)
+}
+
 // ReseedRNG feeds 64 fresh random bytes from the host into the guest
 // kernel's entropy pool and forces a CRNG reseed. Call it (and SetTime)
 // after every restore, so VMs restored from the same snapshot do not share

@@ -243,7 +243,44 @@ func ioctl(f *os.File, req, arg uintptr) error {
 	return nil
 }
 
-func setTime(unixNano int64) error {
-	tv := syscall.NsecToTimeval(unixNano)
-	return syscall.Settimeofday(&tv)
+// Clock ids of clock_gettime(2).
+const (
+	clockRealtime  = 0
+	clockMonotonic = 1
+	clockBoottime  = 7
+)
+
+func clockGet(id uintptr) (int64, error) {
+	var ts syscall.Timespec
+	if _, _, errno := syscall.Syscall(syscall.SYS_CLOCK_GETTIME, id, uintptr(unsafe.Pointer(&ts)), 0); errno != 0 {
+		return 0, errno
+	}
+	return ts.Nano(), nil
 }
+
+// setTime sets CLOCK_REALTIME to the nanosecond (settimeofday would
+// round to microseconds). CLOCK_MONOTONIC is not affected.
+func setTime(unixNano int64) error {
+	ts := syscall.NsecToTimespec(unixNano)
+	if _, _, errno := syscall.Syscall(syscall.SYS_CLOCK_SETTIME, clockRealtime, uintptr(unsafe.Pointer(&ts)), 0); errno != 0 {
+		return fmt.Errorf("clock_settime: %w", errno)
+	}
+	return nil
+}
+
+func readClocks() (*TimeResult, error) {
+	var r TimeResult
+	var err error
+	if r.RealtimeNs, err = clockGet(clockRealtime); err != nil {
+		return nil, err
+	}
+	if r.MonotonicNs, err = clockGet(clockMonotonic); err != nil {
+		return nil, err
+	}
+	if r.BoottimeNs, err = clockGet(clockBoottime); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+func sethostname(h string) error { return syscall.Sethostname([]byte(h)) }

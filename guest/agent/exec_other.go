@@ -18,3 +18,7 @@ func doSync() error { return errUnsupported }
 func setTime(int64) error { return errors.New("agent: set_time not supported on this platform") }
 
 func reseedRNG([]byte) error { return errUnsupported }
+
+func readClocks() (*TimeResult, error) { return nil, errUnsupported }
+
+func sethostname(string) error { return errUnsupported }

@@ -44,6 +44,10 @@ const (
 	OpSync      = "sync"
 	OpSetTime   = "set_time"
 	OpReseedRNG = "reseed_rng"
+	// OpTime reads the guest's clocks (TimeResult), to the nanosecond.
+	OpTime = "time"
+	// OpSetHostname sets the guest's hostname (SetHostnameRequest).
+	OpSetHostname = "set_hostname"
 )
 
 // Limits.
@@ -170,6 +174,30 @@ type SetTimeRequest struct {
 type ReseedRNGRequest struct {
 	Data []byte `json:"data"`
 }
+
+// TimeRequest has no fields.
+type TimeRequest struct{}
+
+// TimeResult is the guest's clocks, read one right after the other
+// (clock_gettime). The guest's busybox date has no sub-second output;
+// this is how a host or a test reads guest time to the nanosecond.
+type TimeResult struct {
+	RealtimeNs  int64 `json:"realtime_ns"`  // CLOCK_REALTIME, ns since the Unix epoch
+	MonotonicNs int64 `json:"monotonic_ns"` // CLOCK_MONOTONIC: never goes back, stops while the VM is paused
+	BoottimeNs  int64 `json:"boottime_ns"`  // CLOCK_BOOTTIME
+}
+
+// Realtime is RealtimeNs as a time.
+func (r TimeResult) Realtime() time.Time { return time.Unix(0, r.RealtimeNs) }
+
+// SetHostnameRequest sets the guest's hostname (sethostname(2)) and
+// rewrites /etc/hostname and the 127.0.1.1 line of /etc/hosts to match.
+type SetHostnameRequest struct {
+	Hostname string `json:"hostname"`
+}
+
+// HostnameMaxBytes is the longest hostname Linux accepts.
+const HostnameMaxBytes = 64
 
 // Empty is the result of operations that return nothing.
 type Empty struct{}

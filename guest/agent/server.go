@@ -204,8 +204,70 @@ func (s *Server) dispatch(ctx context.Context, req *Request) (any, error) {
 			return nil, invalidf("data must be 1..4096 bytes")
 		}
 		return Empty{}, reseedRNG(a.Data)
+	case OpTime:
+		return readClocks()
+	case OpSetHostname:
+		var a SetHostnameRequest
+		if err := decodeArgs(req.Args, &a); err != nil {
+			return nil, err
+		}
+		if err := checkHostname(a.Hostname); err != nil {
+			return nil, err
+		}
+		return Empty{}, setHostname(a.Hostname)
 	}
 	return nil, &RemoteError{Op: req.Op, Code: CodeUnsupported, Message: "unknown operation " + req.Op}
+}
+
+// checkHostname accepts what a DNS label allows: letters, digits, '-',
+// '_' and '.', 1..64 bytes, not starting with '-' or '.'.
+func checkHostname(h string) error {
+	if h == "" || len(h) > HostnameMaxBytes {
+		return invalidf("hostname must be 1..%d bytes", HostnameMaxBytes)
+	}
+	for i, r := range h {
+		ok := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || (i > 0 && (r == '-' || r == '.'))
+		if !ok {
+			return invalidf("hostname %q: use letters, digits, '_', and '-' or '.' after the first byte", h)
+		}
+	}
+	return nil
+}
+
+// setHostname sets the kernel's hostname and the files that name it.
+func setHostname(h string) error {
+	if err := sethostname(h); err != nil {
+		return err
+	}
+	if err := os.WriteFile("/etc/hostname", []byte(h+"\n"), 0o644); err != nil {
+		return err
+	}
+	b, err := os.ReadFile("/etc/hosts")
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return os.WriteFile("/etc/hosts", []byte(hostsWith(string(b), h)), 0o644)
+}
+
+// hostsWith is an /etc/hosts whose 127.0.1.1 line names h.
+func hostsWith(hosts, h string) string {
+	var out []string
+	found := false
+	for _, l := range strings.Split(strings.TrimRight(hosts, "\n"), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && f[0] == "127.0.1.1" {
+			if found {
+				continue
+			}
+			l, found = "127.0.1.1\t"+h, true
+		}
+		if l != "" || len(out) > 0 {
+			out = append(out, l)
+		}
+	}
+	if !found {
+		out = append(out, "127.0.1.1\t"+h)
+	}
+	return strings.Join(out, "\n") + "\n"
 }
 
 func (s *Server) ping() *PingResult {

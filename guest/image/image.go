@@ -21,6 +21,9 @@ const (
 	BzImageFile   = "bzImage"           // compressed kernel (-M pc)
 	InitramfsFile = "initramfs.cpio.gz" // busybox + kelpie-agent
 	ManifestFile  = "manifest.json"
+	// ForwardFile is the host-side relay QEMU runs for each guest
+	// connection to a forwarded port (vm/qemu/cmd/kelpie-forward).
+	ForwardFile = "kelpie-forward"
 )
 
 //go:embed VERSION
@@ -42,6 +45,7 @@ type Manifest struct {
 	AgentSHA256   string   `json:"agent_sha256"`
 	InitramfsSHA  string   `json:"initramfs_sha256"`
 	AgentVersion  string   `json:"agent_version"`
+	ForwardSHA256 string   `json:"forward_sha256,omitempty"`
 	BuiltAt       string   `json:"built_at"`
 	InputsHash    string   `json:"inputs_hash"`
 	KernelPackage string   `json:"kernel_package"`
@@ -117,11 +121,16 @@ func HostTSCKHz() (int, error) {
 }
 
 // KernelCmdline is the verified guest kernel command line. tscKHz > 0 adds
-// tsc_early_khz (needed for microvm under TCG). extra is appended.
+// tsc_early_khz (needed for microvm under TCG) and tsc=reliable: under TCG
+// the guest's TSC is the host's constant TSC plus an offset, but on a busy
+// host the guest kernel's clocksource watchdog, comparing it with jiffies
+// that lose ticks, marks it unstable and falls back to jiffies, and the
+// guest's clock then falls behind (by 170 ms in 25 s on this project's
+// 2-core CI machine). extra is appended.
 func KernelCmdline(tscKHz int, extra string) string {
 	s := "console=ttyS0 reboot=t panic=-1 quiet"
 	if tscKHz > 0 {
-		s += " tsc_early_khz=" + strconv.Itoa(tscKHz)
+		s += " tsc_early_khz=" + strconv.Itoa(tscKHz) + " tsc=reliable"
 	}
 	if extra != "" {
 		s += " " + extra

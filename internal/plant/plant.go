@@ -29,3 +29,14 @@ type ChunkBugs struct {
 // SetChunkBugs plants bugs in a *chunks.Space; that package sets it in
 // its init.
 var SetChunkBugs func(space any, b ChunkBugs)
+// RegistryBugs break the move protocol (registry.Node). The zero value is
+// the correct protocol.
+type RegistryBugs struct {
+	// SkipClaimCheck claims any record, whatever its state, package and
+	// epoch: a restore that does not check that the agent is in flight.
+	SkipClaimCheck bool
+}
+
+// SetRegistryBugs plants bugs in a *registry.Node; the registry package
+// sets it in its init.
+var SetRegistryBugs func(node any, b RegistryBugs)

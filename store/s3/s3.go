@@ -166,12 +166,12 @@ func New(ctx context.Context, o Options) (*Store, error) {
 	if o.Endpoint != "" {
 		u, err := url.Parse(o.Endpoint)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return nil, fmt.Errorf("s3 endpoint %q: want http(s)://HOST[:PORT]: %w", o.Endpoint, teleport.ErrStore)
+			return nil, fmt.Errorf("s3 endpoint %q: want http(s)://HOST[:PORT]: %w", o.Endpoint, teleport.ErrInvalidStore)
 		}
 	}
 	setDefaults(&o)
 	if o.PartSizeBytes < partSizeMinBytes {
-		return nil, fmt.Errorf("s3 part size %d bytes: S3 needs at least %d: %w", o.PartSizeBytes, partSizeMinBytes, teleport.ErrStore)
+		return nil, fmt.Errorf("s3 part size %d bytes: S3 needs at least %d: %w", o.PartSizeBytes, partSizeMinBytes, teleport.ErrInvalidStore)
 	}
 
 	hc := o.HTTPClient
@@ -265,12 +265,12 @@ func beUint64(b []byte) uint64 {
 // fails here with a clear message rather than as a signature error.
 func validBucket(b string) error {
 	if len(b) < 3 || len(b) > 63 {
-		return fmt.Errorf("s3 bucket %q: must be 3..63 characters: %w", b, teleport.ErrStore)
+		return fmt.Errorf("s3 bucket %q: must be 3..63 characters: %w", b, teleport.ErrInvalidStore)
 	}
 	for i := 0; i < len(b); i++ {
 		c := b[i]
 		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
-			return fmt.Errorf("s3 bucket %q: use lowercase letters, digits, '-', '.', '_': %w", b, teleport.ErrStore)
+			return fmt.Errorf("s3 bucket %q: use lowercase letters, digits, '-', '.', '_': %w", b, teleport.ErrInvalidStore)
 		}
 	}
 	return nil
@@ -283,7 +283,7 @@ func cleanPrefix(p string) (string, error) {
 	}
 	for _, seg := range strings.Split(p, "/") {
 		if seg == "" || seg == "." || seg == ".." {
-			return "", fmt.Errorf("s3 prefix %q: empty, '.' or '..' segment: %w", p, teleport.ErrStore)
+			return "", fmt.Errorf("s3 prefix %q: empty, '.' or '..' segment: %w", p, teleport.ErrInvalidStore)
 		}
 	}
 	return p + "/", nil
@@ -300,10 +300,10 @@ func ParseURL(raw string, getenv func(string) string) (Options, error) {
 	var o Options
 	u, err := url.Parse(raw)
 	if err != nil || u.Scheme != "s3" {
-		return o, fmt.Errorf("store %q: want s3://BUCKET/PREFIX: %w", raw, teleport.ErrStore)
+		return o, fmt.Errorf("store %q: want s3://BUCKET/PREFIX: %w", raw, teleport.ErrInvalidStore)
 	}
 	if u.User != nil || u.Fragment != "" {
-		return o, fmt.Errorf("store %q: credentials or fragments do not belong in the URL (use the AWS environment or profile): %w", raw, teleport.ErrStore)
+		return o, fmt.Errorf("store %q: credentials or fragments do not belong in the URL (use the AWS environment or profile): %w", raw, teleport.ErrInvalidStore)
 	}
 	o.Bucket = u.Host
 	o.Prefix = u.Path
@@ -321,7 +321,7 @@ func ParseURL(raw string, getenv func(string) string) (Options, error) {
 		switch k {
 		case "endpoint", "region", "path_style", "part_size_mib", "concurrency", "unsafe_no_conditional_put":
 		default:
-			return o, fmt.Errorf("store %q: unknown parameter %q (know endpoint, region, path_style, part_size_mib, concurrency, unsafe_no_conditional_put): %w", raw, k, teleport.ErrStore)
+			return o, fmt.Errorf("store %q: unknown parameter %q (know endpoint, region, path_style, part_size_mib, concurrency, unsafe_no_conditional_put): %w", raw, k, teleport.ErrInvalidStore)
 		}
 	}
 	pick := func(param, env string) string {
@@ -336,28 +336,28 @@ func ParseURL(raw string, getenv func(string) string) (Options, error) {
 	if v := pick("path_style", "KELPIE_S3_PATH_STYLE"); v != "" {
 		b, err := strconv.ParseBool(v)
 		if err != nil {
-			return o, fmt.Errorf("store %q: path_style %q is not a boolean: %w", raw, v, teleport.ErrStore)
+			return o, fmt.Errorf("store %q: path_style %q is not a boolean: %w", raw, v, teleport.ErrInvalidStore)
 		}
 		o.PathStyle = b
 	}
 	if v := pick("unsafe_no_conditional_put", "KELPIE_S3_UNSAFE_NO_CONDITIONAL_PUT"); v != "" {
 		b, err := strconv.ParseBool(v)
 		if err != nil {
-			return o, fmt.Errorf("store %q: unsafe_no_conditional_put %q is not a boolean: %w", raw, v, teleport.ErrStore)
+			return o, fmt.Errorf("store %q: unsafe_no_conditional_put %q is not a boolean: %w", raw, v, teleport.ErrInvalidStore)
 		}
 		o.UnsafeNoConditionalPut = b
 	}
 	if v := q.Get("part_size_mib"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < partSizeMinBytes>>20 || n > 5<<10 {
-			return o, fmt.Errorf("store %q: part_size_mib %q: want %d..5120: %w", raw, v, partSizeMinBytes>>20, teleport.ErrStore)
+			return o, fmt.Errorf("store %q: part_size_mib %q: want %d..5120: %w", raw, v, partSizeMinBytes>>20, teleport.ErrInvalidStore)
 		}
 		o.PartSizeBytes = int64(n) << 20
 	}
 	if v := q.Get("concurrency"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 || n > 64 {
-			return o, fmt.Errorf("store %q: concurrency %q: want 1..64: %w", raw, v, teleport.ErrStore)
+			return o, fmt.Errorf("store %q: concurrency %q: want 1..64: %w", raw, v, teleport.ErrInvalidStore)
 		}
 		o.UploadConcurrency, o.ReadAheadChunks = n, n
 	}

@@ -402,7 +402,7 @@ func TestConfigRefusals(t *testing.T) {
 	r := newRig(t, testFacts, "host-a")
 	ctx := context.Background()
 	for name, mut := range map[string]func(c *vm.Config){
-		"user network": func(c *vm.Config) { c.Network = vm.NetworkUser },
+		"user network": func(c *vm.Config) { c.Network = vm.NetworkRestricted },
 		"33 vcpus":     func(c *vm.Config) { c.VCPUs = 33 },
 		"no kernel":    func(c *vm.Config) { c.Kernel = "" },
 	} {

@@ -148,8 +148,11 @@ var (
 
 // CheckConfig refuses what Firecracker cannot run.
 func (d *driver) CheckConfig(cfg vm.Config) error {
-	if cfg.Network == vm.NetworkUser {
-		return fmt.Errorf("firecracker has no user-mode network (only TAP devices); use network %q: %w", vm.NetworkNone, vm.ErrUnsupported)
+	if cfg.Network.HasDevice() {
+		return fmt.Errorf("firecracker has no user-mode network (only TAP devices, which Kelpie does not set up yet); use network %q: %w", vm.NetworkNone, vm.ErrUnsupported)
+	}
+	if cfg.Disk.Present() {
+		return fmt.Errorf("firecracker: workspace disks are not supported yet (the qemu backend has them): %w", vm.ErrUnsupported)
 	}
 	if cfg.VCPUs > vcpusMax {
 		return fmt.Errorf("firecracker runs 1..%d vCPUs, not %d: %w", vcpusMax, cfg.VCPUs, vm.ErrInvalidConfig)

@@ -94,6 +94,16 @@ func TestExecLauncher(t *testing.T) {
 	if p.exitReason() != "still running" {
 		t.Fatalf("reason %q", p.exitReason())
 	}
+	// The fake announces itself just after its socket answers: wait for
+	// the line, or a loaded machine kills it before it is written.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if b, _ := os.ReadFile(filepath.Join(dir, logFileName)); strings.Contains(string(b), "serving api.sock") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the fake firecracker never said it serves")
+		}
+	}
 	if err := p.kill(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -169,12 +169,7 @@ func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *v
 	if snap == nil {
 		return nil, fmt.Errorf("hostvm: no snapshot to restore: %w", vm.ErrInvalidConfig)
 	}
-	if cfg.VCPUs == 0 {
-		cfg.VCPUs = snap.Metadata.VCPUCount
-	}
-	if cfg.MemoryMiB == 0 {
-		cfg.MemoryMiB = snap.Metadata.MemoryMiB
-	}
+	cfg = vm.ConfigFor(cfg, snap.Metadata)
 	// Refuse an incompatible snapshot before making anything.
 	if err := f.checkConfig(cfg); err != nil {
 		return nil, err
@@ -187,12 +182,7 @@ func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *v
 		return nil, err
 	}
 	if err := v.restore(ctx, snap); err != nil {
-		sctx, cancel := settleContext(ctx)
-		defer cancel()
-		if derr := v.Destroy(sctx); derr != nil {
-			return nil, fmt.Errorf("%w; removing the half-restored VM %s failed too (%v): %w", err, v.ID(), derr, vm.ErrLeftBehind)
-		}
-		return nil, err
+		return nil, vm.RemoveFailed(ctx, v, err)
 	}
 	return v, nil
 }

@@ -130,15 +130,6 @@ const (
 	snapsDirName   = "snapshots"
 )
 
-// settleTimeout bounds the work that must run after the caller's context
-// ended (resuming a source VM whose snapshot failed, reaping a process), so
-// a wedged hypervisor cannot hang the caller forever.
-const settleTimeout = 30 * time.Second
-
-func settleContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
-}
-
 func isDone(ch <-chan struct{}) bool {
 	select {
 	case <-ch:

@@ -293,7 +293,7 @@ func (v *Instance) Snapshot(ctx context.Context) (_ *vm.Snapshot, err error) {
 		if !wasRunning || isDone(m.Done()) {
 			return err
 		}
-		sctx, cancel := settleContext(ctx)
+		sctx, cancel := vm.SettleContext(ctx)
 		defer cancel()
 		if rerr := m.Resume(sctx); rerr != nil {
 			return fmt.Errorf("%w (and resuming the VM failed: %v)", err, rerr)
@@ -417,7 +417,7 @@ func (v *Instance) stage(ctx context.Context, snap *vm.Snapshot) (Files, error) 
 		files.Memory = filepath.Join(dir, memoryFileName)
 		err = stageMemory(ctx, snap, files)
 	} else {
-		err = vm.Stage(snap, fileSink(files.State), nil)
+		err = vm.Stage(snap, vm.FileSink(files.State), nil)
 	}
 	if err != nil {
 		os.RemoveAll(dir)
@@ -435,7 +435,7 @@ func stageMemory(ctx context.Context, snap *vm.Snapshot, files Files) error {
 	}
 	err = f.Truncate(snap.Metadata.MemorySize)
 	if err == nil {
-		err = vm.StageImage(ctx, snap, fileSink(files.State), f)
+		err = vm.StageImage(ctx, snap, vm.FileSink(files.State), f, nil)
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr

@@ -2,8 +2,6 @@ package hostvm
 
 import (
 	"fmt"
-	"io"
-	"os"
 
 	"github.com/kelpie/teleport/vm"
 )
@@ -17,9 +15,8 @@ func (f *Factory) checkSnapshot(snap *vm.Snapshot, cfg vm.Config) error {
 	if err := vm.CheckSnapshot(md, f.Host()); err != nil {
 		return err
 	}
-	if md.VCPUCount != cfg.VCPUs || md.MemoryMiB != cfg.MemoryMiB {
-		return fmt.Errorf("snapshot %s: the snapshot's machine has %d vCPUs and %d MiB, the config asks for %d vCPUs and %d MiB: %w",
-			md.SnapshotID, md.VCPUCount, md.MemoryMiB, cfg.VCPUs, cfg.MemoryMiB, vm.ErrIncompatible)
+	if err := vm.CheckShape(md, cfg); err != nil {
+		return err
 	}
 	corrupt := func(format string, args ...any) error {
 		return fmt.Errorf("snapshot %s: "+format+": %w", append(append([]any{md.SnapshotID}, args...), vm.ErrCorrupt)...)
@@ -31,20 +28,4 @@ func (f *Factory) checkSnapshot(snap *vm.Snapshot, cfg vm.Config) error {
 		return corrupt("a split snapshot needs a memory section")
 	}
 	return nil
-}
-
-// fileSink writes a section to a new file at path (never over an
-// existing one).
-func fileSink(path string) vm.Sink {
-	return func(r io.Reader) error {
-		out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-		if err != nil {
-			return err
-		}
-		_, err = io.Copy(out, r)
-		if cerr := out.Close(); err == nil {
-			err = cerr
-		}
-		return err
-	}
 }

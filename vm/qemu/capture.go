@@ -61,78 +61,21 @@ func (v *Instance) snapshot(ctx context.Context, layout vm.Layout, image bool) (
 		defer cancel()
 	}
 	start := time.Now()
-	wasRunning := v.State() == vm.StateRunning
-	if err := os.MkdirAll(v.f.tmpDir(), 0o755); err != nil {
-		return nil, err
-	}
-	dir, err := os.MkdirTemp(v.f.tmpDir(), snapDirPrefix(os.Getpid()))
+	c, err := v.newCapture(layout)
 	if err != nil {
 		return nil, err
 	}
+	dir := c.dir
 	release := func() error { return os.RemoveAll(dir) }
-	c := &capture{v: v, layout: layout, dir: dir, statePath: filepath.Join(dir, "state"),
-		ramBytes: int64(v.rec.Config.MemoryMiB) << 20, wasRunning: wasRunning, stats: SnapshotStats{Layout: layout}}
 	defer func() {
-		if c.ram != nil {
-			c.ram.Close()
+		c.closeFiles()
+		if err != nil {
+			release()
+			err = c.undo(ctx, err)
 		}
-		if c.raw != nil {
-			c.raw.Close()
-			if !c.keepRaw {
-				os.Remove(c.raw.Name())
-			}
-		}
-		if err == nil {
-			return
-		}
-		release()
-		// A failed snapshot leaves the source as it was.
-		if wasRunning && !c.stopped.IsZero() && v.State() != vm.StateCrashed {
-			// The resume must run even when ctx ended, but not forever.
-			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
-			defer cancel()
-			if q, qerr := v.qmpConn(rctx); qerr == nil {
-				if cerr := q.Call(rctx, "cont", nil, nil); cerr != nil {
-					err = fmt.Errorf("%w (and resuming the VM failed: %v)", err, cerr)
-				}
-			}
-		}
-		err = v.failed(vm.OpSnapshot, err)
 	}()
-	if c.q, err = v.qmpConn(ctx); err != nil {
+	if err := c.run(ctx); err != nil {
 		return nil, err
-	}
-	var unsubscribe func()
-	c.events, unsubscribe = c.q.subscribe()
-	defer unsubscribe()
-	if layout == vm.LayoutSplit {
-		if c.ram, err = os.Open(v.ramPath()); err != nil {
-			return nil, fmt.Errorf("open guest RAM: %w", err)
-		}
-		c.src = c.ram
-	}
-	status, err := c.q.status(ctx)
-	if err != nil {
-		return nil, err
-	}
-	switch {
-	case !wasRunning && status == "postmigrate":
-		err = c.reuseSaved(ctx)
-	case layout == vm.LayoutSplit:
-		err = c.split(ctx)
-	default:
-		err = c.single(ctx)
-	}
-	if err != nil {
-		return nil, err
-	}
-	if c.kind != "" {
-		v.rememberSaved(c.statePath, c.kind, wasRunning)
-	}
-	// A QEMU that died while we captured it may have left a torn stream
-	// behind: such a snapshot is not handed out.
-	if v.State() == vm.StateCrashed {
-		return nil, errors.New("QEMU exited during the snapshot")
 	}
 	md := v.metadata(layout)
 	sum, err := vm.HashFile(c.statePath)
@@ -144,7 +87,32 @@ func (v *Instance) snapshot(ctx context.Context, layout vm.Layout, image bool) (
 	if err != nil {
 		return nil, err
 	}
+	// The disk is encoded beside the memory (two cores, two streams): from
+	// the copy taken while the guest was stopped or, for a paused guest,
+	// from its image, which nothing writes while it is stopped.
+	type encoded struct {
+		md  *vm.DiskMetadata
+		p   vm.Payload
+		err error
+	}
+	diskDone := make(chan encoded, 1)
+	if v.hasDisk() {
+		src := c.diskCopy
+		if src == "" {
+			src = v.diskPath()
+		}
+		go func() {
+			t := time.Now()
+			var e encoded
+			e.md, e.p, e.err = diskPayload(src, filepath.Join(dir, "disk"), v.rec.Config.Disk)
+			c.stats.DiskEncode = time.Since(t)
+			diskDone <- e
+		}()
+	} else {
+		diskDone <- encoded{}
+	}
 	var memory vm.Payload
+	var merr error
 	switch {
 	case layout == vm.LayoutSplit && image:
 		// The private copy, or a paused guest's RAM file, as it is.
@@ -153,30 +121,132 @@ func (v *Instance) snapshot(ctx context.Context, layout vm.Layout, image bool) (
 		if c.src == c.raw {
 			p, c.keepRaw = c.raw.Name(), true
 		}
-		fp, err := vm.NewFilePayload(p)
-		if err != nil {
-			return nil, err
+		var fp *vm.FilePayload
+		if fp, merr = vm.NewFilePayload(p); merr == nil {
+			if fp.Size() != c.ramBytes {
+				merr = fmt.Errorf("guest RAM file %s has %d bytes, the VM %d", p, fp.Size(), c.ramBytes)
+			}
+			memory = fp
 		}
-		if fp.Size() != c.ramBytes {
-			return nil, fmt.Errorf("guest RAM file %s has %d bytes, the VM %d", p, fp.Size(), c.ramBytes)
-		}
-		memory = fp
 	case layout == vm.LayoutSplit:
 		// Encode from the private copy or, for a paused guest, from its
 		// RAM file, which nothing writes while the guest is stopped.
 		memPath := filepath.Join(dir, "memory")
-		if md.MemorySHA256, md.MemorySize, err = c.encode(memPath); err != nil {
-			return nil, err
-		}
-		if memory, err = vm.NewFilePayload(memPath); err != nil {
-			return nil, err
+		if md.MemorySHA256, md.MemorySize, merr = c.encode(memPath); merr == nil {
+			memory, merr = vm.NewFilePayload(memPath)
 		}
 	}
-	md.SizeBytes = uint64(md.DeviceStateSize + md.MemorySize)
+	d := <-diskDone
+	if err := errors.Join(merr, d.err); err != nil {
+		return nil, err
+	}
+	disk := d.p
+	if d.md != nil {
+		md.Disk, c.stats.DiskBytes = d.md, d.md.PayloadBytes
+		if c.diskCopy != "" {
+			os.Remove(c.diskCopy)
+		}
+	}
+	md.SizeBytes = uint64(md.DeviceStateSize + md.MemorySize + md.DiskPayloadSize())
 	c.stats.StateBytes, c.stats.MemoryBytes = md.DeviceStateSize, md.MemorySize
 	c.stats.Total = time.Since(start)
 	v.lastSnap = c.stats
-	return vm.NewSnapshot(md, state, memory, release), nil
+	snap := vm.NewSnapshot(md, state, memory, release)
+	snap.Disk = disk
+	return snap, nil
+}
+
+// newCapture prepares a capture of the VM in layout into a new directory
+// under the factory's tmpDir. Call with v.mu held.
+func (v *Instance) newCapture(layout vm.Layout) (*capture, error) {
+	if err := os.MkdirAll(v.f.tmpDir(), 0o755); err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp(v.f.tmpDir(), snapDirPrefix(os.Getpid()))
+	if err != nil {
+		return nil, err
+	}
+	return &capture{v: v, layout: layout, dir: dir, statePath: filepath.Join(dir, "state"),
+		ramBytes: int64(v.rec.Config.MemoryMiB) << 20, wasRunning: v.State() == vm.StateRunning, stats: SnapshotStats{Layout: layout}}, nil
+}
+
+// run captures the VM: the device state into statePath, and (split) the
+// guest RAM as it was at that instant in src, and the workspace disk in
+// diskCopy (or, for a paused guest, in place). A running guest runs again
+// afterwards.
+func (c *capture) run(ctx context.Context) (err error) {
+	v := c.v
+	if c.q, err = v.qmpConn(ctx); err != nil {
+		return err
+	}
+	var unsubscribe func()
+	c.events, unsubscribe = c.q.subscribe()
+	defer unsubscribe()
+	if c.layout == vm.LayoutSplit && !v.privateRAM() {
+		if c.ram, err = os.Open(v.ramPath()); err != nil {
+			return fmt.Errorf("open guest RAM: %w", err)
+		}
+		c.src = c.ram
+	}
+	status, err := c.q.status(ctx)
+	if err != nil {
+		return err
+	}
+	switch {
+	case !c.wasRunning && status == "postmigrate" && v.privateRAM():
+		return fmt.Errorf("QEMU has saved this paused fork already, and its RAM is in no file to save again; resume it first: %w", vm.ErrInvalidState)
+	case !c.wasRunning && status == "postmigrate":
+		err = c.reuseSaved(ctx)
+	case c.layout == vm.LayoutSplit:
+		err = c.split(ctx)
+	default:
+		err = c.single(ctx)
+	}
+	if err != nil {
+		return err
+	}
+	if c.kind != "" {
+		v.rememberSaved(c.statePath, c.kind, c.wasRunning)
+	}
+	// A QEMU that died while we captured it may have left a torn stream
+	// behind: such a capture is not used.
+	if v.State() == vm.StateCrashed {
+		return errors.New("QEMU exited during the snapshot")
+	}
+	return nil
+}
+
+// closeFiles closes the capture's RAM files (and removes the private
+// copy, which the snapshot's memory section has been encoded from, unless
+// it is the memory payload itself).
+func (c *capture) closeFiles() {
+	if c.ram != nil {
+		c.ram.Close()
+	}
+	if c.raw != nil {
+		c.raw.Close()
+		if !c.keepRaw {
+			os.Remove(c.raw.Name())
+		}
+	}
+}
+
+// undo leaves the source of a failed capture as it was: running again if
+// the capture stopped it. The resume runs even when ctx ended, but not
+// forever.
+func (c *capture) undo(ctx context.Context, err error) error {
+	v := c.v
+	if c.wasRunning && !c.stopped.IsZero() && v.State() != vm.StateCrashed {
+		rctx, cancel := vm.SettleContext(ctx)
+		defer cancel()
+		v.setClockStale(true)
+		if q, qerr := v.qmpConn(rctx); qerr == nil {
+			if cerr := q.Call(rctx, "cont", nil, nil); cerr != nil {
+				err = fmt.Errorf("%w (and resuming the VM failed: %v)", err, cerr)
+			}
+		}
+	}
+	return v.failed(vm.OpSnapshot, err)
 }
 
 // Kinds of saved device-state streams (see rememberSaved).
@@ -202,13 +272,27 @@ type capture struct {
 	keepRaw    bool     // the private copy is the snapshot's memory payload
 	stopped    time.Time
 	kind       string // kind of stream written to statePath
+	diskCopy   string // the workspace disk as it was while the guest was stopped
 	stats      SnapshotStats
 }
 
 // split saves the device state apart from guest RAM.
 func (c *capture) split(ctx context.Context) error {
+	if c.v.privateRAM() {
+		// A fork's guest RAM is a copy-on-write map of the capture it came
+		// from, not its RAM file: it comes out of the migration stream,
+		// which under TCG is exact for a stopped guest only.
+		stopped := false
+		if c.wasRunning && c.v.rec.Accel != AccelKVM {
+			c.stopped, stopped = time.Now(), true
+			if err := c.q.Call(ctx, "stop", nil, nil); err != nil {
+				return err
+			}
+		}
+		return c.splitLive(ctx, stopped)
+	}
 	if c.v.liveCapture(c.wasRunning) {
-		if err := c.splitLive(ctx); !errors.Is(err, errStream) || errors.Is(err, errStreamLate) {
+		if err := c.splitLive(ctx, false); !errors.Is(err, errStream) || errors.Is(err, errStreamLate) {
 			return err
 		}
 		// This QEMU's stream is not one we understand: stop the guest
@@ -253,8 +337,9 @@ func (c *capture) split(ctx context.Context) error {
 	return c.resume(ctx)
 }
 
-// splitLive lets QEMU copy RAM with a live migration (ramstream.go).
-func (c *capture) splitLive(ctx context.Context) error {
+// splitLive lets QEMU copy RAM with a live migration (ramstream.go);
+// stopped says the capture stopped the running guest before.
+func (c *capture) splitLive(ctx context.Context, stopped bool) error {
 	if err := c.newRaw(); err != nil {
 		return err
 	}
@@ -287,7 +372,9 @@ func (c *capture) splitLive(ctx context.Context) error {
 	if !c.wasRunning {
 		return nil
 	}
-	c.stopped = completed.Add(-qemuDowntime)
+	if !stopped {
+		c.stopped = completed.Add(-qemuDowntime)
+	}
 	return c.resume(ctx)
 }
 
@@ -325,8 +412,22 @@ func (c *capture) single(ctx context.Context) error {
 	return c.resume(ctx)
 }
 
-// resume continues the guest that the capture stopped.
+// resume continues the guest that the capture stopped, once the
+// workspace disk is copied as it was at that instant (QEMU drained and
+// flushed the disk's requests when it stopped the guest).
 func (c *capture) resume(ctx context.Context) error {
+	if c.v.hasDisk() {
+		t := time.Now()
+		c.diskCopy = filepath.Join(c.dir, "disk.raw")
+		if err := c.v.copyDisk(c.diskCopy); err != nil {
+			return fmt.Errorf("capture the workspace disk: %w", err)
+		}
+		c.stats.DiskCapture = time.Since(t)
+	}
+	// The guest's wall clock stood still meanwhile (agentConn sets it).
+	if err := c.v.setClockStale(true); err != nil {
+		return err
+	}
 	if err := c.q.Call(ctx, "cont", nil, nil); err != nil {
 		return err
 	}
@@ -377,6 +478,8 @@ func (v *Instance) metadata(layout vm.Layout) vm.SnapshotMetadata {
 		Backend:        BackendName, BackendVersion: v.f.qemuVersion, HostID: v.f.opts.HostID, Layout: layout,
 		BaseImageVersion: v.rec.Config.BaseImageVersion,
 		Compat:           compat(v.f.qemuVersion, v.rec.Accel, v.rec.CPU),
+		Network:          v.rec.Config.NetworkSpec(),
+		Hostname:         v.rec.Config.GuestHostname(),
 	}
 }
 

@@ -42,7 +42,10 @@ const (
 	// deviceSet names the devices a VM has; source and destination of a
 	// migration must agree on it. Bump the suffix when the device list in
 	// qemuArgs changes.
-	deviceSet = "kelpie-microvm-1:isa-serial,rtc,virtio-serial-device,virtserialport=" + image.AgentPortName
+	// The network and disk devices are there when the snapshot's metadata
+	// says so (Network, Disk), in this order, and a restore recreates them.
+	deviceSet = "kelpie-microvm-2:isa-serial,rtc,virtio-serial-device,virtserialport=" + image.AgentPortName +
+		"[,virtio-net-device:user][,virtio-blk-device:raw]"
 	// binaryDefault is the QEMU system emulator for x86_64 guests.
 	binaryDefault = "qemu-system-x86_64"
 	// bootTimeoutDefault bounds a boot when the caller's context has no
@@ -355,6 +358,13 @@ func (f *Factory) Create(ctx context.Context, cfg vm.Config) (vm.Instance, error
 }
 
 func (f *Factory) create(ctx context.Context, cfg vm.Config) (*Instance, error) {
+	return f.createInstance(ctx, cfg, true, false)
+}
+
+// createInstance makes an instance (state Created) and its directory;
+// newDisk makes its workspace disk (a restore stages one instead), and
+// restoring checks the network as a guest that uses it already needs it.
+func (f *Factory) createInstance(ctx context.Context, cfg vm.Config, newDisk, restoring bool) (*Instance, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -364,6 +374,14 @@ func (f *Factory) create(ctx context.Context, cfg vm.Config) (*Instance, error) 
 		cfg.Name = "vm-" + hex.EncodeToString(b[:])
 	}
 	if err := f.completeConfig(&cfg); err != nil {
+		return nil, err
+	}
+	if newDisk {
+		if err := checkDiskTools(cfg); err != nil {
+			return nil, err
+		}
+	}
+	if err := f.checkNetwork(ctx, cfg, restoring); err != nil {
 		return nil, err
 	}
 	if err := f.settleAccel(ctx); err != nil {
@@ -394,6 +412,12 @@ func (f *Factory) create(ctx context.Context, cfg vm.Config) (*Instance, error) 
 		os.RemoveAll(dir)
 		return nil, err
 	}
+	if newDisk && cfg.Disk.Present() {
+		if err := createDisk(ctx, v.diskPath(), cfg.Disk); err != nil {
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+		}
+	}
 	return v, nil
 }
 
@@ -403,8 +427,11 @@ func (f *Factory) completeConfig(cfg *vm.Config) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	if cfg.Network == vm.NetworkUser {
-		return fmt.Errorf("vm %s: network %q: the Kelpie guest image has no network driver: %w", cfg.Name, cfg.Network, vm.ErrUnsupported)
+	if cfg.Network.HasDevice() && cfg.MAC == "" {
+		cfg.MAC = newMAC()
+	}
+	if cfg.Disk.Present() && cfg.Disk.Filesystem == "" {
+		cfg.Disk.Filesystem = vm.DiskFilesystemExt4
 	}
 	if cfg.RootDisk != "" {
 		return fmt.Errorf("vm %s: root disks: the qemu backend boots the Kelpie initramfs only: %w", cfg.Name, vm.ErrUnsupported)
@@ -436,25 +463,20 @@ func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *v
 	if snap == nil {
 		return nil, fmt.Errorf("restore: no snapshot: %w", vm.ErrInvalidConfig)
 	}
-	if cfg.MemoryMiB == 0 {
-		cfg.MemoryMiB = snap.Metadata.MemoryMiB
-	}
-	if cfg.VCPUs == 0 {
-		cfg.VCPUs = snap.Metadata.VCPUCount
-	}
+	cfg = vm.ConfigFor(cfg, snap.Metadata)
 	// Refuse a foreign snapshot before anything is created.
 	if err := f.checkSnapshot(snap.Metadata, cfg); err != nil {
 		return nil, err
 	}
-	v, err := f.create(ctx, cfg)
+	if err := restoreDevices(&cfg, snap.Metadata); err != nil {
+		return nil, err
+	}
+	v, err := f.createInstance(ctx, cfg, false, true)
 	if err != nil {
 		return nil, err
 	}
 	if err := v.restore(ctx, snap); err != nil {
-		if derr := v.Destroy(context.WithoutCancel(ctx)); derr != nil {
-			return nil, fmt.Errorf("%w; removing the half-restored VM %s failed too (%v): %w", err, v.ID(), derr, vm.ErrLeftBehind)
-		}
-		return nil, err
+		return nil, vm.RemoveFailed(ctx, v, err)
 	}
 	return v, nil
 }
@@ -506,10 +528,13 @@ func (f *Factory) List(ctx context.Context) ([]vm.Info, error) {
 		if err != nil {
 			continue // a directory being created or removed right now
 		}
-		info := vm.Info{Name: v.rec.Name, Backend: BackendName, State: v.State(), VCPUs: v.rec.Config.VCPUs,
-			MemoryMiB: v.rec.Config.MemoryMiB, Accel: string(v.rec.Accel), Dir: v.dir, CreatedAt: v.rec.CreatedAt}
+		c := v.rec.Config
+		info := vm.Info{Name: v.rec.Name, Backend: BackendName, State: v.State(), VCPUs: c.VCPUs,
+			MemoryMiB: c.MemoryMiB, Accel: string(v.rec.Accel), Dir: v.dir, CreatedAt: v.rec.CreatedAt,
+			Network: c.Network, Forwards: c.Forwards, DiskBytes: c.Disk.SizeBytes, Hostname: c.GuestHostname(), AgentID: c.AgentID}
 		if v.run.Proc != nil && v.run.Proc.alive() {
 			info.PID = v.run.Proc.PID
+			info.Ports = v.run.Ports
 		}
 		out = append(out, info)
 	}

@@ -57,6 +57,17 @@ type instanceRecord struct {
 type runRecord struct {
 	State string `json:"state"`
 	Proc  *proc  `json:"proc,omitempty"`
+	// Ports are the published ports as the running QEMU bound them.
+	Ports []vm.PortBinding `json:"ports,omitempty"`
+	// ClockStale: the guest ran again after a pause or a restore (or
+	// booted, with the RTC's one-second resolution) and its wall clock has
+	// not been set from the host since. The next agent connection sets it
+	// before anything else; it is kept here because `vm resume` and the
+	// next `vm exec` are different processes.
+	ClockStale bool `json:"clock_stale,omitempty"`
+	// PrivateRAM: the running QEMU maps its guest RAM copy-on-write from
+	// the capture it was forked from (clone.go), not from its RAM file.
+	PrivateRAM bool `json:"private_ram,omitempty"`
 }
 
 // Instance is one QEMU VM.
@@ -83,6 +94,9 @@ type Instance struct {
 	// hookAfterStateSaved, when set (tests), runs after the device state
 	// of a snapshot is written and before the guest RAM is captured.
 	hookAfterStateSaved func()
+	// launchBase, when set, is the file the next QEMU maps guest RAM from
+	// copy-on-write (share=off) instead of the RAM file: a fork's capture.
+	launchBase string
 }
 
 var (
@@ -93,6 +107,10 @@ var (
 	_ vm.LayoutSnapshotter = (*Instance)(nil)
 	_ vm.FactsReporter     = (*Instance)(nil)
 	_ vm.DowntimeReporter  = (*Instance)(nil)
+	_ vm.Reidentifier      = (*Instance)(nil)
+	_ vm.DiskExporter      = (*Instance)(nil)
+	_ vm.TimeReader        = (*Instance)(nil)
+	_ vm.Cloner            = (*Instance)(nil)
 )
 
 // ID is the VM's name.
@@ -162,13 +180,50 @@ func (v *Instance) loadRun() error {
 	return nil
 }
 
-// setState records a new state (and process) durably.
+// setState records a new state (and process) durably. Without a process
+// there are no bound ports.
 func (v *Instance) setState(s vm.State, p *proc) error {
 	v.stmu.Lock()
 	defer v.stmu.Unlock()
 	v.run.State = s.String()
 	v.run.Proc = p
+	if p == nil {
+		v.run.Ports, v.run.PrivateRAM = nil, false
+	}
 	return v.saveRun()
+}
+
+// privateRAM says whether the guest RAM is a fork's copy-on-write map
+// rather than the RAM file.
+func (v *Instance) privateRAM() bool {
+	v.stmu.Lock()
+	defer v.stmu.Unlock()
+	return v.run.PrivateRAM
+}
+
+// setStatePorts is setState for a QEMU just started, with its ports.
+func (v *Instance) setStatePorts(s vm.State, p *proc, ports []vm.PortBinding) error {
+	v.stmu.Lock()
+	defer v.stmu.Unlock()
+	v.run.State, v.run.Proc, v.run.Ports = s.String(), p, ports
+	return v.saveRun()
+}
+
+// setClockStale records that the guest's wall clock needs setting.
+func (v *Instance) setClockStale(stale bool) error {
+	v.stmu.Lock()
+	defer v.stmu.Unlock()
+	if v.run.ClockStale == stale {
+		return nil
+	}
+	v.run.ClockStale = stale
+	return v.saveRun()
+}
+
+func (v *Instance) clockStale() bool {
+	v.stmu.Lock()
+	defer v.stmu.Unlock()
+	return v.run.ClockStale
 }
 
 // State reports the lifecycle state. A VM whose QEMU process is gone
@@ -245,8 +300,26 @@ func (v *Instance) qmpConn(ctx context.Context) (*qmpClient, error) {
 	return q, nil
 }
 
-// agentConn returns a ready guest agent client, connecting if needed.
+// agentConn returns a ready guest agent client, connecting if needed. A
+// guest whose wall clock went stale (it ran again after a pause or a
+// restore) has it set from the host first, so no command sees it stale.
 func (v *Instance) agentConn(ctx context.Context) (*agent.Client, error) {
+	c, err := v.readyAgent(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if v.clockStale() {
+		if err := syncClock(ctx, c); err != nil {
+			return nil, fmt.Errorf("guest agent: set the guest clock: %w", err)
+		}
+		if err := v.setClockStale(false); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+func (v *Instance) readyAgent(ctx context.Context) (*agent.Client, error) {
 	if v.agent != nil && v.agent.Err() == nil && v.agentReady {
 		return v.agent, nil
 	}
@@ -283,6 +356,83 @@ func (v *Instance) agentConn(ctx context.Context) (*agent.Client, error) {
 	}
 	v.agentReady = true
 	return c, nil
+}
+
+// syncClock sets the guest's wall clock from the host's: to the host's
+// time plus the one-way delay of the agent channel, estimated as half the
+// round trip of a clock read just before (the first request a guest
+// answers after a resume is its slowest, so it is the probe's).
+func syncClock(ctx context.Context, c *agent.Client) error {
+	t0 := time.Now()
+	if _, err := c.Time(ctx); err != nil {
+		return err
+	}
+	oneWay := time.Since(t0) / 2
+	return c.SetTime(ctx, time.Now().Add(oneWay))
+}
+
+// GuestTime reads the guest's clocks (vm.TimeReader), with the host's
+// time at the middle of the round trip to compare them with.
+func (v *Instance) GuestTime(ctx context.Context) (vm.GuestTime, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.check(ctx, vm.OpExec); err != nil {
+		return vm.GuestTime{}, err
+	}
+	c, err := v.agentConn(ctx)
+	if err != nil {
+		return vm.GuestTime{}, v.failed("read guest time", err)
+	}
+	// The reading with the shortest round trip is the most exact: the
+	// host's midpoint is off the guest's instant by at most half of it.
+	var best vm.GuestTime
+	for i := 0; i < guestTimeReads; i++ {
+		t0 := time.Now()
+		r, err := c.Time(ctx)
+		if err != nil {
+			return vm.GuestTime{}, v.guestErr("read guest time", err)
+		}
+		rtt := time.Since(t0)
+		if i == 0 || rtt < best.RoundTrip {
+			best = vm.GuestTime{Realtime: r.Realtime(), Monotonic: time.Duration(r.MonotonicNs), Boottime: time.Duration(r.BoottimeNs),
+				Host: t0.Add(rtt / 2), RoundTrip: rtt}
+		}
+	}
+	return best, nil
+}
+
+// guestTimeReads is how many readings GuestTime takes.
+const guestTimeReads = 3
+
+// Reidentify gives the running guest a new identity (vm.Reidentifier):
+// the host's entropy into its pool and a CRNG reseed (RNDADDENTROPY, then
+// RNDRESEEDCRNG), then its new hostname.
+func (v *Instance) Reidentify(ctx context.Context, id vm.Identity) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.check(ctx, vm.OpExec); err != nil {
+		return err
+	}
+	if err := vm.ValidateName(id.Hostname); err != nil {
+		return fmt.Errorf("hostname: %w", err)
+	}
+	c, err := v.agentConn(ctx)
+	if err != nil {
+		return v.failed("reidentify", err)
+	}
+	// Both at once (the agent serves requests side by side); both are done
+	// before Reidentify returns, so before the copy's next command.
+	rerr := make(chan error, 1)
+	go func() { rerr <- c.Call(ctx, agent.OpReseedRNG, agent.ReseedRNGRequest{Data: id.Entropy}, nil) }()
+	herr := c.SetHostname(ctx, id.Hostname)
+	if err := <-rerr; err != nil {
+		return v.guestErr("reseed the guest RNG", err)
+	}
+	if herr != nil {
+		return v.guestErr("set the guest hostname", herr)
+	}
+	v.rec.Config.Hostname = id.Hostname
+	return v.saveRecord()
 }
 
 // preconnectAgent opens the agent socket of a VM that is not running yet.
@@ -339,12 +489,21 @@ func (v *Instance) qemuArgs(incoming bool) []string {
 		"-M", machineType + ",x-option-roms=off,rtc=on,isa-serial=on,memory-backend=mem",
 		"-m", fmt.Sprintf("%dM", c.MemoryMiB),
 		"-smp", strconv.Itoa(c.VCPUs),
-		"-object", fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=on", c.MemoryMiB, v.ramPath()),
+		"-object", v.memoryBackend(),
 		"-serial", "file:" + consoleFile,
 		"-device", "virtio-serial-device,max_ports=2",
 		"-chardev", "socket,id=agent,path=" + agentSock + ",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name=" + image.AgentPortName,
 		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
+	}
+	// The network and disk devices, in this order (deviceSet).
+	if n := c.NetworkSpec(); n != nil {
+		args = append(args, "-netdev", netdevArg(n, v.f.forwardBinary()),
+			"-device", "virtio-net-device,netdev="+netDevID+",mac="+c.MAC)
+	}
+	if c.Disk.Present() {
+		args = append(args, "-drive", "file="+diskFile+",format=raw,if=none,id="+diskDriveID+",cache=writeback,discard=unmap",
+			"-device", "virtio-blk-device,drive="+diskDriveID)
 	}
 	if incoming {
 		// A restored guest's kernel is in its RAM already: skip loading
@@ -353,7 +512,33 @@ func (v *Instance) qemuArgs(incoming bool) []string {
 		// for a migration anyway.
 		return append(args, "-S", "-incoming", "defer")
 	}
-	return append(args, "-kernel", c.Kernel, "-initrd", c.Initrd, "-append", image.KernelCmdline(tsc, c.KernelArgs))
+	return append(args, "-kernel", c.Kernel, "-initrd", c.Initrd, "-append", image.KernelCmdline(tsc, guestCmdline(c)))
+}
+
+// memoryBackend is guest RAM: the RAM file, shared (so snapshots read it
+// and restores write it), or a fork's capture mapped copy-on-write.
+func (v *Instance) memoryBackend() string {
+	path, share := v.ramPath(), "on"
+	if v.launchBase != "" {
+		path, share = v.launchBase, "off"
+	}
+	return fmt.Sprintf("memory-backend-file,id=mem,size=%dM,mem-path=%s,share=%s", v.rec.Config.MemoryMiB, path, share)
+}
+
+// guestCmdline is what the guest's rcS reads from the kernel command
+// line: its hostname, its workspace disk and its network.
+func guestCmdline(c vm.Config) string {
+	args := []string{"kelpie.hostname=" + c.GuestHostname()}
+	if c.Disk.Present() {
+		args = append(args, "kelpie.disk="+guestDiskDev)
+	}
+	if c.Network.HasDevice() {
+		args = append(args, guestNetCmdline())
+	}
+	if c.KernelArgs != "" {
+		args = append(args, c.KernelArgs)
+	}
+	return strings.Join(args, " ")
 }
 
 // clearRuntime removes what a previous QEMU left: sockets and guest RAM.
@@ -424,8 +609,19 @@ func (v *Instance) Start(ctx context.Context) error {
 		return fmt.Errorf("vm %s: start: %w", v.rec.Name, err)
 	}
 	v.qmp = q
-	if err := v.setState(vm.StateStarting, p); err != nil {
+	ports, err := boundPorts(ctx, q, v.rec.Config.Publish)
+	if err == nil {
+		err = v.setStatePorts(vm.StateStarting, p, ports)
+	}
+	if err != nil {
+		v.dropConns()
 		p.kill(context.WithoutCancel(ctx))
+		v.clearRuntime()
+		v.setState(vm.StateStopped, nil)
+		return fmt.Errorf("vm %s: start: %w", v.rec.Name, err)
+	}
+	// The RTC the guest boots from has whole seconds only.
+	if err := v.setClockStale(true); err != nil {
 		return err
 	}
 	if _, err := v.agentConn(ctx); err != nil {
@@ -442,7 +638,7 @@ func (v *Instance) Start(ctx context.Context) error {
 		}
 		return fmt.Errorf("vm %s: boot: %w", v.rec.Name, err)
 	}
-	return v.setState(vm.StateRunning, p)
+	return v.setStatePorts(vm.StateRunning, p, ports)
 }
 
 // WaitReady returns once the guest agent of a Running VM answers (after a
@@ -453,6 +649,10 @@ func (v *Instance) WaitReady(ctx context.Context) error {
 	if err := v.check(ctx, vm.OpExec); err != nil {
 		return err
 	}
+	// A guest that never answers must not hang a caller without a
+	// deadline.
+	ctx, cancel := bootContext(ctx)
+	defer cancel()
 	if _, err := v.agentConn(ctx); err != nil {
 		return v.failed("wait ready", err)
 	}
@@ -523,6 +723,11 @@ func (v *Instance) Resume(ctx context.Context) error {
 	if err := v.check(ctx, vm.OpResume); err != nil {
 		return err
 	}
+	// The guest's wall clock stood still while it was paused: it is set
+	// from the host before the next command (agentConn).
+	if err := v.setClockStale(true); err != nil {
+		return err
+	}
 	q, err := v.qmpConn(ctx)
 	if err == nil {
 		err = q.Call(ctx, "cont", nil, nil)
@@ -531,7 +736,7 @@ func (v *Instance) Resume(ctx context.Context) error {
 		return v.failed(vm.OpResume, err)
 	}
 	v.forgetSaved()
-	return v.setState(vm.StateRunning, v.run.Proc)
+	return v.setStatePorts(vm.StateRunning, v.run.Proc, v.run.Ports)
 }
 
 // Destroy stops the VM and removes its directory.
@@ -541,17 +746,20 @@ func (v *Instance) Destroy(ctx context.Context) error {
 	if v.destroyed {
 		return nil
 	}
-	var err error
 	if s := v.State(); s != vm.StateStopped && s != vm.StateCreated {
-		err = v.stopLocked(ctx)
+		// A QEMU that would not die keeps its record: the VM is still
+		// here, and a later Destroy tries again.
+		if err := v.stopLocked(ctx); err != nil {
+			return err
+		}
 	}
 	v.dropConns()
 	v.clearRuntime()
-	v.destroyed = true
-	if rerr := os.RemoveAll(v.dir); rerr != nil && err == nil {
-		err = fmt.Errorf("vm %s: remove %s: %w", v.rec.Name, v.dir, rerr)
+	if err := os.RemoveAll(v.dir); err != nil {
+		return fmt.Errorf("vm %s: remove %s: %w", v.rec.Name, v.dir, err)
 	}
-	return err
+	v.destroyed = true
+	return nil
 }
 
 // execNotFound tells the agent's "no such command" apart from other

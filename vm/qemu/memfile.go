@@ -276,9 +276,15 @@ func encodeMemory(w io.Writer, src *os.File, size int64) (int64, error) {
 // that it sizes to ramBytes. It refuses a section for another RAM size,
 // records out of order or out of range, and bytes after the end record.
 func decodeMemory(dst *os.File, r io.Reader, ramBytes int64) error {
+	return decodeSparse(dst, r, ramBytes, vm.SectionMemory)
+}
+
+// decodeSparse is decodeMemory for any image in the format; what names
+// the section in errors.
+func decodeSparse(dst *os.File, r io.Reader, ramBytes int64, what string) error {
 	br := bufio.NewReaderSize(r, 1<<20)
 	bad := func(format string, args ...any) error {
-		return fmt.Errorf("memory section: "+format+": %w", append(args, vm.ErrCorrupt)...)
+		return fmt.Errorf("%s section: "+format+": %w", append(append([]any{what}, args...), vm.ErrCorrupt)...)
 	}
 	var hdr [memHeaderBytes]byte
 	if _, err := io.ReadFull(br, hdr[:]); err != nil {
@@ -288,7 +294,7 @@ func decodeMemory(dst *os.File, r io.Reader, ramBytes int64) error {
 		return bad("bad magic %q", hdr[:8])
 	}
 	if got := int64(binary.LittleEndian.Uint64(hdr[8:])); got != ramBytes {
-		return fmt.Errorf("memory section holds %d MiB of RAM, the VM has %d MiB: %w", got>>20, ramBytes>>20, vm.ErrIncompatible)
+		return fmt.Errorf("%s section holds an image of %d MiB, the VM has %d MiB: %w", what, got>>20, ramBytes>>20, vm.ErrIncompatible)
 	}
 	if pb := binary.LittleEndian.Uint32(hdr[16:]); pb != pageBytes {
 		return bad("page size %d", pb)

@@ -19,9 +19,6 @@ const (
 	migrateDowntimeLimitMs      = 20
 	migrateTimeoutDefault       = 5 * time.Minute
 	migrateFDName               = "kelpie-migration"
-	// settleTimeout bounds what runs after the caller's context ended
-	// (resuming a guest whose snapshot failed).
-	settleTimeout = 30 * time.Second
 )
 
 // setupMigration sets the capabilities both ends must agree on, and on the

@@ -15,6 +15,7 @@ import (
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/blob"
+	"github.com/kelpie/teleport/guest/image"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/fs"
 	"github.com/kelpie/teleport/vm"
@@ -351,7 +352,7 @@ func TestTeleport(t *testing.T) {
 		}{
 			{"corrupt memory", corrupt, vm.Config{}, vm.ErrCorrupt, "memory section checksum mismatch"},
 			{"other accelerator", wrongAccel, vm.Config{}, vm.ErrIncompatible, `accel: the snapshot has "kvm", this host has "tcg"`},
-			{"other memory size", snap, vm.Config{MemoryMiB: 512, VCPUs: 1}, vm.ErrIncompatible, "256 MiB guest"},
+			{"other memory size", snap, vm.Config{MemoryMiB: 512, VCPUs: 1}, vm.ErrIncompatible, "its machine has 1 vCPUs and 256 MiB"},
 			{"sim backend", simSnap, vm.Config{}, vm.ErrIncompatible, "written by sim"},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
@@ -418,7 +419,9 @@ func TestTeleport(t *testing.T) {
 		for _, name := range pkg.ChunkPacks {
 			copyFile(t, filepath.Join(saved, name), filepath.Join(st.Root(), "chunks", "packs", name+".pack"))
 		}
-		// A suspend package restores only on its own host.
+		// A suspend package restores only on its own host. The counter is
+		// read before the snapshot: the source counts on after it.
+		before := counter.read(t, ctx, src)
 		pkg, err = sa.Out(ctx, src, service.OutRequest{AgentID: "agent-1", Kind: teleport.KindSuspend, KeepSource: true})
 		if err != nil {
 			t.Fatal(err)
@@ -426,7 +429,6 @@ func TestTeleport(t *testing.T) {
 		if _, _, err := sb.In(ctx, pkg.ID, vm.Config{Name: "suspended-elsewhere"}, service.InOptions{}); !errors.Is(err, teleport.ErrHostMismatch) {
 			t.Fatalf("suspend on another host: %v, want ErrHostMismatch", err)
 		}
-		before := counter.read(t, ctx, src)
 		back, _, err := sa.In(ctx, pkg.ID, vm.Config{Name: "resumed-here"}, service.InOptions{})
 		if err != nil {
 			t.Fatalf("suspend on its own host: %v", err)
@@ -503,9 +505,7 @@ func TestTeleport(t *testing.T) {
 			t.Fatalf("checkpoint package: %+v", pkg)
 		}
 		dst, got, err := sb.In(ctx, pkg.ID, vm.Config{Name: "from-checkpoint", VCPUs: 1, MemoryMiB: 256}, service.InOptions{
-			RestoreWorkspace: func(ctx context.Context, inst vm.Instance, r io.Reader) error {
-				return inst.(*Instance).RestoreWorkspace(ctx, r)
-			}})
+			Workspace: &fileRestorer{path: filepath.Join(t.TempDir(), "ws-in.tgz")}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -569,6 +569,21 @@ func TestTeleport(t *testing.T) {
 	})
 }
 
+// fileRestorer stages a checkpoint's workspace in a file, then unpacks it
+// into the guest.
+type fileRestorer struct{ path string }
+
+func (f *fileRestorer) Stage(r io.Reader) error { return vm.FileSink(f.path)(r) }
+
+func (f *fileRestorer) Restore(ctx context.Context, inst vm.Instance) error {
+	in, err := os.Open(f.path)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	return inst.(*Instance).RestoreWorkspace(ctx, in)
+}
+
 // commitFails is a store whose commits fail (the network went away).
 type commitFails struct{ teleport.Store }
 
@@ -588,7 +603,7 @@ func (w failingWriter) Commit(ctx context.Context, m *teleport.Package) error {
 }
 
 func simSnapshot(t *testing.T, ctx context.Context) *vm.Snapshot {
-	f := sim.NewFactory(sim.Options{HostID: "sim-host", Arch: vm.HostArchitecture()})
+	f := sim.NewFactory(sim.Options{HostID: "sim-host", Arch: vm.HostArchitecture(), BaseImageVersion: image.Version()})
 	inst, err := f.Create(ctx, vm.Config{VCPUs: 1, MemoryMiB: 256})
 	if err != nil {
 		t.Fatal(err)
@@ -602,7 +617,7 @@ func simSnapshot(t *testing.T, ctx context.Context) *vm.Snapshot {
 }
 
 func simPackage(t *testing.T, ctx context.Context, st teleport.Store) string {
-	f := sim.NewFactory(sim.Options{HostID: "sim-host", Arch: vm.HostArchitecture()})
+	f := sim.NewFactory(sim.Options{HostID: "sim-host", Arch: vm.HostArchitecture(), BaseImageVersion: image.Version()})
 	inst, _ := f.Create(ctx, vm.Config{VCPUs: 1, MemoryMiB: 256})
 	inst.Start(ctx)
 	pkg, err := newService(st, f).Out(ctx, inst, service.OutRequest{AgentID: "sim-agent", Kind: teleport.KindTeleport})

@@ -5,7 +5,6 @@ package qemu
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -21,14 +20,41 @@ func (f *Factory) checkSnapshot(md vm.SnapshotMetadata, cfg vm.Config) error {
 	if err := vm.CheckSnapshot(md, f.Host()); err != nil {
 		return err
 	}
+	return vm.CheckShape(md, cfg)
+}
+
+// restoreDevices makes cfg's devices the snapshot's: its network device
+// (mode and MAC; the ports are cfg's when cfg gives the network, else
+// the recorded ones), its workspace disk and its hostname. A cfg that asks
+// for other devices is refused: the device state must find the devices
+// it was saved from.
+func restoreDevices(cfg *vm.Config, md vm.SnapshotMetadata) error {
 	refuse := func(format string, args ...any) error {
 		return fmt.Errorf("snapshot %s: "+format+": %w", append([]any{md.SnapshotID}, append(args, vm.ErrIncompatible)...)...)
 	}
-	switch {
-	case cfg.MemoryMiB != md.MemoryMiB:
-		return refuse("holds a %d MiB guest, the VM is configured with %d MiB", md.MemoryMiB, cfg.MemoryMiB)
-	case cfg.VCPUs != md.VCPUCount:
-		return refuse("holds %d vCPUs, the VM is configured with %d", md.VCPUCount, cfg.VCPUs)
+	switch n := md.Network; {
+	case n == nil && cfg.Network.HasDevice():
+		return refuse("its VM has no network device, and the VM is configured with network %s", cfg.Network)
+	case n == nil:
+		cfg.SetNetwork(nil)
+	case cfg.Network == "":
+		cfg.SetNetwork(n)
+	case cfg.Network != n.Mode:
+		return refuse("its VM's network is %s, and the VM is configured with %s", n.Mode, cfg.Network)
+	case cfg.MAC != "" && cfg.MAC != n.MAC:
+		return refuse("its VM's MAC address is %s, and the VM is configured with %s", n.MAC, cfg.MAC)
+	default:
+		cfg.MAC = n.MAC
+	}
+	if md.Disk == nil {
+		if cfg.Disk.Present() {
+			return refuse("its VM has no workspace disk, and the VM is configured with one")
+		}
+	} else if err := checkDiskConfig(cfg, md.Disk); err != nil {
+		return err
+	}
+	if cfg.Hostname == "" {
+		cfg.Hostname = md.Hostname
 	}
 	return nil
 }
@@ -64,22 +90,41 @@ func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) (err error) {
 		return fmt.Errorf("vm %s: restore: %w", v.rec.Name, err)
 	}
 	stats.Stage = time.Since(t)
-	t = time.Now()
+	return v.loadStaged(ctx, stats, nil)
+}
+
+// loadStaged starts QEMU waiting for a migration and loads the staged
+// device state (stagedState) into it, with the guest RAM and the disk in
+// place; the VM is Paused afterwards. When staged is not nil, the RAM and
+// disk files exist at their sizes but are still being filled: QEMU maps
+// and opens them, and touches neither before the incoming migration, which
+// waits for staged. Call with v.mu held.
+func (v *Instance) loadStaged(ctx context.Context, stats RestoreStats, staged func() error) error {
+	t := time.Now()
 	p, q, err := v.launch(ctx, true)
 	if err != nil {
 		return fmt.Errorf("vm %s: restore: %w", v.rec.Name, err)
 	}
 	stats.Launch = time.Since(t)
 	t = time.Now()
+	// The payloads passed vm.Stage: whatever fails now is QEMU's, not the
+	// snapshot's bytes, and says so with its own category.
 	fail := func(err error) error {
+		died := !p.alive()
 		v.dropConns()
-		p.kill(context.WithoutCancel(ctx))
-		if !p.alive() && ctx.Err() == nil && !errors.Is(err, vm.ErrCorrupt) {
-			return fmt.Errorf("vm %s: restore: %v (QEMU: %s): %w", v.rec.Name, err, tailFile(v.path(qemuLog), 600), vm.ErrCorrupt)
+		kctx, cancel := vm.SettleContext(ctx)
+		defer cancel()
+		p.kill(kctx)
+		if died && ctx.Err() == nil {
+			return fmt.Errorf("vm %s: restore: QEMU exited while loading the snapshot (%s): %w: %w", v.rec.Name, tailFile(v.path(qemuLog), 600), err, vm.ErrCrashed)
 		}
 		return fmt.Errorf("vm %s: restore: %w", v.rec.Name, err)
 	}
 	v.qmp = q
+	ports, err := boundPorts(ctx, q, v.rec.Config.Publish)
+	if err != nil {
+		return fail(err)
+	}
 	// Connect the agent before the device state loads: the stream says the
 	// host was connected at the snapshot, and a connected socket keeps the
 	// restored guest from seeing the port close and reopen.
@@ -91,7 +136,12 @@ func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) (err error) {
 	// (live copies, ramstream.go); the stream says which.
 	ignoreShared, err := streamIgnoresShared(v.path(stagedState))
 	if err != nil {
-		return fail(fmt.Errorf("%v: %w", err, vm.ErrCorrupt))
+		return fail(fmt.Errorf("the device-state stream is not one this QEMU understands (%w): %w", err, vm.ErrIncompatible))
+	}
+	if staged != nil {
+		if err := staged(); err != nil {
+			return fail(err)
+		}
 	}
 	if err := setupMigration(ctx, q, ignoreShared, false); err != nil {
 		return fail(err)
@@ -112,7 +162,7 @@ func (v *Instance) restore(ctx context.Context, snap *vm.Snapshot) (err error) {
 	}
 	stats.Load = time.Since(t)
 	v.lastRestore = stats
-	return v.setState(vm.StatePaused, p)
+	return v.setStatePorts(vm.StatePaused, p, ports)
 }
 
 // stage copies the payloads into the instance directory (guest RAM
@@ -135,7 +185,9 @@ func (v *Instance) stage(ctx context.Context, md vm.SnapshotMetadata, snap *vm.S
 			os.Remove(v.path(stagedState))
 		}
 	}()
-	deviceState := func(r io.Reader) error { return writeNewFile(v.path(stagedState), r) }
+	os.Remove(v.path(stagedState))
+	deviceState := vm.FileSink(v.path(stagedState))
+	disk := diskSink(v.diskPath(), md.Disk)
 	ramBytes := int64(v.rec.Config.MemoryMiB) << 20
 	if md.Layout == vm.LayoutSplit && md.MemoryFormat == vm.MemoryFormatImage {
 		if md.MemorySize != ramBytes {
@@ -147,12 +199,13 @@ func (v *Instance) stage(ctx context.Context, md vm.SnapshotMetadata, snap *vm.S
 		}
 		err = f.Truncate(ramBytes)
 		if err == nil {
-			err = vm.StageImage(ctx, snap, deviceState, f)
+			err = vm.StageImage(ctx, snap, deviceState, f, disk)
 		}
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
 		if err != nil {
+			os.Remove(v.diskPath())
 			return err
 		}
 		return os.Rename(memTmp, v.ramPath())
@@ -174,24 +227,12 @@ func (v *Instance) stage(ctx context.Context, md vm.SnapshotMetadata, snap *vm.S
 			return err
 		}
 	}
-	if err := vm.Stage(snap, deviceState, memory); err != nil {
+	if err := vm.StageWithDisk(snap, deviceState, memory, disk); err != nil {
+		os.Remove(v.diskPath())
 		return err
 	}
 	if md.Layout == vm.LayoutSplit {
 		return os.Rename(memTmp, v.ramPath())
 	}
 	return nil
-}
-
-// writeNewFile copies r into a new file at path.
-func writeNewFile(path string, r io.Reader) error {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = io.Copy(f, r)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }

@@ -79,5 +79,5 @@ func copyFileTo(from, to string) error {
 		return err
 	}
 	defer in.Close()
-	return writeNewFile(to, in)
+	return vm.FileSink(to)(in)
 }

@@ -26,6 +26,11 @@ type SnapshotStats struct {
 	StateSave, RAMCapture time.Duration
 	// Encode: writing (and hashing) the sparse memory section.
 	Encode time.Duration
+	// DiskCapture: copying a running guest's workspace disk while it was
+	// stopped; DiskEncode: writing (and hashing) its payload; DiskBytes
+	// the payload's size.
+	DiskCapture, DiskEncode time.Duration
+	DiskBytes               int64
 }
 
 // RestoreStats describes the last restore into an instance.

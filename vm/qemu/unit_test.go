@@ -149,7 +149,7 @@ func TestCheckSnapshot(t *testing.T) {
 		{"backend", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Backend = "firecracker" }, "written by firecracker"},
 		{"arch", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Architecture = "riscv64" }, "taken on riscv64"},
 		{"layout none", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Layout = vm.LayoutNone }, "no VM state"},
-		{"memory", func(m *vm.SnapshotMetadata, c *vm.Config) { c.MemoryMiB = 1024 }, "256 MiB guest"},
+		{"memory", func(m *vm.SnapshotMetadata, c *vm.Config) { c.MemoryMiB = 1024 }, "its machine has 1 vCPUs and 256 MiB"},
 		{"vcpus", func(m *vm.SnapshotMetadata, c *vm.Config) { c.VCPUs = 2 }, "1 vCPUs"},
 		{"qemu version", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Compat = compat("8.2.0", AccelTCG, "qemu64") }, `qemu_version: the snapshot has "8.2.0"`},
 		{"cpu", func(m *vm.SnapshotMetadata, c *vm.Config) { m.Compat = compat("7.2.22", AccelTCG, "host:EPYC") }, `cpu: the snapshot has "host:EPYC"`},

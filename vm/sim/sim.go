@@ -22,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/kelpie/teleport/vm"
@@ -62,6 +63,10 @@ type Options struct {
 	// BackendName), so a simulation can run kinds of backends that must
 	// not restore each other's snapshots.
 	Backend string
+	// OnCreate, when set, is told of every VM the factory makes, also one
+	// that CreateFromSnapshot makes and removes again (so a simulation sees
+	// a VM that a failed restore could not remove).
+	OnCreate func(*VM)
 }
 
 // Factory creates simulated VMs on one simulated host.
@@ -72,7 +77,33 @@ type Factory struct {
 }
 
 var _ vm.Factory = (*Factory)(nil)
-var _ vm.Instance = (*VM)(nil)
+var (
+	_ vm.Instance     = (*VM)(nil)
+	_ vm.Reidentifier = (*VM)(nil)
+)
+
+// Keys of the simulated guest's memory that Reidentify writes, as a real
+// guest's kernel keeps its hostname and RNG state in its RAM.
+const (
+	KeyHostname = "hostname"
+	KeyRNG      = "rng"
+)
+
+// Reidentify gives the simulated guest a new identity: its hostname, and
+// an RNG state mixed from the old one and the entropy (vm.Reidentifier).
+func (v *VM) Reidentify(ctx context.Context, id vm.Identity) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err := v.transition(ctx, vm.OpExec); err != nil {
+		return err
+	}
+	h := sha256.New()
+	h.Write([]byte(v.kv[KeyRNG]))
+	h.Write(id.Entropy)
+	v.kv[KeyHostname], v.kv[KeyRNG] = id.Hostname, hex.EncodeToString(h.Sum(nil))
+	v.restored = nil // the guest's memory changed
+	return nil
+}
 
 // NewFactory returns a factory for one simulated host.
 func NewFactory(o Options) *Factory {
@@ -133,7 +164,11 @@ func (f *Factory) create(ctx context.Context, cfg vm.Config) (*VM, error) {
 	if cfg.Name != "" {
 		id = cfg.Name
 	}
-	return &VM{f: f, id: id, cfg: cfg, state: vm.StateCreated, kv: map[string]string{}}, nil
+	v := &VM{f: f, id: id, cfg: cfg, state: vm.StateCreated, kv: map[string]string{}}
+	if f.opts.OnCreate != nil {
+		f.opts.OnCreate(v)
+	}
+	return v, nil
 }
 
 // CreateFromSnapshot makes a VM and restores snap into it (Paused). A
@@ -142,7 +177,11 @@ func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *v
 	if snap == nil {
 		return nil, fmt.Errorf("restore: no snapshot: %w", vm.ErrInvalidConfig)
 	}
+	cfg = vm.ConfigFor(cfg, snap.Metadata)
 	if err := vm.CheckSnapshot(snap.Metadata, f.Host()); err != nil {
+		return nil, err
+	}
+	if err := vm.CheckShape(snap.Metadata, cfg); err != nil {
 		return nil, err
 	}
 	v, err := f.create(ctx, cfg)
@@ -150,10 +189,7 @@ func (f *Factory) CreateFromSnapshot(ctx context.Context, cfg vm.Config, snap *v
 		return nil, err
 	}
 	if err := v.restore(ctx, snap); err != nil {
-		if derr := v.Destroy(context.WithoutCancel(ctx)); derr != nil {
-			return nil, fmt.Errorf("%w; removing the half-restored VM %s failed too (%v): %w", err, v.ID(), derr, vm.ErrLeftBehind)
-		}
-		return nil, err
+		return nil, vm.RemoveFailed(ctx, v, err)
 	}
 	return v, nil
 }
@@ -172,6 +208,8 @@ type VM struct {
 	restored []byte
 	// destroyed: Destroy succeeded; the VM accepts nothing more.
 	destroyed bool
+	// crashPending: a Crash came while an operation held mu.
+	crashPending atomic.Bool
 }
 
 // ID returns the VM id.
@@ -183,7 +221,7 @@ func (v *VM) Config() vm.Config { return v.cfg }
 // State returns the VM's state.
 func (v *VM) State() vm.State {
 	v.mu.Lock()
-	defer v.mu.Unlock()
+	defer v.unlock()
 	return v.state
 }
 
@@ -214,7 +252,7 @@ func (v *VM) transition(ctx context.Context, op string) error {
 // Start boots the VM. A fresh boot has empty guest state.
 func (v *VM) Start(ctx context.Context) error {
 	v.mu.Lock()
-	defer v.mu.Unlock()
+	defer v.unlock()
 	if err := v.transition(ctx, vm.OpStart); err != nil {
 		return err
 	}
@@ -230,7 +268,7 @@ func (v *VM) Start(ctx context.Context) error {
 // Stop stops the VM; guest memory is lost.
 func (v *VM) Stop(ctx context.Context) error {
 	v.mu.Lock()
-	defer v.mu.Unlock()
+	defer v.unlock()
 	if v.state == vm.StateStopped {
 		return nil
 	}
@@ -245,7 +283,7 @@ func (v *VM) Stop(ctx context.Context) error {
 // Pause freezes the VM.
 func (v *VM) Pause(ctx context.Context) error {
 	v.mu.Lock()
-	defer v.mu.Unlock()
+	defer v.unlock()
 	if err := v.transition(ctx, vm.OpPause); err != nil {
 		return err
 	}
@@ -256,7 +294,7 @@ func (v *VM) Pause(ctx context.Context) error {
 // Resume continues a paused VM.
 func (v *VM) Resume(ctx context.Context) error {
 	v.mu.Lock()
-	defer v.mu.Unlock()
+	defer v.unlock()
 	if err := v.transition(ctx, vm.OpResume); err != nil {
 		return err
 	}
@@ -264,12 +302,30 @@ func (v *VM) Resume(ctx context.Context) error {
 	return nil
 }
 
-// Crash simulates the hypervisor dying: guest memory is gone.
+// Crash simulates the hypervisor dying: guest memory is gone. Called while
+// an operation on the VM is in progress (a simulated host dying inside a
+// restore that reads from the store), it lands when that operation
+// returns.
 func (v *VM) Crash() {
-	v.mu.Lock()
-	defer v.mu.Unlock()
+	if !v.mu.TryLock() {
+		v.crashPending.Store(true)
+		return
+	}
+	defer v.unlock()
+	v.crashLocked()
+}
+
+func (v *VM) crashLocked() {
 	v.state = vm.StateCrashed
 	v.kv, v.restored = map[string]string{}, nil
+}
+
+// unlock ends an operation, landing a crash that came during it.
+func (v *VM) unlock() {
+	if v.crashPending.Swap(false) && !v.destroyed {
+		v.crashLocked()
+	}
+	v.mu.Unlock()
 }
 
 // OpDestroy is the fault point of Destroy.
@@ -279,7 +335,7 @@ const OpDestroy = "destroy"
 // it was, as a hypervisor that will not die would.
 func (v *VM) Destroy(ctx context.Context) error {
 	v.mu.Lock()
-	defer v.mu.Unlock()
+	defer v.unlock()
 	if v.destroyed {
 		return nil
 	}
@@ -296,7 +352,7 @@ func (v *VM) Destroy(ctx context.Context) error {
 //	set K V | get K | incr K | del K | keys | hash | echo ARGS... | exit N
 func (v *VM) Exec(ctx context.Context, cmd string, args []string, opts vm.ExecOptions) (vm.ExecResult, error) {
 	v.mu.Lock()
-	defer v.mu.Unlock()
+	defer v.unlock()
 	if err := v.transition(ctx, vm.OpExec); err != nil {
 		return vm.ExecResult{}, err
 	}
@@ -376,7 +432,7 @@ func (v *VM) run(cmd string, args []string) (string, int) {
 // GuestState returns a copy of the guest's key-value state (for checks).
 func (v *VM) GuestState() map[string]string {
 	v.mu.Lock()
-	defer v.mu.Unlock()
+	defer v.unlock()
 	out := make(map[string]string, len(v.kv))
 	for k, val := range v.kv {
 		out[k] = val
@@ -473,7 +529,7 @@ type cpuState struct {
 // Snapshot captures the VM from Running or Paused. The VM keeps its state.
 func (v *VM) Snapshot(ctx context.Context) (*vm.Snapshot, error) {
 	v.mu.Lock()
-	defer v.mu.Unlock()
+	defer v.unlock()
 	if err := v.transition(ctx, vm.OpSnapshot); err != nil {
 		return nil, err
 	}
@@ -530,7 +586,7 @@ func sum(b []byte) string {
 // decoded from bytes that failed their checksum.
 func (v *VM) restore(ctx context.Context, snap *vm.Snapshot) error {
 	v.mu.Lock()
-	defer v.mu.Unlock()
+	defer v.unlock()
 	if err := v.transition(ctx, vm.OpRestore); err != nil {
 		return err
 	}
@@ -571,11 +627,18 @@ func (v *VM) restore(ctx context.Context, snap *vm.Snapshot) error {
 	return nil
 }
 
+// Destroyed reports whether Destroy succeeded.
+func (v *VM) Destroyed() bool {
+	v.mu.Lock()
+	defer v.unlock()
+	return v.destroyed
+}
+
 // MemoryImage is the guest's RAM as a snapshot would capture it: byte for
 // byte what a restore loaded, until the guest writes.
 func (v *VM) MemoryImage() []byte {
 	v.mu.Lock()
-	defer v.mu.Unlock()
+	defer v.unlock()
 	if v.restored != nil {
 		return bytes.Clone(v.restored)
 	}

@@ -254,19 +254,22 @@ func Run(t *testing.T, h Harness) {
 		for _, c := range []struct {
 			name string
 			mut  func(md *vm.SnapshotMetadata)
+			// reshaped: the payloads no longer fit the metadata, so a
+			// restore the rules allow must still fail, as corrupt.
+			reshaped bool
 		}{
-			{"as taken", func(md *vm.SnapshotMetadata) {}},
-			{"other architecture", func(md *vm.SnapshotMetadata) { md.Architecture = otherArch }},
-			{"other backend", func(md *vm.SnapshotMetadata) { md.Backend = "other-" + md.Backend }},
-			{"no backend", func(md *vm.SnapshotMetadata) { md.Backend = "" }},
-			{"host-bound to this host", func(md *vm.SnapshotMetadata) { md.HostBound, md.HostID = true, host.HostID }},
-			{"host-bound to another host", func(md *vm.SnapshotMetadata) { md.HostBound, md.HostID = true, "elsewhere" }},
-			{"written on another host", func(md *vm.SnapshotMetadata) { md.HostID = "elsewhere" }},
-			{"a fact differs", func(md *vm.SnapshotMetadata) { md.Compat[firstFact] += "-other" }},
-			{"a fact missing", func(md *vm.SnapshotMetadata) { delete(md.Compat, firstFact) }},
-			{"an extra fact", func(md *vm.SnapshotMetadata) { md.Compat["kelpie_test_extra"] = "x" }},
-			{"no VM state", func(md *vm.SnapshotMetadata) { md.Layout, md.IsFullSnapshot = vm.LayoutNone, false }},
-			{"the other layout", func(md *vm.SnapshotMetadata) { md.Layout = otherLayout }},
+			{"as taken", func(md *vm.SnapshotMetadata) {}, false},
+			{"other architecture", func(md *vm.SnapshotMetadata) { md.Architecture = otherArch }, false},
+			{"other backend", func(md *vm.SnapshotMetadata) { md.Backend = "other-" + md.Backend }, false},
+			{"no backend", func(md *vm.SnapshotMetadata) { md.Backend = "" }, false},
+			{"host-bound to this host", func(md *vm.SnapshotMetadata) { md.HostBound, md.HostID = true, host.HostID }, false},
+			{"host-bound to another host", func(md *vm.SnapshotMetadata) { md.HostBound, md.HostID = true, "elsewhere" }, false},
+			{"written on another host", func(md *vm.SnapshotMetadata) { md.HostID = "elsewhere" }, false},
+			{"a fact differs", func(md *vm.SnapshotMetadata) { md.Compat[firstFact] += "-other" }, false},
+			{"a fact missing", func(md *vm.SnapshotMetadata) { delete(md.Compat, firstFact) }, false},
+			{"an extra fact", func(md *vm.SnapshotMetadata) { md.Compat["kelpie_test_extra"] = "x" }, false},
+			{"no VM state", func(md *vm.SnapshotMetadata) { md.Layout, md.IsFullSnapshot = vm.LayoutNone, false }, false},
+			{"the other layout", func(md *vm.SnapshotMetadata) { md.Layout = otherLayout }, true},
 		} {
 			t.Run(c.name, func(t *testing.T) {
 				md := snap.Metadata
@@ -279,8 +282,13 @@ func Run(t *testing.T, h Harness) {
 				if restored != nil {
 					restored.Destroy(ctx)
 				}
-				if accepted := !errors.Is(err, vm.ErrIncompatible); accepted != (rerr == nil) {
-					t.Fatalf("the rules say %v; the backend says %v", rerr, err)
+				switch {
+				case rerr != nil && !errors.Is(err, vm.ErrIncompatible):
+					t.Fatalf("the rules refuse (%v); the backend does not say incompatible: %v", rerr, err)
+				case rerr == nil && c.reshaped && !errors.Is(err, vm.ErrCorrupt):
+					t.Fatalf("the rules allow it and the payloads do not fit: the backend must refuse them as corrupt, not %v", err)
+				case rerr == nil && !c.reshaped && err != nil:
+					t.Fatalf("the rules allow it; the backend fails: %v", err)
 				}
 			})
 		}

@@ -146,8 +146,11 @@ var (
 // the configuration a save file must match, and Kelpie has no per-VM MAC
 // that would survive a restore into a new VM yet.
 func (d *driver) CheckConfig(cfg vm.Config) error {
-	if cfg.Network == vm.NetworkUser {
-		return fmt.Errorf("vz: user-mode network is not supported yet (a save file pins the MAC address); use network %q: %w", vm.NetworkNone, vm.ErrUnsupported)
+	if cfg.Network.HasDevice() {
+		return fmt.Errorf("vz: a network is not supported yet (a save file pins the MAC address); use network %q: %w", vm.NetworkNone, vm.ErrUnsupported)
+	}
+	if cfg.Disk.Present() {
+		return fmt.Errorf("vz: workspace disks are not supported yet (the qemu backend has them): %w", vm.ErrUnsupported)
 	}
 	return nil
 }

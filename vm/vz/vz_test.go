@@ -372,7 +372,7 @@ func TestMacOSVersions(t *testing.T) {
 func TestUserNetworkRefused(t *testing.T) {
 	r := newRig(t, "mac-a", "key-a")
 	cfg := guestConfig(t)
-	cfg.Network = vm.NetworkUser
+	cfg.Network = vm.NetworkRestricted
 	if _, err := r.f.Create(context.Background(), cfg); !errors.Is(err, vm.ErrUnsupported) {
 		t.Fatalf("got %v", err)
 	}

@@ -15,6 +15,9 @@
 // partial input, backs off briefly and keeps reading. Other errors make it
 // reopen the port.
 //
+// `kelpie-agent -now` prints the guest wall clock to the nanosecond, for
+// users and tests inside the guest.
+//
 // Build: CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' ./guest/agent/cmd/kelpie-agent
 package main
 
@@ -41,9 +44,15 @@ func main() {
 	workdir := flag.String("workdir", "", "default exec working directory")
 	vsockPort := flag.Uint("vsock-port", uint(agent.VsockPort), "AF_VSOCK port to serve on as well (0 = none)")
 	version := flag.Bool("version", false, "print version and exit")
+	now := flag.Bool("now", false, "print the wall clock as SECONDS.NANOSECONDS since the Unix epoch and exit (busybox date has no sub-second output)")
 	flag.Parse()
 	if *version {
 		fmt.Println(agent.Version)
+		return
+	}
+	if *now {
+		t := time.Now()
+		fmt.Printf("%d.%09d\n", t.Unix(), t.Nanosecond())
 		return
 	}
 	log.SetFlags(0)
