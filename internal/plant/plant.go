@@ -29,6 +29,7 @@ type ChunkBugs struct {
 // SetChunkBugs plants bugs in a *chunks.Space; that package sets it in
 // its init.
 var SetChunkBugs func(space any, b ChunkBugs)
+
 // RegistryBugs break the move protocol (registry.Node). The zero value is
 // the correct protocol.
 type RegistryBugs struct {
