@@ -44,7 +44,7 @@ var _ registry.Machine = Machine{}
 // Send commits VM name as package req.Package (a move: the source is
 // stopped and removed once it is committed; a copy keeps it running).
 func (m Machine) Send(ctx context.Context, name string, req registry.SendRequest) (registry.Outcome, error) {
-	out := host.OutRequest{Store: req.Store, PackageID: req.Package, Fence: req.Fence, KeepSource: req.Copy, AgentID: req.AgentID}
+	out := host.OutRequest{Store: req.Store, PackageID: req.Package, Fence: req.Fence, KeepSource: req.Copy, AgentID: req.AgentID, Format: req.Format}
 	res, err := m.H.TeleportOut(ctx, name, out)
 	switch {
 	case err == nil:
@@ -313,9 +313,9 @@ func (f *Fleet) TeleportOut(ctx context.Context, name string, req host.OutReques
 		if err := vm.ValidateName(newName); err != nil {
 			return nil, nil, err
 		}
-		a, err = n.Copy(ctx, name, newName, req.Store)
+		a, err = n.Copy(ctx, name, newName, req.Store, req.Format)
 	} else {
-		a, err = n.Send(ctx, name, req.Store, "")
+		a, err = n.Send(ctx, name, req.Store, "", req.Format)
 	}
 	if a == nil || a.State != registry.StateInFlight {
 		return nil, a, err

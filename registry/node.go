@@ -36,6 +36,8 @@ type Machine interface {
 type SendRequest struct {
 	Store, Package string
 	Fence          func(ctx context.Context, action string) error
+	// Format is the package's KLP1 version (0: the host's default).
+	Format int
 	// Copy keeps the source running: the package is a new agent's (AgentID).
 	Copy    bool
 	AgentID string
@@ -288,8 +290,9 @@ func (n *Node) Stop(ctx context.Context, name string, stop func(ctx context.Cont
 // commits the package, the record says in flight at epoch e+1, and the
 // source VM is destroyed. Before the commit, a failure resumes the source
 // and the record says running again. target is recorded for the reader
-// ("" for a plain teleport out).
-func (n *Node) Send(ctx context.Context, name, store, target string) (*Agent, error) {
+// ("" for a plain teleport out); format is the package's KLP1 version (0:
+// the host's default).
+func (n *Node) Send(ctx context.Context, name, store, target string, format int) (*Agent, error) {
 	a, err := n.own(ctx, name, StateRunning)
 	if err != nil {
 		return nil, err
@@ -306,7 +309,7 @@ func (n *Node) Send(ctx context.Context, name, store, target string) (*Agent, er
 		}
 		return nil
 	}
-	outcome, serr := n.Host.Send(ctx, name, SendRequest{Store: store, Package: pkg, Fence: fence})
+	outcome, serr := n.Host.Send(ctx, name, SendRequest{Store: store, Package: pkg, Fence: fence, Format: format})
 	sctx, cancel := n.settle(ctx)
 	defer cancel()
 	switch outcome {
@@ -347,8 +350,8 @@ func (n *Node) Send(ctx context.Context, name, store, target string) (*Agent, er
 // the new record is created moving (so the name is taken before anything
 // is written), the host commits the copy with the source kept running,
 // and the record says in flight, claimable once. A copy that did not
-// commit removes its record.
-func (n *Node) Copy(ctx context.Context, name, newName, store string) (*Agent, error) {
+// commit removes its record. format is as for Send.
+func (n *Node) Copy(ctx context.Context, name, newName, store string, format int) (*Agent, error) {
 	src, err := n.own(ctx, name, StateRunning, StatePaused)
 	if err != nil {
 		return nil, err
@@ -365,7 +368,7 @@ func (n *Node) Copy(ctx context.Context, name, newName, store string) (*Agent, e
 		return nil, err
 	}
 	n.step(ctx, newName, StepMoving)
-	outcome, serr := n.Host.Send(ctx, name, SendRequest{Store: store, Package: pkg, Copy: true, AgentID: newName,
+	outcome, serr := n.Host.Send(ctx, name, SendRequest{Store: store, Package: pkg, Copy: true, AgentID: newName, Format: format,
 		Fence: func(ctx context.Context, action string) error {
 			if err := n.Reg.Check(ctx, n.Session, rec); err != nil {
 				return fmt.Errorf("agent %s: fence before %s: %w", newName, action, err)
@@ -519,7 +522,7 @@ var _ Claimer = (*Node)(nil)
 // If the target cannot claim it, this host claims it back, so that a
 // failed move leaves the agent running here whenever it can.
 func (n *Node) Move(ctx context.Context, name, store, target string, to Claimer) (*Agent, error) {
-	inflight, err := n.Send(ctx, name, store, target)
+	inflight, err := n.Send(ctx, name, store, target, 0)
 	if err != nil {
 		return inflight, err
 	}

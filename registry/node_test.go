@@ -248,7 +248,7 @@ func TestStaleLeaseRefused(t *testing.T) {
 	if ma.get("x") != registry.VMPaused {
 		t.Fatalf("the stale host resumed its VM: %q", ma.get("x"))
 	}
-	if _, err := a.Send(ctx, "x", "/store", ""); err == nil {
+	if _, err := a.Send(ctx, "x", "/store", "", 0); err == nil {
 		t.Fatal("a send on an expired lease started")
 	}
 }
@@ -263,7 +263,7 @@ func TestFenceBeforeCommit(t *testing.T) {
 	// The same host id registers again elsewhere while the send runs:
 	// this node's lease is taken over between the pause and the commit.
 	ma.onPaused = func() { f.node(t, "host-a") }
-	_, err := a.Send(ctx, "x", "/store", "")
+	_, err := a.Send(ctx, "x", "/store", "", 0)
 	if !errors.Is(err, registry.ErrLeaseLost) || !strings.Contains(err.Error(), "fence before commit") {
 		t.Fatalf("send after a take-over: %v, want ErrLeaseLost from the fence before the commit", err)
 	}
@@ -358,7 +358,7 @@ func TestClaimTakeOverFromDeadHost(t *testing.T) {
 	a, ma := f.node(t, "host-a")
 	b, mb := f.node(t, "host-b")
 	a.Create(ctx, "x", 0, boot(ma, "x"))
-	inflight, err := a.Send(ctx, "x", "/store", "host-b")
+	inflight, err := a.Send(ctx, "x", "/store", "host-b", 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/fleet"
 	"github.com/kelpie/teleport/host"
 	"github.com/kelpie/teleport/registry"
@@ -824,6 +825,9 @@ type OutRequest struct {
 	KeepSource bool   `json:"keep_source,omitempty"`
 	// AgentID names a copy's new agent (keep_source; default a fresh name).
 	AgentID string `json:"agent_id,omitempty"`
+	// Format is the package's KLP1 version, "v1" or "v2" ("": v2 into a
+	// store with a chunk space).
+	Format string `json:"format,omitempty"`
 }
 
 // OutResult is the answer of teleport out.
@@ -849,12 +853,20 @@ func (s *Server) teleportOut(w http.ResponseWriter, r *http.Request) error {
 			return badf("agent_id: %v", err)
 		}
 	}
+	format := 0
+	if req.Format != "" {
+		f, err := blob.ParseFormat(req.Format)
+		if err != nil {
+			return badf("format: %v", err)
+		}
+		format = f
+	}
 	store, err := s.store(req.Store)
 	if err != nil {
 		return err
 	}
 	return s.progress(w, r, http.StatusOK, func(ctx context.Context) (any, error) {
-		res, a, err := s.fleet.TeleportOut(ctx, req.Name, host.OutRequest{Store: store, KeepSource: req.KeepSource, AgentID: req.AgentID})
+		res, a, err := s.fleet.TeleportOut(ctx, req.Name, host.OutRequest{Store: store, KeepSource: req.KeepSource, AgentID: req.AgentID, Format: format})
 		s.metrics.teleport("out", err)
 		if err != nil {
 			return nil, err

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/mem"
 	"github.com/kelpie/teleport/vm"
@@ -369,7 +370,8 @@ func TestInRefusesMetadataBytesThatDiffer(t *testing.T) {
 	ctx := context.Background()
 	store := mem.New()
 	a := newHost(store, sim.Options{HostID: "a"})
-	pkg, err := a.svc.Out(ctx, running(t, a, nil), service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport})
+	// Version 1: the tampering wrapper hides the store's chunk space.
+	pkg, err := a.svc.Out(ctx, running(t, a, nil), service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport, Format: blob.Version1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -418,7 +420,7 @@ func TestCorruptRestoreThatLeavesItsVMSaysSo(t *testing.T) {
 	ctx := context.Background()
 	store := mem.New()
 	a := newHost(store, sim.Options{HostID: "a"})
-	pkg, err := a.svc.Out(ctx, running(t, a, map[string]string{"k": "v"}), service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport})
+	pkg, err := a.svc.Out(ctx, running(t, a, map[string]string{"k": "v"}), service.OutRequest{AgentID: "ag", Kind: teleport.KindTeleport, Format: blob.Version1})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -329,12 +329,12 @@ func cmdHost(ctx context.Context, e *env, args []string) error {
 	return tw.Flush()
 }
 
-func teleportOutRemote(ctx context.Context, e *env, name, store string, keep bool, agentID string) error {
+func teleportOutRemote(ctx context.Context, e *env, name, store string, keep bool, agentID, format string) error {
 	c, err := e.client()
 	if err != nil {
 		return err
 	}
-	res, err := c.TeleportOut(ctx, server.OutRequest{Name: name, Store: store, KeepSource: keep, AgentID: agentID}, nil)
+	res, err := c.TeleportOut(ctx, server.OutRequest{Name: name, Store: store, KeepSource: keep, AgentID: agentID, Format: format}, nil)
 	if err != nil {
 		return err
 	}

@@ -76,7 +76,7 @@ func teleportOut(ctx context.Context, e *env, args []string) error {
 		}
 	}
 	if e.server != "" {
-		return teleportOutRemote(ctx, e, pos[0], url, *keep, *agentID)
+		return teleportOutRemote(ctx, e, pos[0], url, *keep, *agentID, *format)
 	}
 	regURL, err := registryURL(e, *regFlag)
 	if err != nil {
