@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -388,16 +389,14 @@ func (e *Etcd) write(ctx context.Context, s Session, name string, rev int64, nex
 		lease := resp.Responses[1].GetResponseRange().Kvs
 		if attempt > 0 {
 			// An earlier attempt may have taken effect with its answer
-			// lost: the record then carries this write's op id (or, for a
-			// delete, is gone).
-			if next != nil && len(cur) == 1 {
-				if a, err := decodeAgent(cur[0].Value, cur[0].ModRevision); err == nil && a.Op == next.Op {
-					out = a
-					return nil
-				}
-			}
-			if next == nil && len(cur) == 0 {
+			// lost, and the record may have moved on since.
+			a, known := e.earlierAttempt(ctx, key, rev, cur, next)
+			if a != nil {
+				out = a
 				return nil
+			}
+			if !known {
+				return fmt.Errorf("registry: %s agent %s: an earlier attempt's answer was lost and the record changed since, so whether it took effect is unknown (read the agent again): %w", what, name, ErrUnavailable)
 			}
 		}
 		if len(lease) == 0 || clientv3.LeaseID(lease[0].Lease) != es.lease {
@@ -413,6 +412,61 @@ func (e *Etcd) write(ctx context.Context, s Session, name string, rev int64, nex
 		return fmt.Errorf("registry: %s agent %s: revision %d, not %d: %w", what, name, cur[0].ModRevision, rev, ErrConflict)
 	})
 	return out, err
+}
+
+// earlierAttempt tells whether an earlier attempt of the write of next
+// (nil: a delete) expecting revision rev (0: absent) took effect, given
+// the record cur the failed compare read. It returns the record that
+// attempt wrote when it did (a delete returns nothing it can prove), and
+// known=false when the key's history cannot say.
+func (e *Etcd) earlierAttempt(ctx context.Context, key string, rev int64, cur []*mvccpb.KeyValue, next *Agent) (wrote *Agent, known bool) {
+	ours := func(kv *mvccpb.KeyValue) *Agent {
+		if next == nil {
+			return nil
+		}
+		if a, err := decodeAgent(kv.Value, kv.ModRevision); err == nil && a.Op == next.Op {
+			return a
+		}
+		return nil
+	}
+	if len(cur) == 1 {
+		if a := ours(cur[0]); a != nil {
+			return a, true
+		}
+	}
+	if rev == 0 {
+		// A create: the current incarnation of the key may be ours,
+		// updated since; an earlier one cannot be told apart.
+		if len(cur) == 1 {
+			resp, err := e.c.Get(ctx, key, clientv3.WithRev(cur[0].CreateRevision))
+			if err == nil && len(resp.Kvs) == 1 {
+				if a := ours(resp.Kvs[0]); a != nil {
+					return a, true
+				}
+			}
+		}
+		return nil, false
+	}
+	// An update or delete: the CAS makes it the first change of the key
+	// after revision rev, if it happened at all.
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for resp := range e.c.Watch(wctx, key, clientv3.WithRev(rev+1)) {
+		if resp.Err() != nil {
+			return nil, false
+		}
+		for _, ev := range resp.Events {
+			if ev.Kv.ModRevision <= rev {
+				continue
+			}
+			if ev.Type == mvccpb.DELETE {
+				// Someone's delete: a delete's own is indistinguishable.
+				return nil, next != nil
+			}
+			return ours(ev.Kv), true
+		}
+	}
+	return nil, false
 }
 
 // Create adds a new record.

@@ -36,7 +36,9 @@ type regOutput struct {
 	unknown bool   // no answer: it may have taken effect
 }
 
-var registerModel = porcupine.Model{
+// registerModel is nondeterministic: a write without an answer may have
+// taken effect (at any point after its call) or not at all.
+var registerModel = (&porcupine.NondeterministicModel{
 	Partition: func(h []porcupine.Operation) [][]porcupine.Operation {
 		byKey := map[string][]porcupine.Operation{}
 		var keys []string
@@ -53,26 +55,40 @@ var registerModel = porcupine.Model{
 		}
 		return out
 	},
-	Init: func() any { return "" },
-	Step: func(state, input, output any) (bool, any) {
+	Init: func() []any { return []any{""} },
+	Step: func(state, input, output any) []any {
 		st, in, out := state.(string), input.(regInput), output.(regOutput)
-		if in.kind == "get" {
-			if out.unknown {
-				return true, st
+		switch {
+		case in.kind == "get" && out.unknown:
+			return []any{st}
+		case in.kind == "get":
+			if out.ok == (st != "") && out.value == st {
+				return []any{st}
 			}
-			return out.ok == (st != "") && out.value == st, st
+			return nil
+		case out.unknown:
+			// It happened (possible only from its expected value) or not.
+			if st == in.expect {
+				return []any{st, in.value}
+			}
+			return []any{st}
+		case out.ok:
+			if st == in.expect {
+				return []any{in.value}
+			}
+			return nil
 		}
-		if out.unknown || out.ok {
-			// A write that happened: only possible from its expected value.
-			return st == in.expect, in.value
+		// Refused: only when the value was not the expected one.
+		if st != in.expect {
+			return []any{st}
 		}
-		return st != in.expect, st
+		return nil
 	},
 	DescribeOperation: func(input, output any) string {
 		in, out := input.(regInput), output.(regOutput)
 		return fmt.Sprintf("%s %s %s->%s = %+v", in.kind, in.key, in.expect, in.value, out)
 	},
-}
+}).ToModel()
 
 func TestLinearizableOnCluster(t *testing.T) {
 	if testing.Short() {
@@ -207,5 +223,21 @@ func TestLinearizabilityCheckerFires(t *testing.T) {
 	h[2].Output = regOutput{ok: true, value: "b"}
 	if !porcupine.CheckOperations(registerModel, h) {
 		t.Fatal("a correct history failed the check")
+	}
+	// A write without an answer may not have happened: a later write that
+	// needs it not to have happened is fine...
+	far := int64(1 << 62)
+	u := []porcupine.Operation{
+		{Input: regInput{kind: "create", key: "k", value: "a"}, Call: 0, Output: regOutput{unknown: true}, Return: far},
+		{Input: regInput{kind: "create", key: "k", value: "b"}, Call: 2, Output: regOutput{ok: true}, Return: 3},
+		{Input: regInput{kind: "get", key: "k"}, Call: 4, Output: regOutput{ok: true, value: "b"}, Return: 5},
+	}
+	if !porcupine.CheckOperations(registerModel, u) {
+		t.Fatal("a write without an answer was taken to have happened")
+	}
+	// ...but a refusal of a write that did happen is caught.
+	u[0].Output, u[0].Return = regOutput{}, 1
+	if porcupine.CheckOperations(registerModel, u[:1]) {
+		t.Fatal("a create refused on an absent key passed the check")
 	}
 }
