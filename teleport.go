@@ -74,7 +74,8 @@ type Package struct {
 	Snapshot *vm.SnapshotMetadata `json:"snapshot,omitempty"`
 	// Sections locate the parts of the body, in order and back to back
 	// from offset 0: SectionBlob always, SectionDisk for a VM with a
-	// workspace disk, SectionWorkspace for a checkpoint that carries an
+	// workspace disk that is not in the blob (a version 2 blob carries a
+	// raw disk image itself, chunked like memory), SectionWorkspace for a checkpoint that carries an
 	// archive of /workspace instead. Each has its own size and SHA-256,
 	// verified before it is used. The store checks that they add up to
 	// the body.
@@ -253,9 +254,12 @@ func (p *Package) validateSections() error {
 	}
 	if len(p.Sections) > 0 {
 		ds, ok := p.Section(SectionDisk)
+		apart := p.Disk != nil && !p.Disk.InBlob() // a raw image travels in the blob
 		switch {
-		case ok != (p.Disk != nil):
-			return bad("a %s section goes with a disk in the manifest, and the manifest has %s", SectionDisk, hasNot(p.Disk != nil, "one", "none"))
+		case p.Disk.InBlob() && p.Format != 2:
+			return bad("a raw disk image goes only in a version 2 blob, and this package is version %d", max(p.Format, 1))
+		case ok != apart:
+			return bad("a %s section goes with a disk in the manifest that is not in the blob, and the manifest has %s", SectionDisk, hasNot(apart, "one", "none"))
 		case ok && (ds.Size != p.Disk.PayloadBytes || ds.SHA256 != p.Disk.SHA256):
 			return bad("the %s section (%d bytes, sha256 %.12s) is not the disk the manifest describes (%d bytes, sha256 %.12s)", SectionDisk, ds.Size, ds.SHA256, p.Disk.PayloadBytes, p.Disk.SHA256)
 		}

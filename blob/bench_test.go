@@ -161,7 +161,7 @@ func BenchmarkEncodeGuest(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if _, err := EncodeV2(context.Background(), f, nil, Input{}, Input{Payload: fp}, V2Options{}); err != nil {
+		if _, err := EncodeV2(context.Background(), f, nil, Input{}, Input{Payload: fp}, Input{}, V2Options{}); err != nil {
 			b.Fatal(err)
 		}
 		f.Close()
@@ -192,7 +192,7 @@ func BenchmarkDecodeGuest(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	if _, err := EncodeV2(context.Background(), bf, nil, Input{}, Input{Payload: fp}, V2Options{}); err != nil {
+	if _, err := EncodeV2(context.Background(), bf, nil, Input{}, Input{Payload: fp}, Input{}, V2Options{}); err != nil {
 		b.Fatal(err)
 	}
 	fi, _ := bf.Stat()

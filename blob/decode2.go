@@ -106,6 +106,8 @@ type v2Payload struct {
 	src     teleport.ChunkReader
 	where   string // "package X", a file name: named in every error
 	image   bool
+	pages   []PageEntry // an image's page map (memory or disk)
+	imageN  int64       // an image's length
 	workers int
 }
 
@@ -115,7 +117,7 @@ var _ vm.ImagePayload = (*v2Payload)(nil)
 // memory image.
 func (p *v2Payload) Size() int64 {
 	if p.image {
-		return p.b.memN
+		return p.imageN
 	}
 	return p.b.stateN
 }
@@ -135,9 +137,9 @@ func (p *v2Payload) WriteImage(ctx context.Context, dst io.WriterAt) error {
 	if !p.image {
 		return fmt.Errorf("the device state is not a memory image: %w", vm.ErrUnsupported)
 	}
-	uses := make(map[teleport.ChunkID][]int, len(p.b.mem))
+	uses := make(map[teleport.ChunkID][]int, len(p.pages))
 	var ids []teleport.ChunkID
-	for i, e := range p.b.mem {
+	for i, e := range p.pages {
 		if _, ok := uses[e.Ref.ID]; !ok {
 			ids = append(ids, e.Ref.ID)
 		}
@@ -149,7 +151,7 @@ func (p *v2Payload) WriteImage(ctx context.Context, dst io.WriterAt) error {
 		if idx == nil {
 			return fmt.Errorf("%s: the store returned chunk %s, which was not asked for: %w", p.where, id.Short(), teleport.ErrStore)
 		}
-		ref := p.b.mem[idx[0]].Ref
+		ref := p.pages[idx[0]].Ref
 		var buf []byte
 		if ref.Codec != CodecRaw { // a raw chunk is used as it is
 			bp := chunkBufs.Get().(*[]byte)
@@ -161,7 +163,7 @@ func (p *v2Payload) WriteImage(ctx context.Context, dst io.WriterAt) error {
 			return err
 		}
 		for _, i := range idx {
-			e := p.b.mem[i]
+			e := p.pages[i]
 			if err := scatter(dst, e, raw, e.Window*cb); err != nil {
 				return fmt.Errorf("write memory window %d: %w", e.Window, err)
 			}
@@ -218,14 +220,14 @@ func (s *v2Stream) Close() error { return nil }
 
 func (s *v2Stream) entries() int {
 	if s.p.image {
-		return len(s.p.b.mem)
+		return len(s.p.pages)
 	}
 	return len(s.p.b.state)
 }
 
 func (s *v2Stream) ref(i int) ChunkRef {
 	if s.p.image {
-		return s.p.b.mem[i].Ref
+		return s.p.pages[i].Ref
 	}
 	return s.p.b.state[i]
 }
@@ -303,7 +305,7 @@ func (s *v2Stream) produce(total int64) []byte {
 	if len(s.queue) == 0 {
 		return zeroRun(total - s.pos)
 	}
-	e := s.p.b.mem[s.queue[0]]
+	e := s.p.pages[s.queue[0]]
 	start := int64(e.Window) * cb
 	if s.pos < start {
 		return zeroRun(start - s.pos)
@@ -380,7 +382,7 @@ func OpenV2(r io.ReaderAt, size int64, o OpenOptions) (*V2, error) {
 		for _, r := range b.state {
 			refs[r.ID] = r
 		}
-		for _, e := range b.mem {
+		for _, e := range slices.Concat(b.mem, b.disk) {
 			refs[e.Ref.ID] = e.Ref
 		}
 		v.srcs = &inlineChunks{b: b, refs: refs, workers: o.Workers}
@@ -430,7 +432,25 @@ func (v *V2) Memory() (vm.ImagePayload, error) {
 	if v.srcs == nil {
 		return nil, fmt.Errorf("%s: its chunks live in a package store, and none was given: %w", v.o.Name, vm.ErrUnsupported)
 	}
-	return &v2Payload{b: v.b, src: v.srcs, where: v.o.Name, image: true, workers: v.o.Workers}, nil
+	return &v2Payload{b: v.b, src: v.srcs, where: v.o.Name, image: true, pages: v.b.mem, imageN: v.b.memN, workers: v.o.Workers}, nil
+}
+
+// DiskPageMap is the workspace disk's page map.
+func (v *V2) DiskPageMap() []PageEntry { return v.b.disk }
+
+// DiskBytes is the workspace disk image's size (0: none).
+func (v *V2) DiskBytes() int64 { return v.b.diskN }
+
+// Disk is the workspace disk image as a payload (nil when the blob has
+// none).
+func (v *V2) Disk() (vm.ImagePayload, error) {
+	if v.b.diskN == 0 {
+		return nil, nil
+	}
+	if v.srcs == nil {
+		return nil, fmt.Errorf("%s: its chunks live in a package store, and none was given: %w", v.o.Name, vm.ErrUnsupported)
+	}
+	return &v2Payload{b: v.b, src: v.srcs, where: v.o.Name, image: true, pages: v.b.disk, imageN: v.b.diskN, workers: v.o.Workers}, nil
 }
 
 // Stats summarises a blob's chunks: distinct chunks and their stored
@@ -441,6 +461,8 @@ type Stats struct {
 	ZstdChunks  int   `json:"zstd_chunks"`
 	RawChunks   int   `json:"raw_chunks"`
 	DataPages   int64 `json:"data_pages"`
+	// DiskDataPages: the pages of the workspace disk image that hold data.
+	DiskDataPages int64 `json:"disk_data_pages,omitempty"`
 }
 
 // Stats counts the blob's distinct chunks.
@@ -466,6 +488,10 @@ func (v *V2) Stats() Stats {
 	for _, e := range v.b.mem {
 		count(e.Ref)
 		st.DataPages += int64(bits.OnesCount64(e.Pages))
+	}
+	for _, e := range v.b.disk {
+		count(e.Ref)
+		st.DiskDataPages += int64(bits.OnesCount64(e.Pages))
 	}
 	return st
 }

@@ -66,7 +66,8 @@ type Input struct {
 type Encoded struct {
 	Format int
 	Bytes  int64 // the blob's length
-	// LogicalBytes: the device state and the memory image, in full.
+	// LogicalBytes: the device state, the memory image and the disk
+	// image, in full.
 	LogicalBytes int64
 	// Chunks counts distinct chunks the blob refers to; NewChunks those it
 	// stored (inline: all of them; a store: those it put), and NewBytes
@@ -79,15 +80,16 @@ type Encoded struct {
 }
 
 // EncodeV2 writes a version 2 blob of metadata (the raw section bytes),
-// the device state stream and the memory image to w. Memory is chunked by
-// window and its pages of zeros cost nothing; when its payload is a file,
-// holes are skipped without being read. Memory use is bounded by the
-// workers' buffers, whatever the sizes.
-func EncodeV2(ctx context.Context, w io.Writer, metadata []byte, state, memory Input, o V2Options) (*Encoded, error) {
+// the device state stream, the memory image and the workspace disk image
+// (each may be empty) to w. The images are chunked by window and their
+// pages of zeros cost nothing; when an image's payload is a file, holes
+// are skipped without being read. Memory use is bounded by the workers'
+// buffers, whatever the sizes.
+func EncodeV2(ctx context.Context, w io.Writer, metadata []byte, state, memory, disk Input, o V2Options) (*Encoded, error) {
 	if err := o.setDefaults(); err != nil {
 		return nil, err
 	}
-	state.name, memory.name = vm.SectionDeviceState, vm.SectionMemory
+	state.name, memory.name, disk.name = vm.SectionDeviceState, vm.SectionMemory, vm.SectionDisk
 	res := &Encoded{Format: Version2}
 	h := &HeaderV2{ChunkBytes: uint32(o.ChunkBytes), Hash: o.Hash}
 	c := &chunker{ctx: ctx, o: o, res: res, emitted: map[teleport.ChunkID]ChunkRef{}}
@@ -118,7 +120,15 @@ func EncodeV2(ctx context.Context, w io.Writer, metadata []byte, state, memory I
 			return nil, err
 		}
 	}
-	res.LogicalBytes = stateN + memN
+	var diskEntries []PageEntry
+	var diskN int64
+	if disk.Payload != nil && disk.Payload.Size() > 0 {
+		diskN = disk.Payload.Size()
+		if _, diskEntries, err = c.section(disk, true); err != nil {
+			return nil, err
+		}
+	}
+	res.LogicalBytes = stateN + memN + diskN
 
 	// The tables and metadata, each a page-aligned section after the
 	// chunk data (inline) or the header (store).
@@ -147,21 +157,27 @@ func EncodeV2(ctx context.Context, w io.Writer, metadata []byte, state, memory I
 		}
 		add(KindDeviceState, tb, uint64(stateN), uint64(len(stateRefs)))
 	}
-	if memN > 0 {
-		tb := make([]byte, len(memEntries)*v2PageBytes)
-		for i, e := range memEntries {
+	pageMap := func(kind uint32, entries []PageEntry, n int64) {
+		tb := make([]byte, len(entries)*v2PageBytes)
+		for i, e := range entries {
 			b := tb[i*v2PageBytes:]
 			binary.LittleEndian.PutUint64(b[0:], e.Window)
 			binary.LittleEndian.PutUint64(b[8:], e.Pages)
 			putRef(b[16:], e.Ref)
 		}
-		add(KindMemory, tb, uint64(memN), uint64(len(memEntries)))
+		add(kind, tb, uint64(n), uint64(len(entries)))
+	}
+	if memN > 0 {
+		pageMap(KindMemory, memEntries, memN)
+	}
+	if diskN > 0 {
+		pageMap(KindDisk, diskEntries, diskN)
 	}
 	last := outs[len(outs)-1].s
 	h.FileBytes = last.Offset + last.Length
-	// The table lists kinds in order; the chunk data section, written
-	// first, is listed last.
-	for k := uint32(KindMetadata); k <= KindChunkData; k++ {
+	// The table lists kinds in order (the chunk data section, written
+	// first, after the memory page map).
+	for k := uint32(KindMetadata); k <= KindDisk; k++ {
 		for _, o := range outs {
 			if o.s.Kind == k {
 				h.Sections = append(h.Sections, o.s)

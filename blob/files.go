@@ -71,7 +71,7 @@ func PackFilesV2(ctx context.Context, out, metadata, snapshot, memory string, o 
 	var res *Encoded
 	err := writeAtomic(out, func(w *os.File) error {
 		var err error
-		res, err = EncodeV2(ctx, w, meta, ins[0], ins[1], o)
+		res, err = EncodeV2(ctx, w, meta, ins[0], ins[1], Input{}, o)
 		return err
 	})
 	return res, err
@@ -204,7 +204,23 @@ func unpackV2(f *os.File, size int64, path, dir string) (err error) {
 	if err != nil {
 		return err
 	}
-	for _, sec := range []struct {
+	disk, err := b.Disk()
+	if err != nil {
+		return err
+	}
+	image := func(p vm.ImagePayload) func(*os.File) error {
+		return func(w *os.File) error {
+			if p == nil {
+				return nil
+			}
+			// Holes for the pages the page map leaves out.
+			if err := w.Truncate(p.Size()); err != nil {
+				return err
+			}
+			return p.WriteImage(ctx, w)
+		}
+	}
+	secs := []struct {
 		name string
 		fill func(*os.File) error
 	}{
@@ -221,17 +237,16 @@ func unpackV2(f *os.File, size int64, path, dir string) (err error) {
 			_, err = io.Copy(w, rc)
 			return err
 		}},
-		{"memory", func(w *os.File) error {
-			if mem == nil {
-				return nil
-			}
-			// Holes for the pages the page map leaves out.
-			if err := w.Truncate(mem.Size()); err != nil {
-				return err
-			}
-			return mem.WriteImage(ctx, w)
-		}},
-	} {
+		{"memory", image(mem)},
+	}
+	if disk != nil {
+		// The workspace disk image, only in a blob that has one.
+		secs = append(secs, struct {
+			name string
+			fill func(*os.File) error
+		}{"disk", image(disk)})
+	}
+	for _, sec := range secs {
 		if err := writeAtomic(filepath.Join(dir, sec.name), sec.fill); err != nil {
 			return fmt.Errorf("unpack %s section: %w", sec.name, err)
 		}

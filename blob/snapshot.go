@@ -85,9 +85,21 @@ func EncodeSnapshot(ctx context.Context, w io.Writer, snap *vm.Snapshot, o Encod
 			return nil, fmt.Errorf("snapshot %s: %s payload has no recorded checksum, so no host could restore it: %w", md.SnapshotID, p.name, vm.ErrCorrupt)
 		}
 	}
+	// A raw disk image goes in the blob (version 2 only); a disk in any
+	// other encoding travels beside it, in a package section of its own.
+	var disk Input
+	if md.Disk.InBlob() {
+		if o.Format != Version2 {
+			return nil, fmt.Errorf("snapshot %s: a raw disk image goes only in a version 2 blob: %w", md.SnapshotID, vm.ErrCorrupt)
+		}
+		if n := vm.PayloadSize(snap.Disk); n != md.Disk.SizeBytes || md.Disk.PayloadBytes != n {
+			return nil, fmt.Errorf("snapshot %s: disk payload has %d bytes, its metadata says %d: %w", md.SnapshotID, n, md.Disk.SizeBytes, vm.ErrCorrupt)
+		}
+		disk = Input{Payload: snap.Disk, SHA256: md.Disk.SHA256}
+	}
 	if o.Format == Version2 {
 		res, err := EncodeV2(ctx, w, meta, Input{Payload: snap.DeviceState, SHA256: md.DeviceStateSHA256},
-			Input{Payload: snap.Memory, SHA256: md.MemorySHA256}, o.V2)
+			Input{Payload: snap.Memory, SHA256: md.MemorySHA256}, disk, o.V2)
 		if err != nil {
 			return nil, fmt.Errorf("snapshot %s: %w", md.SnapshotID, err)
 		}
@@ -138,8 +150,9 @@ func EncodeSnapshot(ctx context.Context, w io.Writer, snap *vm.Snapshot, o Encod
 // claims) and returns payloads that read the sections from r on demand,
 // never whole. A version 1 blob's checksums are verified where the
 // payloads are used (vm.Stage); a version 2 blob's chunks are verified as
-// they are read, and its memory payload is a vm.ImagePayload. A version 2
-// blob whose chunks live in a package store reads them through o.Chunks.
+// they are read, and its memory payload (and disk payload, when the blob
+// carries the workspace disk) is a vm.ImagePayload. A version 2 blob whose
+// chunks live in a package store reads them through o.Chunks.
 func OpenSnapshot(r io.ReaderAt, size int64, o OpenOptions) (*vm.Snapshot, error) {
 	v, err := Version(r, size)
 	if err != nil {
@@ -166,7 +179,22 @@ func OpenSnapshot(r io.ReaderAt, size int64, o OpenOptions) (*vm.Snapshot, error
 		if mem != nil {
 			memory = mem
 		}
-		return vm.NewSnapshot(md, state, memory, nil), nil
+		snap := vm.NewSnapshot(md, state, memory, nil)
+		// The disk section is the raw disk image the metadata says is in
+		// the blob, or absent.
+		switch n := b.DiskBytes(); {
+		case md.Disk.InBlob() && n != md.Disk.SizeBytes:
+			return nil, malformed("the metadata records a %d-byte disk image in the blob, its disk section has %d", md.Disk.SizeBytes, n)
+		case !md.Disk.InBlob() && n != 0:
+			return nil, malformed("a %d-byte disk section that the metadata does not record", n)
+		case n > 0:
+			disk, err := b.Disk()
+			if err != nil {
+				return nil, err
+			}
+			snap.Disk = disk
+		}
+		return snap, nil
 	}
 	b, err := Open(r, size)
 	if err != nil {

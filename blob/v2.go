@@ -42,7 +42,7 @@ const (
 	v2SectionBytes = 72
 	v2RefBytes     = 56
 	v2PageBytes    = 16 + v2RefBytes // a page map entry
-	v2SectionsMax  = 4
+	v2SectionsMax  = 5
 )
 
 // FlagChunksElsewhere marks a blob whose chunks are not in it but in a
@@ -55,9 +55,10 @@ const (
 	KindDeviceState = 2
 	KindMemory      = 3
 	KindChunkData   = 4
+	KindDisk        = 5 // the workspace disk image: a page map like memory's
 )
 
-var kindNames = [...]string{"", "metadata", "device-state", "memory", "chunk-data"}
+var kindNames = [...]string{"", "metadata", "device-state", "memory", "chunk-data", "disk"}
 
 // KindName names a section kind.
 func KindName(k uint32) string {
@@ -292,7 +293,7 @@ func cmpU64(a, b uint64) int {
 func (h *HeaderV2) checkSection(s SectionV2, i int) error {
 	name := KindName(s.Kind)
 	switch {
-	case s.Kind < KindMetadata || s.Kind > KindChunkData:
+	case s.Kind < KindMetadata || s.Kind > KindDisk:
 		return malformed("section %d has unknown kind %d", i, s.Kind)
 	case i > 0 && h.Sections[i-1].Kind >= s.Kind:
 		return malformed("section %s is out of order or repeated", name)
@@ -321,18 +322,18 @@ func (h *HeaderV2) checkSection(s SectionV2, i int) error {
 		if hi, lo := bits.Mul64(s.Count, v2RefBytes); hi != 0 || lo != s.Length {
 			return malformed("device state table is %d bytes for %d chunks", s.Length, s.Count)
 		}
-	case KindMemory:
+	case KindMemory, KindDisk:
 		// At most one entry per window of the image.
 		cb := uint64(h.ChunkBytes)
 		windows := s.LogicalBytes/cb + min(s.LogicalBytes%cb, 1)
 		if s.Count > windows {
-			return malformed("memory page map has %d entries for %d windows", s.Count, windows)
+			return malformed("%s page map has %d entries for %d windows", name, s.Count, windows)
 		}
 		if hi, lo := bits.Mul64(s.Count, v2PageBytes); hi != 0 || lo != s.Length {
-			return malformed("memory page map is %d bytes for %d entries", s.Length, s.Count)
+			return malformed("%s page map is %d bytes for %d entries", name, s.Length, s.Count)
 		}
 		if s.LogicalBytes > math.MaxInt64 {
-			return malformed("memory image of %d bytes", s.LogicalBytes)
+			return malformed("%s image of %d bytes", name, s.LogicalBytes)
 		}
 	}
 	return nil
@@ -416,6 +417,8 @@ type v2Blob struct {
 	stateN int64
 	mem    []PageEntry
 	memN   int64
+	disk   []PageEntry // the workspace disk's page map
+	diskN  int64
 	data   SectionV2
 	inline bool
 }
@@ -469,39 +472,20 @@ func readV2(r io.ReaderAt, size int64, hb []byte) (*v2Blob, error) {
 		}
 		b.stateN = int64(s.LogicalBytes)
 	}
-	if s, ok := h.Section(KindMemory); ok {
-		tb, err := readSection(r, s)
+	for _, k := range []uint32{KindMemory, KindDisk} {
+		s, ok := h.Section(k)
+		if !ok {
+			continue
+		}
+		pm, err := readPageMap(r, h, s, b.data, b.inline)
 		if err != nil {
 			return nil, err
 		}
-		b.mem = make([]PageEntry, s.Count)
-		windows := s.LogicalBytes/uint64(h.ChunkBytes) + min(s.LogicalBytes%uint64(h.ChunkBytes), 1)
-		le := binary.LittleEndian
-		for i := range b.mem {
-			e := tb[i*v2PageBytes:]
-			pe := PageEntry{Window: le.Uint64(e[0:]), Pages: le.Uint64(e[8:])}
-			switch {
-			case pe.Window >= windows:
-				return nil, malformed("memory page map: window %d is past the %d-byte image", pe.Window, s.LogicalBytes)
-			case i > 0 && pe.Window <= b.mem[i-1].Window:
-				return nil, malformed("memory page map: window %d follows window %d (overlapping or out of order)", pe.Window, b.mem[i-1].Window)
-			}
-			n, err := pagesRawBytes(pe.Window, pe.Pages, h.ChunkBytes, s.LogicalBytes)
-			if err != nil {
-				return nil, fmt.Errorf("memory page map: %w", err)
-			}
-			if pe.Ref, err = getRef(e[16:]); err != nil {
-				return nil, err
-			}
-			if err := h.checkRef(pe.Ref, b.data, b.inline); err != nil {
-				return nil, fmt.Errorf("memory page map: %w", err)
-			}
-			if uint64(pe.Ref.RawBytes) != n {
-				return nil, malformed("memory page map: window %d marks %d bytes of pages, its chunk %s has %d", pe.Window, n, pe.Ref.ID.Short(), pe.Ref.RawBytes)
-			}
-			b.mem[i] = pe
+		if k == KindMemory {
+			b.mem, b.memN = pm, int64(s.LogicalBytes)
+		} else {
+			b.disk, b.diskN = pm, int64(s.LogicalBytes)
 		}
-		b.memN = int64(s.LogicalBytes)
 	}
 	// One id, one reference: a chunk's bytes and how they are stored are
 	// the same wherever it is used.
@@ -518,7 +502,7 @@ func readV2(r io.ReaderAt, size int64, hb []byte) (*v2Blob, error) {
 			return nil, err
 		}
 	}
-	for _, e := range b.mem {
+	for _, e := range slices.Concat(b.mem, b.disk) {
 		if err := check(e.Ref); err != nil {
 			return nil, err
 		}
@@ -527,6 +511,43 @@ func readV2(r io.ReaderAt, size int64, hb []byte) (*v2Blob, error) {
 		return nil, err
 	}
 	return b, nil
+}
+
+// readPageMap reads and checks the page map section s (memory or disk).
+func readPageMap(r io.ReaderAt, h *HeaderV2, s SectionV2, data SectionV2, inline bool) ([]PageEntry, error) {
+	name := KindName(s.Kind)
+	tb, err := readSection(r, s)
+	if err != nil {
+		return nil, err
+	}
+	pm := make([]PageEntry, s.Count)
+	windows := s.LogicalBytes/uint64(h.ChunkBytes) + min(s.LogicalBytes%uint64(h.ChunkBytes), 1)
+	le := binary.LittleEndian
+	for i := range pm {
+		e := tb[i*v2PageBytes:]
+		pe := PageEntry{Window: le.Uint64(e[0:]), Pages: le.Uint64(e[8:])}
+		switch {
+		case pe.Window >= windows:
+			return nil, malformed("%s page map: window %d is past the %d-byte image", name, pe.Window, s.LogicalBytes)
+		case i > 0 && pe.Window <= pm[i-1].Window:
+			return nil, malformed("%s page map: window %d follows window %d (overlapping or out of order)", name, pe.Window, pm[i-1].Window)
+		}
+		n, err := pagesRawBytes(pe.Window, pe.Pages, h.ChunkBytes, s.LogicalBytes)
+		if err != nil {
+			return nil, fmt.Errorf("%s page map: %w", name, err)
+		}
+		if pe.Ref, err = getRef(e[16:]); err != nil {
+			return nil, err
+		}
+		if err := h.checkRef(pe.Ref, data, inline); err != nil {
+			return nil, fmt.Errorf("%s page map: %w", name, err)
+		}
+		if uint64(pe.Ref.RawBytes) != n {
+			return nil, malformed("%s page map: window %d marks %d bytes of pages, its chunk %s has %d", name, pe.Window, n, pe.Ref.ID.Short(), pe.Ref.RawBytes)
+		}
+		pm[i] = pe
+	}
+	return pm, nil
 }
 
 // checkPadding: each section starts at the first page boundary after the

@@ -79,7 +79,7 @@ func encodeTest(t testing.TB, meta, state, img []byte, o V2Options) (*Encoded, [
 	if img != nil {
 		mem = Input{Payload: vm.BytesPayload(img)}
 	}
-	res, err := EncodeV2(context.Background(), f, meta, st, mem, o)
+	res, err := EncodeV2(context.Background(), f, meta, st, mem, Input{}, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -244,7 +244,7 @@ func TestV2StoreForm(t *testing.T) {
 	state := []byte("devices")
 	enc := func(img []byte) (*Encoded, []byte) {
 		var w bytes.Buffer
-		res, err := EncodeV2(context.Background(), &w, nil, Input{Payload: vm.BytesPayload(state)}, Input{Payload: vm.BytesPayload(img)},
+		res, err := EncodeV2(context.Background(), &w, nil, Input{Payload: vm.BytesPayload(state)}, Input{Payload: vm.BytesPayload(img)}, Input{},
 			V2Options{Chunks: fc, Workers: 2})
 		if err != nil {
 			t.Fatal(err)
@@ -497,7 +497,7 @@ func FuzzDecodeV2(f *testing.F) {
 	fc := newFakeChunks()
 	var w bytes.Buffer
 	if _, err := EncodeV2(context.Background(), &w, nil, Input{Payload: vm.BytesPayload([]byte("st"))},
-		Input{Payload: vm.BytesPayload(testImage(11, 8*PageBytes))}, V2Options{Chunks: fc, Workers: 1, ChunkBytes: 2 * PageBytes}); err != nil {
+		Input{Payload: vm.BytesPayload(testImage(11, 8*PageBytes))}, Input{}, V2Options{Chunks: fc, Workers: 1, ChunkBytes: 2 * PageBytes}); err != nil {
 		f.Fatal(err)
 	}
 	f.Add(w.Bytes())

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"maps"
+	"slices"
 
 	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/blob"
@@ -109,7 +110,7 @@ func (r *run) chunksOf(id string) *chunkSet {
 	for _, ref := range b.DeviceStateRefs() {
 		add(ref.ID)
 	}
-	for _, e := range b.PageMap() {
+	for _, e := range slices.Concat(b.PageMap(), b.DiskPageMap()) {
 		add(e.Ref.ID)
 	}
 	return cs

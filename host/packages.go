@@ -218,7 +218,16 @@ func verifyChunks(ctx context.Context, snap *vm.Snapshot) error {
 			return fmt.Errorf("the device state has sha256 %.12s, its metadata says %.12s", sum, md.DeviceStateSHA256)
 		}
 	}
-	return img.WriteImage(ctx, discardAt{})
+	if err := img.WriteImage(ctx, discardAt{}); err != nil {
+		return err
+	}
+	if d, ok := snap.Disk.(vm.ImagePayload); ok {
+		// The workspace disk the blob carries, chunk by chunk.
+		if err := d.WriteImage(ctx, discardAt{}); err != nil {
+			return fmt.Errorf("the workspace disk: %w", err)
+		}
+	}
+	return nil
 }
 
 type discardAt struct{}

@@ -429,7 +429,8 @@ type SnapshotResult struct {
 	Downtime      time.Duration
 	DowntimeKnown bool
 	// NoDisk says why the blob lacks the VM's workspace disk ("" when the
-	// VM has none): a KLP1 v1 blob has no section for it.
+	// VM has none or the blob carries it): a KLP1 v1 blob has no section
+	// for it.
 	NoDisk string
 }
 
@@ -464,8 +465,8 @@ func (h *Host) SnapshotVM(ctx context.Context, name, out string, layout vm.Layou
 	defer snap.Close()
 	res := &SnapshotResult{SnapshotID: snap.Metadata.SnapshotID, Layout: snap.Metadata.Layout, Format: format}
 	res.Downtime, res.DowntimeKnown = vm.LastSnapshotDowntime(lv.inst)
-	if snap.Disk != nil {
-		res.NoDisk = "a KLP1 blob file has no section for the workspace disk, so this file carries memory and devices only; teleport out carries the disk"
+	if snap.Disk != nil && !snap.Metadata.Disk.InBlob() {
+		res.NoDisk = "a KLP1 v1 blob file has no section for the workspace disk, so this file carries memory and devices only (v2 carries it; teleport out always does)"
 	}
 	enc, err := blob.WriteSnapshotFile(ctx, out, snap, blob.EncodeOptions{Format: format})
 	if err != nil {

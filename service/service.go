@@ -368,9 +368,12 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 	// The disk: a full VM's comes with its snapshot, a checkpoint's apart.
 	disk, diskMD := snap.Disk, md.Disk
 	if req.Disk != nil {
+		if req.Disk.Metadata.InBlob() {
+			return nil, fmt.Errorf("package %s: a checkpoint's disk travels in a section of its own, not as a raw image: %w", id, teleport.ErrInvalidPackage)
+		}
 		disk, diskMD = req.Disk.Payload, &req.Disk.Metadata
 	}
-	pkg.Disk = diskMD
+	pkg.Disk, pkg.Format = diskMD, format
 	pkg.SealAgentState()
 	if md.BaseImageVersion != "" {
 		pkg.BaseImageVersion = md.BaseImageVersion
@@ -409,7 +412,7 @@ func (s *Service) upload(ctx context.Context, id string, req OutRequest, snap *v
 	}
 	sw.end()
 	pkg.Format, pkg.LogicalBytes = enc.Format, enc.LogicalBytes
-	if diskMD != nil {
+	if diskMD != nil && !diskMD.InBlob() {
 		if err := sw.copySection(teleport.SectionDisk, disk, diskMD.PayloadBytes, diskMD.SHA256); err != nil {
 			return nil, fmt.Errorf("pack the disk of %s: %w", id, err)
 		}
@@ -637,8 +640,11 @@ func (s *Service) In(ctx context.Context, id string, cfg vm.Config, opts InOptio
 			return nil, pkg, err
 		}
 		defer closeChunks()
-		if snap.Disk, err = diskPayload(pkg, r); err != nil {
+		// The disk: in the blob (a version 2 raw image), or a section.
+		if d, err := diskPayload(pkg, r); err != nil {
 			return nil, pkg, err
+		} else if d != nil {
+			snap.Disk = d
 		}
 		inst, err = s.factory.CreateFromSnapshot(ctx, cfg, snap)
 		if err != nil {

@@ -50,6 +50,18 @@ type DiskMetadata struct {
 	SHA256       string `json:"sha256"`
 }
 
+// DiskFormatImage: the disk payload is the disk as a raw image of
+// SizeBytes, zero where nothing is allocated, with no checksum of its own.
+// Such a disk travels inside a KLP1 version 2 blob, as a page map of
+// chunks that each carry their own hash (like a raw memory image, see
+// MemoryFormatImage), and arrives on restore as an ImagePayload.
+const DiskFormatImage = "image"
+
+// InBlob says whether the disk travels inside the snapshot's KLP1 blob
+// (a raw image in a version 2 blob) rather than in a package section of
+// its own.
+func (m *DiskMetadata) InBlob() bool { return m != nil && m.Format == DiskFormatImage }
+
 // Disk is the disk configuration this metadata describes.
 func (m *DiskMetadata) Disk() Disk {
 	if m == nil {

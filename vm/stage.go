@@ -38,7 +38,16 @@ type Sink func(r io.Reader) error
 // A backend without workspace disks stages with Stage, which refuses a
 // snapshot that carries one; one with disks uses StageWithDisk.
 func Stage(snap *Snapshot, deviceState, memory Sink) error {
-	return StageWithDisk(snap, deviceState, memory, nil)
+	return StageWithDisk(context.Background(), snap, deviceState, memory, nil)
+}
+
+// DiskTarget is where a backend stages a workspace disk. A payload in the
+// backend's own encoding streams into Stream; a raw disk image
+// (DiskFormatImage) is written into a fresh file at Path, at its offsets,
+// holes kept (without a Path it streams into Stream like any payload).
+type DiskTarget struct {
+	Stream Sink
+	Path   string
 }
 
 // StageImage is StageWithDisk for a backend that loads guest memory from
@@ -47,14 +56,14 @@ func Stage(snap *Snapshot, deviceState, memory Sink) error {
 // memory image whose chunks carry their own hashes (ImagePayload) and has
 // no recorded checksum is written in parallel, every chunk verified; any
 // other payload streams through its recorded checksum as in Stage, its
-// zero pages skipped. disk is the workspace disk's sink (nil: the backend
-// has none, and a snapshot with one is refused). As with Stage, dst may be
-// used only if StageImage returns nil.
-func StageImage(ctx context.Context, snap *Snapshot, deviceState Sink, dst *os.File, disk Sink) error {
+// zero pages skipped. disk is where the workspace disk goes (nil: the
+// backend has none, and a snapshot with one is refused). As with Stage,
+// dst may be used only if StageImage returns nil.
+func StageImage(ctx context.Context, snap *Snapshot, deviceState Sink, dst *os.File, disk *DiskTarget) error {
 	md := snap.Metadata
 	owner := "snapshot " + md.SnapshotID
 	diskErr := make(chan error, 1)
-	go func() { diskErr <- StageDisk(owner, snap.Disk, md.Disk, disk) }()
+	go func() { diskErr <- StageDisk(ctx, owner, snap.Disk, md.Disk, disk) }()
 	err := stageImage(ctx, owner, snap, deviceState, dst)
 	if derr := <-diskErr; err == nil {
 		err = derr
@@ -116,15 +125,15 @@ func writeSparse(dst *os.File, r io.Reader) error {
 	}
 }
 
-// StageWithDisk is Stage with a sink for the workspace disk payload too,
-// verified the same way against Metadata.Disk. The disk is staged beside
-// the other sections (its own reader, its own sink); the first error in
-// section order is the one returned, after every section is done.
-func StageWithDisk(snap *Snapshot, deviceState, memory, disk Sink) error {
+// StageWithDisk is Stage with a target for the workspace disk payload
+// too, verified the same way against Metadata.Disk. The disk is staged
+// beside the other sections (its own reader, its own sink); the first
+// error in section order is the one returned, after every section is done.
+func StageWithDisk(ctx context.Context, snap *Snapshot, deviceState, memory Sink, disk *DiskTarget) error {
 	md := snap.Metadata
 	owner := "snapshot " + md.SnapshotID
 	diskErr := make(chan error, 1)
-	go func() { diskErr <- StageDisk(owner, snap.Disk, md.Disk, disk) }()
+	go func() { diskErr <- StageDisk(ctx, owner, snap.Disk, md.Disk, disk) }()
 	err := StagePayload(owner, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState)
 	if err == nil {
 		err = StagePayload(owner, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
@@ -136,21 +145,55 @@ func StageWithDisk(snap *Snapshot, deviceState, memory, disk Sink) error {
 }
 
 // StageDisk is StagePayload for a workspace disk described by md (nil: the
-// payload must be empty): a snapshot's, or one that travels without a VM
-// snapshot (a checkpoint's). owner names it in errors.
-func StageDisk(owner string, p Payload, md *DiskMetadata, sink Sink) error {
+// payload must be empty) into t (nil: the backend has no disks): a
+// snapshot's, or one that travels without a VM snapshot (a checkpoint's).
+// A raw disk image whose chunks carry their own hashes is written into
+// t.Path chunk by chunk, in parallel, each verified. owner names it in
+// errors. On failure, what was written at t.Path must not be used.
+func StageDisk(ctx context.Context, owner string, p Payload, md *DiskMetadata, t *DiskTarget) error {
 	var size int64
 	var sum string
 	if md != nil {
 		size, sum = md.PayloadBytes, md.SHA256
 	}
-	return StagePayload(owner, SectionDisk, p, size, sum, sink)
+	var sink Sink
+	if t != nil {
+		sink = t.Stream
+	}
+	if !md.InBlob() || t == nil || t.Path == "" {
+		return StagePayload(owner, SectionDisk, p, size, sum, sink)
+	}
+	if md.PayloadBytes != md.SizeBytes {
+		return fmt.Errorf("%s: %s section: a raw image of %d bytes for a %d-byte disk: %w", owner, SectionDisk, md.PayloadBytes, md.SizeBytes, ErrCorrupt)
+	}
+	f, err := os.OpenFile(t.Path, os.O_CREATE|os.O_TRUNC|os.O_RDWR, 0o600)
+	if err != nil {
+		return err
+	}
+	err = f.Truncate(md.SizeBytes)
+	if err == nil {
+		img, ok := p.(ImagePayload)
+		switch {
+		case ok && sum == "" && img.Size() != size:
+			err = fmt.Errorf("%s: %s section has %d bytes, metadata says %d: %w", owner, SectionDisk, img.Size(), size, ErrCorrupt)
+		case ok && sum == "":
+			if err = img.WriteImage(ctx, f); err != nil {
+				err = fmt.Errorf("%s: stage %s section: %w", owner, SectionDisk, err)
+			}
+		default:
+			err = StagePayload(owner, SectionDisk, p, size, sum, func(r io.Reader) error { return writeSparse(f, r) })
+		}
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // VerifyPayloads checks every payload of s against the sizes and checksums
 // its metadata records, reading each once.
 func VerifyPayloads(s *Snapshot) error {
-	return StageWithDisk(s, drain, drain, drain)
+	return StageWithDisk(context.Background(), s, drain, drain, &DiskTarget{Stream: drain})
 }
 
 func drain(r io.Reader) error {

@@ -80,10 +80,11 @@ type v2Inspection struct {
 	Hash        string `json:"hash"`
 	BlobBytes   int64  `json:"blob_bytes"`
 	MetadataLen uint64 `json:"metadata_len"`
-	SnapshotLen int64  `json:"snapshot_len"` // the device state, uncompressed
-	MemoryLen   int64  `json:"memory_len"`   // the memory image
-	// LogicalBytes: device state + memory image; StoredBytes: the distinct
-	// chunks' stored bytes.
+	SnapshotLen int64  `json:"snapshot_len"`       // the device state, uncompressed
+	MemoryLen   int64  `json:"memory_len"`         // the memory image
+	DiskLen     int64  `json:"disk_len,omitempty"` // the workspace disk image, when the blob has one
+	// LogicalBytes: device state + memory image + disk image; StoredBytes:
+	// the distinct chunks' stored bytes.
 	LogicalBytes   int64          `json:"logical_bytes"`
 	StoredBytes    int64          `json:"stored_bytes"`
 	Chunks         int            `json:"chunks"`
@@ -93,6 +94,7 @@ type v2Inspection struct {
 	RawChunks      int            `json:"raw_chunks"`
 	DataPages      int64          `json:"data_pages"`
 	ZeroPages      int64          `json:"zero_pages"`
+	DiskDataPages  int64          `json:"disk_data_pages,omitempty"`
 	Sections       []sectionEntry `json:"sections"`
 	CompressionPct float64        `json:"stored_pct_of_logical"`
 }
@@ -144,11 +146,11 @@ func blobInspect(e *env, path string, asJSON bool) error {
 	in := v2Inspection{Version: blob.Version2, Form: "file", PageBytes: blob.PageBytes, ChunkBytes: h.ChunkBytes, Hash: h.Hash.String(),
 		BlobBytes: fi.Size(), SnapshotLen: b.DeviceStateBytes(), MemoryLen: b.MemoryBytes(), StoredBytes: st.StoredBytes, Chunks: st.Chunks,
 		StateChunks: len(b.DeviceStateRefs()), MemoryEntries: len(b.PageMap()), ZstdChunks: st.ZstdChunks, RawChunks: st.RawChunks,
-		DataPages: st.DataPages}
+		DataPages: st.DataPages, DiskLen: b.DiskBytes(), DiskDataPages: st.DiskDataPages}
 	if !b.Inline() {
 		in.Form = "store"
 	}
-	in.LogicalBytes = in.SnapshotLen + in.MemoryLen
+	in.LogicalBytes = in.SnapshotLen + in.MemoryLen + in.DiskLen
 	in.ZeroPages = (in.MemoryLen+blob.PageBytes-1)/blob.PageBytes - st.DataPages
 	if in.LogicalBytes > 0 {
 		in.CompressionPct = float64(in.StoredBytes) * 100 / float64(in.LogicalBytes)
@@ -173,6 +175,9 @@ func blobInspect(e *env, path string, asJSON bool) error {
 	}
 	fmt.Fprintf(e.stdout, "  device state %s in %d chunks; memory image %s: %d pages hold data, %d are zero (cost nothing)\n",
 		humanBytes(in.SnapshotLen), in.StateChunks, humanBytes(in.MemoryLen), in.DataPages, in.ZeroPages)
+	if in.DiskLen > 0 {
+		fmt.Fprintf(e.stdout, "  workspace disk image %s: %d pages hold data\n", humanBytes(in.DiskLen), in.DiskDataPages)
+	}
 	fmt.Fprintf(e.stdout, "  %d distinct chunks (%d zstd, %d raw): logical %s, stored %s (%.1f%%)\n", in.Chunks, in.ZstdChunks, in.RawChunks,
 		humanBytes(in.LogicalBytes), humanBytes(in.StoredBytes), in.CompressionPct)
 	return nil

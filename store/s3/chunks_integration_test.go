@@ -105,7 +105,7 @@ func BenchmarkChunkDownload(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	if _, err := blob.EncodeV2(ctx, w, nil, blob.Input{}, blob.Input{Payload: fp}, blob.V2Options{Chunks: w.(teleport.ChunkWriter)}); err != nil {
+	if _, err := blob.EncodeV2(ctx, w, nil, blob.Input{}, blob.Input{Payload: fp}, blob.Input{}, blob.V2Options{Chunks: w.(teleport.ChunkWriter)}); err != nil {
 		b.Fatal(err)
 	}
 	m := storetest.ChunkManifest("bench")

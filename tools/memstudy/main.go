@@ -241,7 +241,7 @@ func versus(file string, rounds int) error {
 			return err
 		}
 		defer f.Close()
-		_, err = blob.EncodeV2(context.Background(), f, nil, blob.Input{}, blob.Input{Payload: fp}, blob.V2Options{})
+		_, err = blob.EncodeV2(context.Background(), f, nil, blob.Input{}, blob.Input{Payload: fp}, blob.Input{}, blob.V2Options{})
 		return err
 	}
 	decode := func() error {

@@ -101,13 +101,21 @@ func (v *Instance) snapshot(ctx context.Context, layout vm.Layout, image bool) (
 		if src == "" {
 			src = v.diskPath()
 		}
-		go func() {
-			t := time.Now()
+		if image {
+			// The image as it is, like guest RAM: a version 2 packer
+			// chunks it (and skips its holes) itself.
 			var e encoded
-			e.md, e.p, e.err = diskPayload(src, filepath.Join(dir, "disk"), v.rec.Config.Disk)
-			c.stats.DiskEncode = time.Since(t)
+			e.md, e.p, e.err = diskImage(src, v.rec.Config.Disk)
 			diskDone <- e
-		}()
+		} else {
+			go func() {
+				t := time.Now()
+				var e encoded
+				e.md, e.p, e.err = diskPayload(src, filepath.Join(dir, "disk"), v.rec.Config.Disk)
+				c.stats.DiskEncode = time.Since(t)
+				diskDone <- e
+			}()
+		}
 	} else {
 		diskDone <- encoded{}
 	}
@@ -143,7 +151,7 @@ func (v *Instance) snapshot(ctx context.Context, layout vm.Layout, image bool) (
 	disk := d.p
 	if d.md != nil {
 		md.Disk, c.stats.DiskBytes = d.md, d.md.PayloadBytes
-		if c.diskCopy != "" {
+		if c.diskCopy != "" && !d.md.InBlob() {
 			os.Remove(c.diskCopy)
 		}
 	}

@@ -129,6 +129,24 @@ func diskPayload(src, out string, d vm.Disk) (*vm.DiskMetadata, vm.Payload, erro
 	return &vm.DiskMetadata{SizeBytes: d.SizeBytes, Filesystem: fs, Format: memFormat, PayloadBytes: n, SHA256: sum}, p, nil
 }
 
+// diskImage describes the image at src (the VM's disk, or a copy taken
+// while the guest was stopped) as a raw disk image payload
+// (vm.DiskFormatImage), read in place.
+func diskImage(src string, d vm.Disk) (*vm.DiskMetadata, vm.Payload, error) {
+	p, err := vm.NewFilePayload(src)
+	if err != nil {
+		return nil, nil, err
+	}
+	if p.Size() != d.SizeBytes {
+		return nil, nil, fmt.Errorf("workspace disk image %s has %d bytes, the VM's disk %d", src, p.Size(), d.SizeBytes)
+	}
+	fs := d.Filesystem
+	if fs == "" {
+		fs = vm.DiskFilesystemExt4
+	}
+	return &vm.DiskMetadata{SizeBytes: d.SizeBytes, Filesystem: fs, Format: vm.DiskFormatImage, PayloadBytes: d.SizeBytes}, p, nil
+}
+
 // copyDisk copies the VM's disk image sparse into dst (a new file), for a
 // guest that runs on after the capture.
 func (v *Instance) copyDisk(dst string) error {
@@ -152,13 +170,14 @@ func (v *Instance) copyDisk(dst string) error {
 	return err
 }
 
-// diskSink decodes a disk payload into a new image at path; what an
+// diskSink stages a disk payload into a new image at path (decoding the
+// sparse format, or writing a raw image's pages at their offsets); what an
 // instance's staged disk becomes when vm.Stage* verified it.
-func diskSink(path string, md *vm.DiskMetadata) vm.Sink {
+func diskSink(path string, md *vm.DiskMetadata) *vm.DiskTarget {
 	if md == nil {
 		return nil
 	}
-	return func(r io.Reader) error {
+	return &vm.DiskTarget{Path: path, Stream: func(r io.Reader) error {
 		if md.Format != memFormat {
 			return fmt.Errorf("disk payload format %q (this backend reads %s): %w", md.Format, memFormat, vm.ErrIncompatible)
 		}
@@ -171,7 +190,7 @@ func diskSink(path string, md *vm.DiskMetadata) vm.Sink {
 			err = cerr
 		}
 		return err
-	}
+	}}
 }
 
 // checkDiskConfig makes cfg's disk the one md describes (filling it in
@@ -261,7 +280,7 @@ func (f *Factory) CreateWithDisk(ctx context.Context, cfg vm.Config, img *vm.Dis
 	if err != nil {
 		return nil, err
 	}
-	if err := vm.StageDisk("the disk of vm "+cfg.Name, img.Payload, &img.Metadata, diskSink(v.diskPath(), &img.Metadata)); err != nil {
+	if err := vm.StageDisk(ctx, "the disk of vm "+cfg.Name, img.Payload, &img.Metadata, diskSink(v.diskPath(), &img.Metadata)); err != nil {
 		if derr := v.Destroy(context.WithoutCancel(ctx)); derr != nil {
 			return nil, fmt.Errorf("vm %s: workspace disk: %w; removing the VM failed too (%v): %w", cfg.Name, err, derr, vm.ErrLeftBehind)
 		}

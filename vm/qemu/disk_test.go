@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kelpie/teleport"
+	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/service"
 	"github.com/kelpie/teleport/store/fs"
 	"github.com/kelpie/teleport/vm"
@@ -102,15 +103,20 @@ func TestDiskChain(t *testing.T) {
 	boot := bootID(t, ctx, inst)
 
 	files := workspaceFiles{}
+	// Both package formats: version 1 carries the disk in a section of
+	// its own (its allocated blocks), version 2 in the blob, chunked like
+	// memory, so that a second package stores only the chunks that
+	// changed.
 	steps := []struct {
 		kind     teleport.SnapshotKind
 		from, to *Factory
+		format   int
 	}{
-		{teleport.KindSuspend, fa, fa},
-		{teleport.KindTeleport, fa, fb},
-		{teleport.KindSuspend, fb, fb},
-		{teleport.KindTeleport, fb, fa},
-		{teleport.KindTeleport, fa, fb},
+		{teleport.KindSuspend, fa, fa, blob.Version2},
+		{teleport.KindTeleport, fa, fb, blob.Version1},
+		{teleport.KindSuspend, fb, fb, blob.Version1},
+		{teleport.KindTeleport, fb, fa, blob.Version2},
+		{teleport.KindTeleport, fa, fb, blob.Version2},
 	}
 	from := fa
 	for i, s := range steps {
@@ -121,18 +127,32 @@ func TestDiskChain(t *testing.T) {
 		// guest's page cache: both must come through.
 		mustShell(t, ctx, inst, "sync")
 		files.write(t, ctx, inst, fmt.Sprintf("file-%d", i), 300<<10+i*4097)
-		pkg, err := svc[s.from].Out(ctx, inst, service.OutRequest{AgentID: "ws", Kind: s.kind})
+		pkg, err := svc[s.from].Out(ctx, inst, service.OutRequest{AgentID: "ws", Kind: s.kind, Format: s.format})
 		if err != nil {
 			t.Fatalf("cycle %d (%s): Out: %v", i+1, s.kind, err)
 		}
 		sec, ok := pkg.Section(teleport.SectionDisk)
-		if d := pkg.Disk; !ok || d == nil || d.SizeBytes != testDiskBytes || d.Filesystem != "ext4" || sec.SHA256 != d.SHA256 || sec.Size != d.PayloadBytes {
-			t.Fatalf("cycle %d: disk %+v, section %+v", i+1, d, sec)
+		d := pkg.Disk
+		if d == nil || d.SizeBytes != testDiskBytes || d.Filesystem != "ext4" || pkg.Format != s.format {
+			t.Fatalf("cycle %d: v%d package, disk %+v", i+1, pkg.Format, d)
 		}
-		// Only allocated blocks travel: the metadata, the journal's used
-		// part and the files, not the disk's size.
-		if sec.Size > 16<<20 {
+		t.Logf("cycle %d: %s v%d: %d bytes stored, %d new; disk %s", i+1, s.kind, pkg.Format, pkg.StoredBytes, pkg.NewBytes, d.Format)
+		switch {
+		case s.format == blob.Version1 && (!ok || d.InBlob() || sec.SHA256 != d.SHA256 || sec.Size != d.PayloadBytes):
+			t.Fatalf("cycle %d: v1 disk %+v, section %+v", i+1, d, sec)
+		case s.format == blob.Version1 && sec.Size > 16<<20:
+			// Only allocated blocks travel: the metadata, the journal's
+			// used part and the files, not the disk's size.
 			t.Errorf("cycle %d: the disk section is %d bytes for %d KiB of files", i+1, sec.Size, len(files)*300)
+		case s.format == blob.Version2 && (ok || !d.InBlob()):
+			t.Fatalf("cycle %d: v2 disk %+v, section %v: want the disk in the blob", i+1, d, ok)
+		case s.format == blob.Version2 && pkg.StoredBytes > 48<<20:
+			// Zero pages of guest RAM and of the disk cost nothing.
+			t.Errorf("cycle %d: %d bytes stored for a 256 MiB guest with a %d MiB disk", i+1, pkg.StoredBytes, testDiskBytes>>20)
+		case i == len(steps)-1 && pkg.NewBytes*2 > pkg.StoredBytes:
+			// The second version 2 teleport in a row: only what changed
+			// since (a file on the disk, the pages the guest touched).
+			t.Errorf("cycle %d: %d of %d bytes new, want the chunks of the previous package reused", i+1, pkg.NewBytes, pkg.StoredBytes)
 		}
 		inst.Destroy(ctx) // a move stopped it; its name is free again
 		name := fmt.Sprintf("ws-%d", i+1)
@@ -191,7 +211,9 @@ func TestDiskCorruptRefused(t *testing.T) {
 	src := bootVM(t, ctx, fa, diskConfig("ws"))
 	files := workspaceFiles{}
 	files.write(t, ctx, src, "data", 256<<10)
-	pkg, err := newService(st, fa).Out(ctx, src, service.OutRequest{AgentID: "ws", Kind: teleport.KindTeleport, KeepSource: true})
+	// Version 1: the disk is a section of its own (a version 2 disk's
+	// chunks are checked like memory's: blob tests).
+	pkg, err := newService(st, fa).Out(ctx, src, service.OutRequest{AgentID: "ws", Kind: teleport.KindTeleport, KeepSource: true, Format: blob.Version1})
 	if err != nil {
 		t.Fatal(err)
 	}

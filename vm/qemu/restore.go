@@ -227,7 +227,7 @@ func (v *Instance) stage(ctx context.Context, md vm.SnapshotMetadata, snap *vm.S
 			return err
 		}
 	}
-	if err := vm.StageWithDisk(snap, deviceState, memory, disk); err != nil {
+	if err := vm.StageWithDisk(ctx, snap, deviceState, memory, disk); err != nil {
 		os.Remove(v.diskPath())
 		return err
 	}
