@@ -80,6 +80,14 @@ func compress(raw, buf []byte) ([]byte, Codec) {
 	return raw, CodecRaw
 }
 
+// VerifyChunk checks that stored, a chunk's bytes as a store holds them
+// (ref's length and codec), decode to ref.RawBytes bytes whose hash h is
+// ref.ID: what every reader checks before it uses a chunk.
+func VerifyChunk(h HashID, ref ChunkRef, stored []byte) error {
+	_, err := decodeChunk(h, ref, stored, make([]byte, 0, int(ref.RawBytes)+16), "chunk space")
+	return err
+}
+
 // decodeChunk turns a chunk's stored bytes into its raw bytes (into buf,
 // whose capacity must be at least ref.RawBytes, or stored itself for a raw
 // chunk) and checks them against the chunk's length and hash. where names

@@ -66,12 +66,20 @@ func (r *run) check() {
 	}
 }
 
+// chunkCopy is a chunk as one pack holds it.
+type chunkCopy struct {
+	pack string
+	id   teleport.ChunkID
+}
+
 // chunkSet is what a committed version 2 package refers to, worked out
 // from its body.
 type chunkSet struct {
 	version uint64
 	packs   []string
 	ids     []teleport.ChunkID
+	refs    map[teleport.ChunkID]blob.ChunkRef
+	hash    blob.HashID
 	err     error
 }
 
@@ -100,18 +108,18 @@ func (r *run) chunksOf(id string) *chunkSet {
 		cs.err = err
 		return cs
 	}
-	seen := map[teleport.ChunkID]bool{}
-	add := func(c teleport.ChunkID) {
-		if !seen[c] {
-			seen[c] = true
-			cs.ids = append(cs.ids, c)
+	cs.refs, cs.hash = map[teleport.ChunkID]blob.ChunkRef{}, b.Header().Hash
+	add := func(r blob.ChunkRef) {
+		if _, ok := cs.refs[r.ID]; !ok {
+			cs.refs[r.ID] = r
+			cs.ids = append(cs.ids, r.ID)
 		}
 	}
 	for _, ref := range b.DeviceStateRefs() {
-		add(ref.ID)
+		add(ref)
 	}
 	for _, e := range slices.Concat(b.PageMap(), b.DiskPageMap()) {
-		add(e.Ref.ID)
+		add(e.Ref)
 	}
 	return cs
 }
@@ -125,13 +133,16 @@ func (r *run) checkChunks() {
 		if cs == nil || len(cs.ids) == 0 {
 			continue
 		}
+		cr, err := r.store.PeekChunks(r.ctx, cs.packs)
 		for _, c := range cs.ids {
-			if r.rottenChunks[c] && !r.rotted[id] {
+			if err != nil || r.rotted[id] {
+				break
+			}
+			if pack, _, _ := r.store.ChunkLocation(cr, c); r.rottenChunks[chunkCopy{pack, c}] {
 				r.rotted[id], r.corrupt[id] = true, true
-				r.note("package %s refers to chunk %s, damaged at rest", id, c.Short())
+				r.note("package %s refers to chunk %s, damaged at rest in pack %s", id, c.Short(), pack)
 			}
 		}
-		cr, err := r.store.PeekChunks(r.ctx, cs.packs)
 		if err == nil {
 			err = cr.FetchChunks(r.ctx, cs.ids, func(teleport.ChunkID, []byte) error { return nil })
 		}

@@ -10,7 +10,6 @@ import (
 	"sort"
 	"time"
 
-	"github.com/kelpie/teleport"
 	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/internal/plant"
 	"github.com/kelpie/teleport/vm"
@@ -136,9 +135,11 @@ type run struct {
 	crashedVM map[string]bool // VMs an injected fault crashed
 	truths    map[string]*pkgTruth
 	probes    map[string]*sim.Factory
-	// rottenChunks are chunks damaged at rest: every package that refers
-	// to one, now or later, is damaged too.
-	rottenChunks map[teleport.ChunkID]bool
+	// rottenChunks are the copies of chunks damaged at rest (a chunk id
+	// in a pack): every package whose reader finds a chunk there is
+	// damaged too. A copy of the chunk in another pack (uploaded again
+	// after its pack was condemned) is sound.
+	rottenChunks map[chunkCopy]bool
 	chunkSets    map[string]*chunkSet
 	autoIDs      int
 	// leftovers are VMs a failed operation could not remove (and said
@@ -157,7 +158,7 @@ func newRun(cfg Config) (*run, error) {
 		cfg: cfg, ctx: context.Background(), clock: NewClock(), byID: map[string]*agent{},
 		expect: map[string]*pkgExpect{}, corrupt: map[string]bool{}, rotted: map[string]bool{}, crashedVM: map[string]bool{},
 		truths: map[string]*pkgTruth{}, probes: map[string]*sim.Factory{}, objectLimit: objectLimitBytes,
-		rottenChunks: map[teleport.ChunkID]bool{}, chunkSets: map[string]*chunkSet{},
+		rottenChunks: map[chunkCopy]bool{}, chunkSets: map[string]*chunkSet{},
 		maxAgents: 2 * cfg.Hosts,
 	}
 	r.tr = newTracer(cfg.Trace)
