@@ -19,14 +19,23 @@ func (r *run) check() {
 	// First, so that a package committed onto a chunk damaged at rest
 	// counts as damaged below.
 	r.checkChunks()
-	// Live VMs per agent, from the hosts themselves.
+	// Live VMs per agent, from the hosts themselves. A paused leftover
+	// (a VM a committed move or a failed restore could not remove, and
+	// said so, naming it) is condemned: nothing resumes it (a host
+	// refuses to run a moved-out source: host.refuseMoved), and the
+	// controller destroys it as soon as the hypervisor lets it. One that
+	// runs counts.
+	condemned := map[*hostVM]bool{}
+	for _, v := range r.leftovers {
+		condemned[v] = v.State() != vm.StateRunning
+	}
 	live := map[string][]*hostVM{}
 	for _, h := range r.hosts {
 		if !h.alive {
 			continue
 		}
 		for _, v := range h.vms {
-			if v.agent != "" && v.live() {
+			if v.agent != "" && v.live() && !condemned[v] {
 				live[v.agent] = append(live[v.agent], v)
 			}
 		}

@@ -61,6 +61,9 @@ func (h *Host) ForkVM(ctx context.Context, name string, req ForkRequest) (_ *For
 		return nil, err
 	}
 	defer unlock()
+	if err := h.refuseMoved(name); err != nil {
+		return nil, err
+	}
 	for _, n := range names {
 		if n == name {
 			return nil, fmt.Errorf("fork %s would take its source's name: %w", n, vm.ErrAlreadyExists)

@@ -128,6 +128,9 @@ func (h *Host) SuspendVM(ctx context.Context, name, url string) (*teleport.Packa
 	if url == "" {
 		url = h.DefaultStore()
 	}
+	if err := h.refuseMoved(name); err != nil {
+		return nil, err
+	}
 	lv, err := h.attach(ctx, name)
 	if err != nil {
 		return nil, err

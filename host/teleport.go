@@ -1,6 +1,7 @@
 package host
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -91,6 +92,9 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 			return nil, fmt.Errorf("a target only goes with kind auto: %w", ErrInvalidRequest)
 		}
 	}
+	if err := h.refuseMoved(name); err != nil {
+		return nil, err
+	}
 	st, err := h.Store(ctx, req.Store)
 	if err != nil {
 		return nil, err
@@ -157,7 +161,14 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 		derr := lv.inst.Destroy(dctx)
 		cancel()
 		if derr != nil {
-			warnings = append(warnings, fmt.Sprintf("package %s committed, but removing the stopped source vm %s failed: %v", pkg.ID, name, derr))
+			msg := fmt.Sprintf("package %s committed, but removing the stopped source vm %s failed: %v", pkg.ID, name, derr)
+			// It must never run again: the package holds the agent.
+			if merr := h.writeMoved(movedRecord{Name: name, PackageID: pkg.ID, Store: cmp.Or(req.Store, h.DefaultStore()), At: h.now()}); merr != nil {
+				msg += fmt.Sprintf("; recording that it moved failed too (%v): do not resume it, remove it", merr)
+			} else {
+				msg += "; it stays here paused and refuses to run (remove it: kelpie vm rm " + name + ")"
+			}
+			warnings = append(warnings, msg)
 		} else {
 			h.forget(name)
 			res.SourceRemoved = true
@@ -363,7 +374,13 @@ func (h *Host) TeleportIn(ctx context.Context, id string, req InRequest) (*InRes
 		return nil, err
 	}
 	lv := h.keep(req.Name, inst, f)
-	return &InResult{VM: h.describe(ctx, lv), Package: got, Warning: ws.warning}, nil
+	res := &InResult{VM: h.describe(ctx, lv), Package: got, Warning: ws.warning}
+	// A move record of an earlier VM of this name is stale (the name was
+	// free, so that VM is gone).
+	if err := h.clearMoved(req.Name); err != nil {
+		res.Warning = strings.TrimPrefix(res.Warning+"; "+fmt.Sprintf("a stale move record of vm %s stays (%v): remove it with kelpie vm rm", req.Name, err), "; ")
+	}
+	return res, nil
 }
 
 // workspaceFile stages a checkpoint's workspace archive in a temporary file

@@ -64,6 +64,9 @@ type VMInfo struct {
 	// AgentID is the agent the VM runs (its name unless it came as a move
 	// of another agent).
 	AgentID string `json:"agent_id,omitempty"`
+	// MovedTo is the package a committed move left this VM behind for
+	// (its hypervisor would not go): it refuses to run; remove it.
+	MovedTo string `json:"moved_to,omitempty"`
 }
 
 // StateSuspended is a VMInfo state: the VM is a package in a store.
@@ -123,6 +126,11 @@ func (h *Host) CreateVM(ctx context.Context, spec VMSpec) (*VMInfo, error) {
 		return nil, vm.RemoveFailed(ctx, inst, err)
 	}
 	lv := h.keep(spec.Name, inst, f)
+	// A move record of an earlier VM of this name is stale: that VM is
+	// gone, or the name would not have been free.
+	if err := h.clearMoved(spec.Name); err != nil {
+		return nil, err
+	}
 	info := h.describe(ctx, lv)
 	return &info, nil
 }
@@ -257,6 +265,7 @@ func (h *Host) VM(ctx context.Context, name string) (*VMInfo, error) {
 		return nil, err
 	}
 	info := h.describe(ctx, lv)
+	info.MovedTo = h.movedTo(name)
 	return &info, nil
 }
 
@@ -300,7 +309,9 @@ func (h *Host) VMs(ctx context.Context) ([]VMInfo, error) {
 	}
 	out := make([]VMInfo, 0, len(byName))
 	for _, name := range sortedKeys(byName) {
-		out = append(out, byName[name])
+		info := byName[name]
+		info.MovedTo = h.movedTo(name)
+		out = append(out, info)
 	}
 	return out, nil
 }
@@ -316,6 +327,9 @@ func (h *Host) Exec(ctx context.Context, name, cmd string, args []string, opts v
 
 // StartVM boots a stopped VM.
 func (h *Host) StartVM(ctx context.Context, name string) error {
+	if err := h.refuseMoved(name); err != nil {
+		return err
+	}
 	return h.withVM(ctx, name, func(lv *liveVM) error { return lv.inst.Start(ctx) })
 }
 
@@ -353,6 +367,9 @@ func (h *Host) ResumeVM(ctx context.Context, name string) (*ResumeResult, error)
 	if rec, err := h.readSuspended(name); err == nil {
 		return h.resumeSuspended(ctx, rec)
 	} else if !errors.Is(err, vm.ErrNotFound) {
+		return nil, err
+	}
+	if err := h.refuseMoved(name); err != nil {
 		return nil, err
 	}
 	lv, err := h.attach(ctx, name)
@@ -399,6 +416,9 @@ func (h *Host) RemoveVM(ctx context.Context, name string) (*RemoveResult, error)
 		h.forget(name)
 	case !errors.Is(err, vm.ErrNotFound) || rerr != nil:
 		return nil, err
+	}
+	if err := h.clearMoved(name); err != nil {
+		return nil, fmt.Errorf("vm %s removed, but its move record stays: %w", name, err)
 	}
 	if rerr == nil {
 		if err := h.removeSuspended(ctx, rec); err != nil {
