@@ -162,7 +162,11 @@ func vmList(ctx context.Context, e *env, args []string) error {
 	tw := tabwriter.NewWriter(e.stdout, 2, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tBACKEND\tSTATE\tPID\tMEMORY\tCPUS\tACCEL\tNETWORK\tPORTS\tDISK")
 	for _, v := range vms {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d\t%s\t%s\t%s\t%s\n", v.Name, v.Backend, v.State, dash(v.PID), v.MemoryMiB, v.VCPUs, orDash(v.Accel),
+		state := v.State
+		if v.MovedTo != "" {
+			state += " (moved to " + v.MovedTo + ": rm it)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d\t%s\t%s\t%s\t%s\n", v.Name, v.Backend, state, dash(v.PID), v.MemoryMiB, v.VCPUs, orDash(v.Accel),
 			orDash(v.Network), humanPorts(v.Ports), humanDisk(v.DiskBytes))
 	}
 	return tw.Flush()
