@@ -208,7 +208,15 @@ func Run(t *testing.T, h Harness) {
 		}
 		defer snap.Close()
 		bad := *snap
-		bad.Metadata.DeviceStateSHA256 = "00" + bad.Metadata.DeviceStateSHA256[2:]
+		// A checksum that differs from the real one in its first digit
+		// (setting it to "00…" would leave one in 256 unchanged).
+		sum := []byte(bad.Metadata.DeviceStateSHA256)
+		if sum[0] == '0' {
+			sum[0] = '1'
+		} else {
+			sum[0] = '0'
+		}
+		bad.Metadata.DeviceStateSHA256 = string(sum)
 		if _, err := f.CreateFromSnapshot(ctx, h.Config(t), &bad); !errors.Is(err, vm.ErrCorrupt) {
 			t.Fatalf("corrupt snapshot: %v, want ErrCorrupt", err)
 		}
