@@ -258,6 +258,8 @@ func (p *Package) validateSections() error {
 		switch {
 		case p.Disk.InBlob() && p.Format != 2:
 			return bad("a raw disk image goes only in a version 2 blob, and this package is version %d", max(p.Format, 1))
+		case p.Disk.InBlob() && !p.Kind.FullVM():
+			return bad("a %s carries its disk in a %s section, not in a blob", p.Kind, SectionDisk)
 		case ok != apart:
 			return bad("a %s section goes with a disk in the manifest that is not in the blob, and the manifest has %s", SectionDisk, hasNot(apart, "one", "none"))
 		case ok && (ds.Size != p.Disk.PayloadBytes || ds.SHA256 != p.Disk.SHA256):

@@ -87,7 +87,7 @@ func BenchmarkPackFilesV2(b *testing.B) {
 	b.SetBytes(size)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		if _, err := PackFilesV2(context.Background(), filepath.Join(dir, "blob"), "", "", mem, V2Options{}); err != nil {
+		if _, err := PackFilesV2(context.Background(), filepath.Join(dir, "blob"), "", "", mem, "", V2Options{}); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -98,7 +98,7 @@ func BenchmarkPackFilesV2(b *testing.B) {
 func BenchmarkUnpackFileV2(b *testing.B) {
 	dir, mem, size := benchInput(b)
 	blobPath := filepath.Join(dir, "blob")
-	if _, err := PackFilesV2(context.Background(), blobPath, "", "", mem, V2Options{}); err != nil {
+	if _, err := PackFilesV2(context.Background(), blobPath, "", "", mem, "", V2Options{}); err != nil {
 		b.Fatal(err)
 	}
 	b.SetBytes(size)

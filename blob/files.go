@@ -1,6 +1,7 @@
 package blob
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -40,12 +41,14 @@ func PackFiles(out, metadata, snapshot, memory string) (err error) {
 	})
 }
 
-// PackFilesV2 writes a version 2 blob to out from up to three section
+// PackFilesV2 writes a version 2 blob to out from up to four section
 // files ("" for an empty section): the metadata as it is, the snapshot
-// file as the device state, and the memory file as a raw memory image
-// (its holes and pages of zeros cost nothing). The blob appears at out
-// only when complete.
-func PackFilesV2(ctx context.Context, out, metadata, snapshot, memory string, o V2Options) (*Encoded, error) {
+// file as the device state, the memory file as a raw memory image and the
+// disk file as a raw workspace disk image (their holes and pages of zeros
+// cost nothing). Metadata that is a snapshot's must record a disk in the
+// blob exactly when a disk file is given. The blob appears at out only
+// when complete.
+func PackFilesV2(ctx context.Context, out, metadata, snapshot, memory, disk string, o V2Options) (*Encoded, error) {
 	var meta []byte
 	if metadata != "" {
 		b, err := readSmallFile(metadata, metadataSectionMaxBytes)
@@ -53,25 +56,35 @@ func PackFilesV2(ctx context.Context, out, metadata, snapshot, memory string, o 
 			return nil, fmt.Errorf("metadata section: %w", err)
 		}
 		meta = b
+		if md, err := vm.ParseMetadata(bytes.NewReader(b)); err == nil && md.Disk.InBlob() != (disk != "") {
+			if disk == "" {
+				return nil, fmt.Errorf("the metadata records a %d-byte workspace disk image in the blob: give it (blob pack --disk FILE): %w", md.Disk.SizeBytes, ErrMalformed)
+			}
+			return nil, fmt.Errorf("the metadata records no workspace disk image in the blob, and a disk file was given: %w", ErrMalformed)
+		}
 	}
-	var ins [2]Input
-	for i, p := range []string{snapshot, memory} {
+	var ins [3]Input
+	for i, p := range []string{snapshot, memory, disk} {
 		if p == "" {
 			continue
 		}
+		name := vm.SectionDisk
+		if i < 2 {
+			name = SectionNames[i+1]
+		}
 		fp, err := vm.NewFilePayload(p)
 		if err != nil {
-			return nil, fmt.Errorf("%s section: %w", SectionNames[i+1], err)
+			return nil, fmt.Errorf("%s section: %w", name, err)
 		}
 		if fi, err := os.Stat(p); err != nil || !fi.Mode().IsRegular() {
-			return nil, fmt.Errorf("%s section %s: not a regular file", SectionNames[i+1], p)
+			return nil, fmt.Errorf("%s section %s: not a regular file", name, p)
 		}
 		ins[i] = Input{Payload: fp}
 	}
 	var res *Encoded
 	err := writeAtomic(out, func(w *os.File) error {
 		var err error
-		res, err = EncodeV2(ctx, w, meta, ins[0], ins[1], Input{}, o)
+		res, err = EncodeV2(ctx, w, meta, ins[0], ins[1], ins[2], o)
 		return err
 	})
 	return res, err
@@ -97,9 +110,10 @@ func readSmallFile(path string, limit int64) ([]byte, error) {
 }
 
 // UnpackFile decodes the blob at path, of either version, into
-// dir/metadata, dir/snapshot (the device state) and dir/memory. A version
-// 2 blob's memory comes out as a raw image with holes where its pages
-// hold zeros; every chunk is verified on the way. On error, files already
+// dir/metadata, dir/snapshot (the device state) and dir/memory, and a
+// version 2 blob's workspace disk, if it has one, into dir/disk. A
+// version 2 blob's memory and disk come out as raw images with holes
+// where their pages hold zeros; every chunk is verified on the way. On error, files already
 // written are removed.
 func UnpackFile(path, dir string) (err error) {
 	f, err := os.Open(path)

@@ -298,6 +298,35 @@ func TestSnapshotDiskImageV2(t *testing.T) {
 	if !bytes.Equal(back, disk) {
 		t.Fatal("staged disk differs")
 	}
+	// blob unpack writes the disk out, and blob pack takes it back (and
+	// refuses metadata that records a disk it is not given).
+	blobFile := filepath.Join(dir, "snap.klp1")
+	if err := os.WriteFile(blobFile, w.b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	un := filepath.Join(dir, "un")
+	if err := blob.UnpackFile(blobFile, un); err != nil {
+		t.Fatal(err)
+	}
+	if back, _ := os.ReadFile(filepath.Join(un, "disk")); !bytes.Equal(back, disk) {
+		t.Fatal("unpacked disk differs")
+	}
+	f := func(n string) string { return filepath.Join(un, n) }
+	if _, err := blob.PackFilesV2(ctx, filepath.Join(dir, "nodisk.klp1"), f("metadata"), f("snapshot"), f("memory"), "", blob.V2Options{}); !errors.Is(err, blob.ErrMalformed) {
+		t.Fatalf("pack without the disk the metadata records: %v, want ErrMalformed", err)
+	}
+	repacked := filepath.Join(dir, "repacked.klp1")
+	if _, err := blob.PackFilesV2(ctx, repacked, f("metadata"), f("snapshot"), f("memory"), f("disk"), blob.V2Options{}); err != nil {
+		t.Fatal(err)
+	}
+	rb, _ := os.ReadFile(repacked)
+	again, err := blob.OpenSnapshot(bytes.NewReader(rb), int64(len(rb)), blob.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.VerifyPayloads(again); err != nil || vm.PayloadSize(again.Disk) != int64(len(disk)) {
+		t.Fatalf("repacked blob: disk of %d bytes, %v", vm.PayloadSize(again.Disk), err)
+	}
 	// A backend without disks refuses the snapshot.
 	if err := vm.StageImage(ctx, got, drain, ram, nil); !errors.Is(err, vm.ErrCorrupt) {
 		t.Fatalf("staged into a backend without disks: %v", err)

@@ -171,7 +171,7 @@ func TestV2FileHoles(t *testing.T) {
 	f.WriteAt(data, 16<<20)
 	f.Close()
 	out := filepath.Join(dir, "blob")
-	res, err := PackFilesV2(context.Background(), out, "", "", img, V2Options{})
+	res, err := PackFilesV2(context.Background(), out, "", "", img, "", V2Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

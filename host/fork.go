@@ -61,7 +61,7 @@ func (h *Host) ForkVM(ctx context.Context, name string, req ForkRequest) (_ *For
 		return nil, err
 	}
 	defer unlock()
-	if err := h.refuseMoved(name); err != nil {
+	if err := h.refuseMoved(ctx, name); err != nil {
 		return nil, err
 	}
 	for _, n := range names {

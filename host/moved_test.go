@@ -2,11 +2,15 @@ package host_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/kelpie/teleport/guest/image"
 	"github.com/kelpie/teleport/host"
@@ -93,5 +97,54 @@ func TestMovedSourceThatWillNotGoRefusesToRun(t *testing.T) {
 	}
 	if _, err := a.ResumeVM(ctx, "agent"); err != nil {
 		t.Fatalf("a new VM of the name: %v", err)
+	}
+}
+
+// A move's record is written before its commit, so a process that died
+// between the commit and removing its source leaves a record behind: the
+// next command asks the store. A committed package keeps the VM from
+// running; a package that never committed gives the VM back.
+func TestMoveRecordOfADeadProcess(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	home, store := filepath.Join(dir, "a"), filepath.Join(dir, "packages")
+	a := openHost(t, home, host.Options{})
+	if _, err := a.CreateVM(ctx, host.VMSpec{Name: "agent"}); err != nil {
+		t.Fatal(err)
+	}
+	// A committed package of the agent (a copy stands in for the move
+	// whose process died), and a process that is gone.
+	out, err := a.TeleportOut(ctx, "agent", host.OutRequest{Store: store, KeepSource: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.PauseVM(ctx, "agent"); err != nil {
+		t.Fatal(err)
+	}
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	record := func(pkg string) {
+		t.Helper()
+		b, _ := json.Marshal(map[string]any{"name": "agent", "package_id": pkg, "store": store, "at": time.Now(), "pid": dead.Process.Pid})
+		if err := os.MkdirAll(filepath.Join(home, "moved"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(home, "moved", "agent.json"), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	record(out.Package.ID)
+	if _, err := a.ResumeVM(ctx, "agent"); !errors.Is(err, vm.ErrInvalidState) || !strings.Contains(err.Error(), out.Package.ID) {
+		t.Fatalf("resume after a committed move: %v, want a refusal naming %s", err, out.Package.ID)
+	}
+	// A record of a commit that never happened is dropped.
+	record("agent-never-committed")
+	if _, err := a.ResumeVM(ctx, "agent"); err != nil {
+		t.Fatalf("resume after a move that never committed: %v", err)
+	}
+	if info, _ := a.VM(ctx, "agent"); info.MovedTo != "" || info.State != vm.StateRunning.String() {
+		t.Fatalf("VM after the dropped record: %+v", info)
 	}
 }

@@ -128,7 +128,7 @@ func (h *Host) SuspendVM(ctx context.Context, name, url string) (*teleport.Packa
 	if url == "" {
 		url = h.DefaultStore()
 	}
-	if err := h.refuseMoved(name); err != nil {
+	if err := h.refuseMoved(ctx, name); err != nil {
 		return nil, err
 	}
 	lv, err := h.attach(ctx, name)

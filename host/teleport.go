@@ -92,7 +92,7 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 			return nil, fmt.Errorf("a target only goes with kind auto: %w", ErrInvalidRequest)
 		}
 	}
-	if err := h.refuseMoved(name); err != nil {
+	if err := h.refuseMoved(ctx, name); err != nil {
 		return nil, err
 	}
 	st, err := h.Store(ctx, req.Store)
@@ -118,6 +118,38 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 	}
 	out := service.OutRequest{AgentID: req.AgentID, AgentState: req.AgentState, Kind: res.Kind, KeepSource: req.KeepSource,
 		PackageID: req.PackageID, Format: req.Format, Fence: req.Fence}
+	storeURL := cmp.Or(req.Store, h.DefaultStore())
+	if !req.KeepSource {
+		// A move: just before its commit, the source is recorded as moved
+		// out (pending), so that whatever happens next — a crash of this
+		// process, a source that will not go — it never runs here again
+		// once the package holds the agent (refuseMoved asks the store).
+		if out.PackageID == "" {
+			out.PackageID = newPackageID(lv.inst.ID())
+		}
+		rec := movedRecord{Name: name, PackageID: out.PackageID, Store: storeURL}
+		fence := req.Fence
+		out.Fence = func(ctx context.Context, action string) error {
+			if fence != nil {
+				if err := fence(ctx, action); err != nil {
+					return err
+				}
+			}
+			switch action {
+			case "commit":
+				rec.At = h.now()
+				if err := h.writeMoved(rec); err != nil {
+					return fmt.Errorf("record vm %s as moving out: %w", name, err)
+				}
+			case "resume-source":
+				// The commit did not happen: the source is its own again.
+				if err := h.clearMoved(name); err != nil {
+					return fmt.Errorf("clear the move record of vm %s: %w", name, err)
+				}
+			}
+			return nil
+		}
+	}
 	if out.AgentID == "" {
 		out.AgentID = agentID(lv.inst)
 	}
@@ -142,6 +174,13 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 	}
 	pkg, err := h.service(ctx, lv.f, st, "out").Out(ctx, lv.inst, out)
 	if err != nil && !errors.Is(err, service.ErrSourceNotSettled) {
+		if !req.KeepSource && !errors.Is(err, service.ErrOutcomeUnknown) {
+			// Not committed and the source is as it was: no record. (An
+			// unknown outcome keeps it: refuseMoved asks the store.)
+			if cerr := h.clearMoved(name); cerr != nil {
+				return nil, fmt.Errorf("%w; clearing the move record of vm %s failed too: %v", err, name, cerr)
+			}
+		}
 		return nil, err
 	}
 	res.Package = pkg
@@ -161,17 +200,18 @@ func (h *Host) TeleportOut(ctx context.Context, name string, req OutRequest) (*O
 		derr := lv.inst.Destroy(dctx)
 		cancel()
 		if derr != nil {
-			msg := fmt.Sprintf("package %s committed, but removing the stopped source vm %s failed: %v", pkg.ID, name, derr)
-			// It must never run again: the package holds the agent.
-			if merr := h.writeMoved(movedRecord{Name: name, PackageID: pkg.ID, Store: cmp.Or(req.Store, h.DefaultStore()), At: h.now()}); merr != nil {
-				msg += fmt.Sprintf("; recording that it moved failed too (%v): do not resume it, remove it", merr)
-			} else {
-				msg += "; it stays here paused and refuses to run (remove it: kelpie vm rm " + name + ")"
+			// Its move record (written before the commit) keeps it from
+			// ever running again: the package holds the agent.
+			if merr := h.writeMoved(movedRecord{Name: name, PackageID: pkg.ID, Store: storeURL, At: h.now(), Committed: true}); merr != nil {
+				warnings = append(warnings, fmt.Sprintf("marking vm %s moved failed (%v)", name, merr))
 			}
-			warnings = append(warnings, msg)
+			warnings = append(warnings, fmt.Sprintf("package %s committed, but removing the stopped source vm %s failed: %v; it stays here paused and refuses to run (remove it: kelpie vm rm %s)", pkg.ID, name, derr, name))
 		} else {
 			h.forget(name)
 			res.SourceRemoved = true
+			if cerr := h.clearMoved(name); cerr != nil {
+				warnings = append(warnings, fmt.Sprintf("vm %s removed, but its move record stays (%v): kelpie vm rm %s clears it", name, cerr, name))
+			}
 		}
 	}
 	res.Warning = strings.Join(warnings, "; ")

@@ -327,10 +327,12 @@ func (h *Host) Exec(ctx context.Context, name, cmd string, args []string, opts v
 
 // StartVM boots a stopped VM.
 func (h *Host) StartVM(ctx context.Context, name string) error {
-	if err := h.refuseMoved(name); err != nil {
-		return err
-	}
-	return h.withVM(ctx, name, func(lv *liveVM) error { return lv.inst.Start(ctx) })
+	return h.withVM(ctx, name, func(lv *liveVM) error {
+		if err := h.refuseMoved(ctx, name); err != nil {
+			return err
+		}
+		return lv.inst.Start(ctx)
+	})
 }
 
 // PauseVM freezes a running VM's vCPUs.
@@ -369,7 +371,7 @@ func (h *Host) ResumeVM(ctx context.Context, name string) (*ResumeResult, error)
 	} else if !errors.Is(err, vm.ErrNotFound) {
 		return nil, err
 	}
-	if err := h.refuseMoved(name); err != nil {
+	if err := h.refuseMoved(ctx, name); err != nil {
 		return nil, err
 	}
 	lv, err := h.attach(ctx, name)

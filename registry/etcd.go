@@ -433,6 +433,11 @@ func (e *Etcd) earlierAttempt(ctx context.Context, key string, rev int64, cur []
 		if a := ours(cur[0]); a != nil {
 			return a, true
 		}
+		if rev != 0 && cur[0].ModRevision == rev {
+			// Unchanged since the revision the write expected: no
+			// attempt took effect (the compare failed on the lease).
+			return nil, true
+		}
 	}
 	if rev == 0 {
 		// A create: the current incarnation of the key may be ours,

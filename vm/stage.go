@@ -62,9 +62,16 @@ type DiskTarget struct {
 func StageImage(ctx context.Context, snap *Snapshot, deviceState Sink, dst *os.File, disk *DiskTarget) error {
 	md := snap.Metadata
 	owner := "snapshot " + md.SnapshotID
+	// The disk is staged beside memory; a failure of either stops the
+	// other's chunk fetches.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	diskErr := make(chan error, 1)
 	go func() { diskErr <- StageDisk(ctx, owner, snap.Disk, md.Disk, disk) }()
 	err := stageImage(ctx, owner, snap, deviceState, dst)
+	if err != nil {
+		cancel()
+	}
 	if derr := <-diskErr; err == nil {
 		err = derr
 	}
@@ -132,11 +139,16 @@ func writeSparse(dst *os.File, r io.Reader) error {
 func StageWithDisk(ctx context.Context, snap *Snapshot, deviceState, memory Sink, disk *DiskTarget) error {
 	md := snap.Metadata
 	owner := "snapshot " + md.SnapshotID
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	diskErr := make(chan error, 1)
 	go func() { diskErr <- StageDisk(ctx, owner, snap.Disk, md.Disk, disk) }()
 	err := StagePayload(owner, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState)
 	if err == nil {
 		err = StagePayload(owner, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
+	}
+	if err != nil {
+		cancel() // a raw disk image's chunk fetches stop
 	}
 	if derr := <-diskErr; err == nil {
 		err = derr

@@ -13,7 +13,7 @@ func init() {
 	register(command{"blob", "pack, unpack and inspect KLP1 snapshot blobs", cmdBlob})
 }
 
-const blobUsage = `kelpie blob pack [--format v1|v2] --metadata FILE --snapshot FILE [--memory FILE] --out FILE
+const blobUsage = `kelpie blob pack [--format v1|v2] --metadata FILE --snapshot FILE [--memory FILE] [--disk FILE] --out FILE
        kelpie blob unpack FILE --out-dir DIR
        kelpie blob inspect FILE [--json]`
 
@@ -28,6 +28,7 @@ func cmdBlob(ctx context.Context, e *env, args []string) error {
 		md := fs.String("metadata", "", "metadata section file")
 		snap := fs.String("snapshot", "", "snapshot (device state) section file")
 		mem := fs.String("memory", "", "memory section file (optional; v2: a raw memory image, holes and zero pages cost nothing)")
+		disk := fs.String("disk", "", "v2 only: a raw workspace disk image, as blob unpack writes it (optional)")
 		out := fs.String("out", "", "output blob file")
 		pos, err := parse(fs, args[1:])
 		if err != nil {
@@ -41,13 +42,16 @@ func cmdBlob(ctx context.Context, e *env, args []string) error {
 			return usagef("--format: %v", err)
 		}
 		if v == blob.Version1 {
+			if *disk != "" {
+				return usagef("--disk: a KLP1 v1 blob has no disk section (use --format v2)")
+			}
 			return blob.PackFiles(*out, *md, *snap, *mem)
 		}
-		_, err = blob.PackFilesV2(ctx, *out, *md, *snap, *mem, blob.V2Options{})
+		_, err = blob.PackFilesV2(ctx, *out, *md, *snap, *mem, *disk, blob.V2Options{})
 		return err
 	case "unpack":
 		fs := newFlags(e, "blob unpack")
-		dir := fs.String("out-dir", "", "directory for metadata, snapshot and memory")
+		dir := fs.String("out-dir", "", "directory for metadata, snapshot and memory (and a v2 blob's disk)")
 		pos, err := parse(fs, args[1:])
 		if err != nil {
 			return err
