@@ -113,7 +113,6 @@ func (h *Host) packageExists(ctx context.Context, url, id string) (bool, error) 
 	return true, nil
 }
 
-
 // movedTo is the package a VM was (or is being) moved out in ("" if
 // none).
 func (h *Host) movedTo(name string) string {
