@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/guest/image"
 	"github.com/kelpie/teleport/host"
 	"github.com/kelpie/teleport/vm"
@@ -109,17 +110,22 @@ func qemuDemo(ctx context.Context, e *env) (bool, string, error) {
 	}
 	say("2. host-a: guest process %s counts in its own memory; counter = %d", pid, before)
 
-	say("3. host-a: teleport out (pause, snapshot device state + sparse RAM, pack KLP1, commit, stop source)")
+	say("3. host-a: teleport out (pause, snapshot, pack KLP1 v2: chunk, hash, compress; upload new chunks, commit, stop source)")
 	t0 = time.Now()
 	out, err := a.TeleportOut(ctx, "agent-vm", host.OutRequest{Store: store, AgentID: "demo-agent"})
 	if err != nil {
 		return true, "", err
 	}
 	pkg := out.Package
-	say("   package %s: %s, %s (RAM section %s of %d MiB guest RAM); source removed: %v (%.0f ms)", pkg.ID, pkg.Kind, humanBytes(pkg.SizeBytes),
-		humanBytes(pkg.Snapshot.MemorySize), pkg.Snapshot.MemoryMiB, out.SourceRemoved, ms(time.Since(t0)))
+	if pkg.Format == blob.Version2 {
+		say("   package %s: %s, KLP1 v2: %s stored in %d chunks (%s new) for %s of device state and guest RAM; source removed: %v (%.0f ms)",
+			pkg.ID, pkg.Kind, humanBytes(pkg.StoredBytes), pkg.Chunks, humanBytes(pkg.NewBytes), humanBytes(pkg.LogicalBytes), out.SourceRemoved, ms(time.Since(t0)))
+	} else {
+		say("   package %s: %s, KLP1 v1: %s (RAM section %s of %d MiB guest RAM); source removed: %v (%.0f ms)", pkg.ID, pkg.Kind, humanBytes(pkg.SizeBytes),
+			humanBytes(pkg.Snapshot.MemorySize), pkg.Snapshot.MemoryMiB, out.SourceRemoved, ms(time.Since(t0)))
+	}
 
-	say("4. host-b: teleport in (validate rules, verify checksums, stage RAM, start QEMU, load, resume)")
+	say("4. host-b: teleport in (validate rules, fetch and verify chunks, stage RAM, start QEMU, load, resume)")
 	t1 := time.Now()
 	if _, err := b.TeleportIn(ctx, pkg.ID, host.InRequest{Store: store, Name: "agent-vm"}); err != nil {
 		return true, "", err
