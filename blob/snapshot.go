@@ -154,19 +154,48 @@ func EncodeSnapshot(ctx context.Context, w io.Writer, snap *vm.Snapshot, o Encod
 // carries the workspace disk) is a vm.ImagePayload. A version 2 blob whose
 // chunks live in a package store reads them through o.Chunks.
 func OpenSnapshot(r io.ReaderAt, size int64, o OpenOptions) (*vm.Snapshot, error) {
-	v, err := Version(r, size)
+	b, err := openBlob(r, size, o)
 	if err != nil {
 		return nil, err
 	}
+	return b.snapshot(r)
+}
+
+// openedBlob is a blob of either version, its header (and a version 2
+// blob's tables) checked.
+type openedBlob struct {
+	v1 *Blob
+	v2 *V2
+}
+
+func openBlob(r io.ReaderAt, size int64, o OpenOptions) (openedBlob, error) {
+	v, err := Version(r, size)
+	if err != nil {
+		return openedBlob{}, err
+	}
 	if v == Version2 {
 		b, err := OpenV2(r, size, o)
-		if err != nil {
-			return nil, err
-		}
-		md, err := vm.ParseMetadata(b.Metadata())
-		if err != nil {
-			return nil, err
-		}
+		return openedBlob{v2: b}, err
+	}
+	b, err := Open(r, size)
+	return openedBlob{v1: b}, err
+}
+
+// metadata is the raw metadata section.
+func (ob openedBlob) metadata() io.Reader {
+	if ob.v2 != nil {
+		return ob.v2.Metadata()
+	}
+	return ob.v1.Metadata()
+}
+
+// snapshot maps the blob, which r holds, onto a vm.Snapshot.
+func (ob openedBlob) snapshot(r io.ReaderAt) (*vm.Snapshot, error) {
+	md, err := vm.ParseMetadata(ob.metadata())
+	if err != nil {
+		return nil, err
+	}
+	if b := ob.v2; b != nil {
 		state, err := b.DeviceState()
 		if err != nil {
 			return nil, err
@@ -196,14 +225,7 @@ func OpenSnapshot(r io.ReaderAt, size int64, o OpenOptions) (*vm.Snapshot, error
 		}
 		return snap, nil
 	}
-	b, err := Open(r, size)
-	if err != nil {
-		return nil, err
-	}
-	md, err := vm.ParseMetadata(b.Metadata())
-	if err != nil {
-		return nil, err
-	}
+	b := ob.v1
 	var state, memory vm.Payload
 	if n := int64(b.Header.SnapshotLen); n > 0 {
 		state = &vm.SectionPayload{R: r, Offset: b.SnapshotOffset(), N: n}
@@ -240,16 +262,16 @@ func OpenPackage(pkg *teleport.Package, r io.ReaderAt, size int64, o OpenOptions
 	if o.Name == "" {
 		o.Name = "package " + pkg.ID
 	}
+	ob, err := openBlob(br, sec.Size, o)
+	if err != nil {
+		return nil, err
+	}
 	if pkg.Snapshot != nil {
 		want, err := pkg.Snapshot.Marshal()
 		if err != nil {
 			return nil, err
 		}
-		meta, err := metadataSection(br, sec.Size, o)
-		if err != nil {
-			return nil, err
-		}
-		got, err := io.ReadAll(io.LimitReader(meta, int64(len(want))+1))
+		got, err := io.ReadAll(io.LimitReader(ob.metadata(), int64(len(want))+1))
 		if err != nil {
 			return nil, fmt.Errorf("package %s: read the blob's metadata: %w", pkg.ID, err)
 		}
@@ -257,7 +279,7 @@ func OpenPackage(pkg *teleport.Package, r io.ReaderAt, size int64, o OpenOptions
 			return nil, fmt.Errorf("package %s: the blob's metadata is not the manifest's: %w", pkg.ID, ErrNotItsManifest)
 		}
 	}
-	snap, err := OpenSnapshot(br, sec.Size, o)
+	snap, err := ob.snapshot(br)
 	if err != nil {
 		return nil, err
 	}
@@ -267,25 +289,4 @@ func OpenPackage(pkg *teleport.Package, r io.ReaderAt, size int64, o OpenOptions
 			vm.PayloadSize(snap.DeviceState), vm.PayloadSize(snap.Memory), md.DeviceStateSize, md.MemorySize, ErrNotItsManifest)
 	}
 	return snap, nil
-}
-
-// metadataSection is the raw metadata section of the blob of either
-// version in r.
-func metadataSection(r io.ReaderAt, size int64, o OpenOptions) (io.Reader, error) {
-	v, err := Version(r, size)
-	if err != nil {
-		return nil, err
-	}
-	if v == Version2 {
-		b, err := OpenV2(r, size, o)
-		if err != nil {
-			return nil, err
-		}
-		return b.Metadata(), nil
-	}
-	b, err := Open(r, size)
-	if err != nil {
-		return nil, err
-	}
-	return b.Metadata(), nil
 }
