@@ -485,6 +485,46 @@ type CreateRequest struct {
 	MemoryMiB int    `json:"memory_mib,omitempty"`
 	VCPUs     int    `json:"vcpus,omitempty"`
 	Backend   string `json:"backend,omitempty"`
+	// Network is none, restricted or full ("": restricted); Publish
+	// ("127.0.0.1:HOSTPORT:GUESTPORT") and Forwards
+	// ("GUESTPORT:127.0.0.1:HOSTPORT") its ports, as on the CLI.
+	Network  string   `json:"network,omitempty"`
+	Publish  []string `json:"publish,omitempty"`
+	Forwards []string `json:"forwards,omitempty"`
+	// DiskBytes sizes a workspace disk at /workspace (0: none).
+	DiskBytes int64 `json:"disk_bytes,omitempty"`
+}
+
+// spec checks the request's VM shape and network and makes it a VM spec.
+func (req CreateRequest) spec() (host.VMSpec, error) {
+	spec := host.VMSpec{Name: req.Name, MemoryMiB: req.MemoryMiB, VCPUs: req.VCPUs, Backend: req.Backend, DiskBytes: req.DiskBytes}
+	if req.Network != "" {
+		m, err := vm.ParseNetworkMode(req.Network)
+		if err != nil {
+			return spec, badf("network %q: want none, restricted or full", req.Network)
+		}
+		spec.Network = m
+	}
+	for _, p := range req.Publish {
+		pp, err := vm.ParsePublish(p)
+		if err != nil {
+			return spec, badf("publish: %s", strings.TrimSuffix(err.Error(), ": "+vm.ErrInvalidConfig.Error()))
+		}
+		spec.Publish = append(spec.Publish, pp)
+	}
+	for _, f := range req.Forwards {
+		ff, err := vm.ParseForward(f)
+		if err != nil {
+			return spec, badf("forwards: %s", strings.TrimSuffix(err.Error(), ": "+vm.ErrInvalidConfig.Error()))
+		}
+		spec.Forwards = append(spec.Forwards, ff)
+	}
+	if req.DiskBytes != 0 {
+		if err := (vm.Disk{SizeBytes: req.DiskBytes}).Validate(); err != nil {
+			return spec, badf("disk_bytes: %s", strings.TrimSuffix(err.Error(), ": "+vm.ErrInvalidConfig.Error()))
+		}
+	}
+	return spec, nil
 }
 
 func (s *Server) createAgent(w http.ResponseWriter, r *http.Request) error {
@@ -504,10 +544,14 @@ func (s *Server) createAgent(w http.ResponseWriter, r *http.Request) error {
 	if req.VCPUs < 0 || req.VCPUs > vcpusMax {
 		return badf("vcpus %d out of range 1..%d (0 for the default %d)", req.VCPUs, vcpusMax, host.VMCPUsDefault)
 	}
+	spec, err := req.spec()
+	if err != nil {
+		return err
+	}
 	if _, err := s.node(); err != nil {
 		return err
 	}
-	a, _, err := s.fleet.Create(r.Context(), host.VMSpec{Name: req.Name, MemoryMiB: req.MemoryMiB, VCPUs: req.VCPUs, Backend: req.Backend})
+	a, _, err := s.fleet.Create(r.Context(), spec)
 	if err != nil {
 		return err
 	}

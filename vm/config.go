@@ -95,7 +95,7 @@ func (c Config) Validate() error {
 	if err := validateNetwork(c.Network, c.MAC, c.Publish, c.Forwards); err != nil {
 		return err
 	}
-	if err := c.Disk.validate(); err != nil {
+	if err := c.Disk.Validate(); err != nil {
 		return err
 	}
 	if c.Hostname != "" {

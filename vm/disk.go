@@ -22,7 +22,8 @@ type Disk struct {
 // Present says whether the VM has a workspace disk.
 func (d Disk) Present() bool { return d.SizeBytes != 0 }
 
-func (d Disk) validate() error {
+// Validate checks a disk's size and filesystem.
+func (d Disk) Validate() error {
 	if !d.Present() {
 		if d.Filesystem != "" {
 			return fmt.Errorf("disk filesystem %q without a disk size: %w", d.Filesystem, ErrInvalidConfig)

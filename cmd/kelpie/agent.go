@@ -16,7 +16,7 @@ func init() {
 	register(command{"host", "the fleet's hosts, from the registry (host ls)", cmdHost})
 }
 
-const agentUsage = `kelpie --server URL agent create NAME [--memory MIB] [--cpus N]
+const agentUsage = `kelpie --server URL agent create NAME [--memory MIB] [--cpus N] [--network M] [--publish P]... [--forward F]... [--disk SIZE]
        kelpie --server URL agent exec NAME [--timeout DURATION] [--workdir DIR] -- CMD [ARG...]
        kelpie --server URL agent move NAME --to HOST_ID [--store STORE]   # prints the new owner
        kelpie --server URL agent claim NAME [--package ID]                # restore an in-flight agent there
@@ -60,14 +60,28 @@ func cmdAgent(ctx context.Context, e *env, args []string) error {
 		mem := fs.Int("memory", 0, "guest memory in MiB (default 256)")
 		cpus := fs.Int("cpus", 0, "vCPUs (default 1)")
 		backend := fs.String("backend", "", "VM backend (default the daemon's)")
+		network := fs.String("network", "", "none, restricted (the default: no egress but the --forward ports) or full")
+		var nf netFlags
+		addPublishFlag(fs, &nf, "")
+		addForwardFlag(fs, &nf)
+		disk := fs.String("disk", "", "a workspace disk of this size (ext4 at /workspace), like 1G")
 		pos, err := parse(fs, args)
 		if err != nil {
 			return err
 		}
 		if len(pos) != 1 {
-			return usagef("usage: kelpie --server URL agent create NAME [--memory MIB] [--cpus N]")
+			return usagef("usage: kelpie --server URL agent create NAME [--memory MIB] [--cpus N] [--network M] [--publish P]... [--forward F]... [--disk SIZE]")
 		}
-		return agentCreateRemote(ctx, e, pos[0], *mem, *cpus, *backend)
+		if _, err := checkNetworkFlag(*network); err != nil {
+			return err
+		}
+		req := server.CreateRequest{Name: pos[0], MemoryMiB: *mem, VCPUs: *cpus, Backend: *backend, Network: *network, Publish: nf.publish.vals, Forwards: nf.forwards.vals}
+		if *disk != "" {
+			if req.DiskBytes, err = parseSize(*disk); err != nil {
+				return err
+			}
+		}
+		return agentCreateRemote(ctx, e, req)
 	case "exec":
 		fs := newFlags(e, "agent exec")
 		timeout := fs.Duration("timeout", 0, "kill the guest command after this long (0: no limit)")
@@ -203,13 +217,13 @@ func readRegistry(ctx context.Context, e *env, regFlag string, viaServer func(*s
 	return direct(r)
 }
 
-func agentCreateRemote(ctx context.Context, e *env, name string, mem, cpus int, backend string) error {
+func agentCreateRemote(ctx context.Context, e *env, req server.CreateRequest) error {
 	c, err := e.client()
 	if err != nil {
 		return err
 	}
 	start := time.Now()
-	a, err := c.CreateAgent(ctx, server.CreateRequest{Name: name, MemoryMiB: mem, VCPUs: cpus, Backend: backend})
+	a, err := c.CreateAgent(ctx, req)
 	if err != nil {
 		return err
 	}

@@ -280,8 +280,12 @@ func TestDaemonsQEMU(t *testing.T) {
 	a.start("")
 	b.start("")
 
-	if out := a.ok("agent", "create", "ag", "--memory", "256"); out != "ag" {
+	// With a workspace disk: it moves with the agent through the daemons.
+	if out := a.ok("agent", "create", "ag", "--memory", "256", "--disk", "64M"); out != "ag" {
 		t.Fatalf("agent create printed %q", out)
+	}
+	if got := a.ok("agent", "exec", "ag", "--", "sh", "-c", "grep ' /workspace ' /proc/mounts | cut -d' ' -f1,3 && echo kept > /workspace/on-disk && sync"); got != "/dev/vda ext4" {
+		t.Fatalf("/workspace through the daemon: %q", got)
 	}
 	rec := a.show("ag")
 	if rec.Owner != a.id || rec.State != registry.StateRunning || rec.Epoch != 1 {
@@ -313,6 +317,9 @@ func TestDaemonsQEMU(t *testing.T) {
 	}
 	if out := b.ok("agent", "exec", "ag", "--", "sh", "-c", "kill -0 "+pid+" && echo alive"); out != "alive" {
 		t.Fatal("the counting process did not move")
+	}
+	if out := b.ok("agent", "exec", "ag", "--", "cat", "/workspace/on-disk"); out != "kept" {
+		t.Fatalf("the file on the workspace disk after the move: %q", out)
 	}
 	after := b.counter("ag")
 	if after < before {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/kelpie/teleport/blob"
 	"github.com/kelpie/teleport/host"
+	"github.com/kelpie/teleport/server"
 	"github.com/kelpie/teleport/vm"
 )
 
@@ -78,14 +79,21 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 		return usagef("usage: %s", vmCreateUsage)
 	}
 	if e.server != "" {
-		sandbox := false
-		fs.Visit(func(f *flag.Flag) {
-			sandbox = sandbox || f.Name == "network" || f.Name == "publish" || f.Name == "forward" || f.Name == "disk"
-		})
-		if sandbox {
-			return usagef("--network, --publish, --forward and --disk are not served through a daemon yet; run vm create on the host")
+		req := server.CreateRequest{Name: pos[0], MemoryMiB: *mem, VCPUs: *cpus, Backend: *backend, Publish: nf.publish.vals, Forwards: nf.forwards.vals}
+		if _, err := checkNetworkFlag(*network); err != nil {
+			return err
 		}
-		return agentCreateRemote(ctx, e, pos[0], *mem, *cpus, *backend)
+		fs.Visit(func(f *flag.Flag) {
+			if f.Name == "network" {
+				req.Network = *network
+			}
+		})
+		if *disk != "" {
+			if req.DiskBytes, err = parseSize(*disk); err != nil {
+				return err
+			}
+		}
+		return agentCreateRemote(ctx, e, req)
 	}
 	regURL, err := registryURL(e, *regFlag)
 	if err != nil {
