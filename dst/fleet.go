@@ -153,10 +153,19 @@ func (w *fleetWorld) note(format string, args ...any) { w.tr.linef("    "+format
 
 func (w *fleetWorld) violate(inv, format string, args ...any) {
 	v := Violation{Seed: w.cfg.Seed, Step: w.step, Invariant: inv, Detail: fmt.Sprintf(format, args...), Op: w.op,
-		Replay: fmt.Sprintf("go test ./dst -run TestFleet -fleet.seed %d", w.cfg.Seed)}
+		Replay: w.replay()}
 	w.res.Violations = append(w.res.Violations, v)
 	w.tr.linef("    VIOLATION %s: %s", inv, v.Detail)
 	w.violated = true
+}
+
+// replay is the command that runs this seed again, with its trace.
+func (w *fleetWorld) replay() string {
+	cmd := fmt.Sprintf("kelpie sim fleet --seed %d --steps %d --hosts %d", w.cfg.Seed, w.cfg.Steps, w.cfg.Hosts)
+	if w.cfg.Bug != FleetBugNone {
+		cmd += " --bug " + string(w.cfg.Bug)
+	}
+	return cmd + " --trace"
 }
 
 func (w *fleetWorld) newID(prefix string) string {

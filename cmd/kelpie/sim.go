@@ -14,12 +14,15 @@ func init() {
 	register(command{"sim", "run the deterministic teleport simulation", cmdSim})
 }
 
-const simUsage = "kelpie sim [--seeds N] [--start-seed S] [--seed S [--trace]] [--steps K] [--hosts H] [--faults PROFILE] [--bug NAME] [--shrink] [--parallel P] [--json]"
+const simUsage = "kelpie sim [--seeds N] [--start-seed S] [--seed S [--trace]] [--steps K] [--hosts H] [--faults PROFILE] [--bug NAME] [--shrink] [--parallel P] [--json]\n       " + simFleetUsage
 
 // simFailuresShown bounds the failures printed for a sweep.
 const simFailuresShown = 20
 
 func cmdSim(ctx context.Context, e *env, args []string) error {
+	if len(args) > 0 && args[0] == "fleet" {
+		return cmdSimFleet(ctx, e, args[1:])
+	}
 	fs := newFlags(e, "sim")
 	seeds := fs.Int("seeds", 1, "how many consecutive seeds to run")
 	start := fs.Uint64("start-seed", 1, "the sweep's first seed")

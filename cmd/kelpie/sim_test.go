@@ -91,3 +91,40 @@ func TestSimUsageErrors(t *testing.T) {
 		}
 	}
 }
+
+// `kelpie sim fleet` runs the production move protocol over simulated
+// daemons, a registry and a store: a sweep passes and repeats itself; a
+// planted bug fails it with a replay command that reproduces the failure.
+func TestSimFleet(t *testing.T) {
+	out, errOut, code := simCLI(t, "fleet", "--seeds", "6", "--steps", "120", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	var s struct {
+		Runs, Steps, Moves, Claims, Violations int
+		DaemonKills                            int    `json:"daemon_kills"`
+		TraceHash                              string `json:"trace_hash"`
+	}
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		t.Fatalf("not JSON: %v\n%s", err, out)
+	}
+	if s.Runs != 6 || s.Steps != 720 || s.Moves == 0 || s.DaemonKills == 0 || s.Claims == 0 || s.Violations != 0 || len(s.TraceHash) != 64 {
+		t.Fatalf("summary %+v", s)
+	}
+	if again, _, _ := simCLI(t, "fleet", "--seeds", "6", "--steps", "120", "--json"); again != out {
+		t.Fatal("the same fleet sweep printed a different summary")
+	}
+	_, errOut, code = simCLI(t, "fleet", "--seeds", "10", "--bug", "skip-claim-check")
+	i := strings.Index(errOut, "replay: kelpie sim fleet --seed ")
+	if code != 1 || !strings.Contains(errOut, "SingleActivation violated") || i < 0 {
+		t.Fatalf("planted bug: exit %d, stderr %q", code, errOut)
+	}
+	replay := strings.Fields(strings.SplitN(errOut[i+len("replay: kelpie sim "):], "\n", 2)[0])
+	trace, _, code := simCLI(t, replay...)
+	if code != 1 || !strings.Contains(trace, "VIOLATION SingleActivation") {
+		t.Fatalf("replay %v: exit %d, trace without the violation", replay, code)
+	}
+	if _, errOut, code := simCLI(t, "fleet", "--hosts", "1"); code != 2 || !strings.Contains(errOut, "--hosts") {
+		t.Fatalf("one host: exit %d, %q", code, errOut)
+	}
+}
