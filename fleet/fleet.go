@@ -212,6 +212,28 @@ func (f *Fleet) Create(ctx context.Context, spec host.VMSpec) (*registry.Agent, 
 	return a, info, err
 }
 
+// Fork makes req.Count copies of this host's VM name (host.ForkVM);
+// with a registry each copy is a new agent of this host, recorded before
+// it is made (registry.Node.Fork).
+func (f *Fleet) Fork(ctx context.Context, name string, req host.ForkRequest) (*host.ForkResult, []*registry.Agent, error) {
+	n := f.Node()
+	if n == nil {
+		res, err := f.Host.ForkVM(ctx, name, req)
+		return res, nil, err
+	}
+	names, err := host.ForkNames(name, req)
+	if err != nil {
+		return nil, nil, err
+	}
+	var res *host.ForkResult
+	agents, err := n.Fork(ctx, name, names, func(ctx context.Context) error {
+		var err error
+		res, err = f.Host.ForkVM(ctx, name, req)
+		return err
+	})
+	return res, agents, err
+}
+
 // Remove destroys agent name's VM here and removes its record.
 func (f *Fleet) Remove(ctx context.Context, name string) (*host.RemoveResult, error) {
 	n := f.Node()

@@ -29,15 +29,9 @@ type ForkResult struct {
 	VMs []VMInfo
 }
 
-// ForkVM captures VM name once and restores Count copies of it on this
-// host, each with its own identity: its name as hostname, its name as
-// agent id, and its kernel RNG reseeded with fresh entropy before its
-// first command. The source keeps running (it pauses for the snapshot).
-// Copies keep the source's network mode, MAC, address and forwards (each
-// has a network of its own), its workspace disk (each its own copy), and
-// get only the published ports asked for. On failure no copy is left, or
-// the error names the one that is (vm.ErrLeftBehind).
-func (h *Host) ForkVM(ctx context.Context, name string, req ForkRequest) (_ *ForkResult, err error) {
+// ForkNames checks req and names its copies of VM name, in order:
+// PREFIX1..PREFIXN (default prefix NAME-).
+func ForkNames(name string, req ForkRequest) ([]string, error) {
 	if req.Count < 1 || req.Count > ForkCountMax {
 		return nil, fmt.Errorf("fork count %d: want 1..%d: %w", req.Count, ForkCountMax, vm.ErrInvalidConfig)
 	}
@@ -55,6 +49,22 @@ func (h *Host) ForkVM(ctx context.Context, name string, req ForkRequest) (_ *For
 		if err := vm.ValidateName(names[i]); err != nil {
 			return nil, fmt.Errorf("fork name: %w", err)
 		}
+	}
+	return names, nil
+}
+
+// ForkVM captures VM name once and restores Count copies of it on this
+// host, each with its own identity: its name as hostname, its name as
+// agent id, and its kernel RNG reseeded with fresh entropy before its
+// first command. The source keeps running (it pauses for the snapshot).
+// Copies keep the source's network mode, MAC, address and forwards (each
+// has a network of its own), its workspace disk (each its own copy), and
+// get only the published ports asked for. On failure no copy is left, or
+// the error names the one that is (vm.ErrLeftBehind).
+func (h *Host) ForkVM(ctx context.Context, name string, req ForkRequest) (_ *ForkResult, err error) {
+	names, err := ForkNames(name, req)
+	if err != nil {
+		return nil, err
 	}
 	unlock, err := h.lockVM(ctx, name)
 	if err != nil {

@@ -176,6 +176,33 @@ func (n *Node) Create(ctx context.Context, name string, memoryMiB int, boot func
 	return n.transition(ctx, a, StateRunning, nil)
 }
 
+// Fork records copies of this host's agent name, running or paused, as
+// new agents owned by this host: each record is created (creating) before
+// fork, which makes every copy at once, runs, and says running once it
+// returned. If a copy's name is taken, nothing is made; if fork fails,
+// the copies' records go again.
+func (n *Node) Fork(ctx context.Context, name string, copies []string, fork func(ctx context.Context) error) ([]*Agent, error) {
+	src, err := n.own(ctx, name, StateRunning, StatePaused)
+	if err != nil {
+		return nil, err
+	}
+	made := make([]*Agent, len(copies))
+	// Each copy's Create boots the next one's; the last boots them all.
+	boot := fork
+	for i := len(copies) - 1; i >= 0; i-- {
+		i, inner := i, boot
+		boot = func(ctx context.Context) error {
+			a, err := n.Create(ctx, copies[i], src.MemoryMiB, inner)
+			made[i] = a
+			return err
+		}
+	}
+	if err := boot(ctx); err != nil {
+		return nil, err
+	}
+	return made, nil
+}
+
 // Remove destroys this host's VM of agent name and removes its record. An
 // in-flight agent's record is removed from any host (its package stays in
 // the store until `package rm`).

@@ -425,3 +425,42 @@ func TestShowJSONFields(t *testing.T) {
 	var buf bytes.Buffer
 	buf.WriteString(body)
 }
+
+// A fork with a registry makes each copy a new agent of the forking host,
+// recorded before it is made; a copy whose name is taken stops the fork
+// before anything is made, and only the owner of the source may fork it.
+func TestForkRegistersCopies(t *testing.T) {
+	ctx := context.Background()
+	f := newTestFleet(t, "")
+	a, b := f.daemon("host-a"), f.daemon("host-b")
+	if _, err := a.c.CreateAgent(ctx, server.CreateRequest{Name: "src", Backend: "sim"}); err != nil {
+		t.Fatal(err)
+	}
+	res, agents, err := a.fleet.Fork(ctx, "src", host.ForkRequest{Count: 2, Prefix: "cp"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.VMs) != 2 || len(agents) != 2 {
+		t.Fatalf("fork: %+v, agents %+v", res.VMs, agents)
+	}
+	for _, name := range []string{"cp1", "cp2"} {
+		rec, err := b.c.Agent(ctx, name)
+		if err != nil || rec.Owner != "host-a" || rec.State != registry.StateRunning || rec.Epoch != 1 {
+			t.Fatalf("record of %s: %+v, %v", name, rec, err)
+		}
+	}
+	// cp2 is taken: a fork that would make it again makes nothing.
+	if _, _, err := a.fleet.Fork(ctx, "src", host.ForkRequest{Count: 2, Prefix: "cp"}); !errors.Is(err, registry.ErrExists) {
+		t.Fatalf("fork onto taken names: %v, want ErrExists", err)
+	}
+	if vms, _ := a.fleet.Host.VMs(ctx); len(vms) != 3 {
+		t.Fatalf("after the refused fork host-a has %d VMs, want 3", len(vms))
+	}
+	// Another host cannot fork an agent it does not own.
+	if _, _, err := b.fleet.Fork(ctx, "src", host.ForkRequest{Count: 1, Prefix: "theirs"}); !errors.Is(err, registry.ErrRunsElsewhere) {
+		t.Fatalf("fork from a host that does not own the source: %v, want ErrRunsElsewhere", err)
+	}
+	if _, err := b.c.Agent(ctx, "theirs1"); !errors.Is(err, registry.ErrNotFound) {
+		t.Fatalf("the refused fork left a record: %v", err)
+	}
+}

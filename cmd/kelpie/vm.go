@@ -24,7 +24,7 @@ const vmCreateUsage = `kelpie vm create NAME [--backend qemu] [--memory MIB] [--
 
 const vmUsage = vmCreateUsage + `
        kelpie vm ls [--json]
-       kelpie vm fork NAME --count N [--prefix P] [--publish 127.0.0.1:0:GUESTPORT]... [--json]
+       kelpie vm fork NAME --count N [--prefix P] [--publish 127.0.0.1:0:GUESTPORT]... [--registry URL] [--json]
        kelpie vm time NAME [--json]
        kelpie vm exec NAME [--timeout DURATION] [--workdir DIR] -- CMD [ARG...]
        kelpie vm start|pause|resume|stop|rm NAME [--registry URL]
@@ -193,11 +193,12 @@ func vmFork(ctx context.Context, e *env, args []string) error {
 	if e.server != "" {
 		return usagef("vm fork is not served through a daemon yet; run it on the host")
 	}
-	const usage = "usage: kelpie vm fork NAME --count N [--prefix P] [--publish 127.0.0.1:0:GUESTPORT]... [--json]"
+	const usage = "usage: kelpie vm fork NAME --count N [--prefix P] [--publish 127.0.0.1:0:GUESTPORT]... [--registry URL] [--json]"
 	fs := newFlags(e, "vm fork")
 	count := fs.Int("count", 0, "how many copies")
 	prefix := fs.String("prefix", "", "name the copies PREFIX1..PREFIXN (default NAME-)")
 	asJSON := fs.Bool("json", false, "print the copies as JSON")
+	regFlag := fs.String("registry", "", registryFlagHelp+"; each copy becomes a new agent of this host")
 	var nf netFlags
 	addPublishFlag(fs, &nf, "; copies get none unless given, and several copies need HOSTPORT 0")
 	pos, err := parse(fs, args)
@@ -211,18 +212,22 @@ func vmFork(ctx context.Context, e *env, args []string) error {
 	if req.Publish, err = nf.published(); err != nil {
 		return err
 	}
+	regURL, err := registryURL(e, *regFlag)
+	if err != nil {
+		return err
+	}
 	h, err := openHost(ctx, e, false, false)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
-	start := time.Now()
-	if regURL, err := registryURL(e, ""); err != nil {
+	f, err := h.join(ctx, e, regURL, pos[0])
+	if err != nil {
 		return err
-	} else if regURL != "" {
-		return usagef("vm fork does not register its copies with a registry yet; run it without one (KELPIE_REGISTRY)")
 	}
-	res, err := h.ForkVM(ctx, pos[0], req)
+	e.unenforced = false // the copies are new agents: nothing moved
+	start := time.Now()
+	res, _, err := f.Fork(ctx, pos[0], req)
 	if err != nil {
 		return err
 	}
