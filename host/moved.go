@@ -58,6 +58,9 @@ func (h *Host) writeMoved(r movedRecord) error {
 }
 
 func (h *Host) readMoved(name string) (*movedRecord, error) {
+	if err := vm.ValidateName(name); err != nil {
+		return nil, err
+	}
 	b, err := os.ReadFile(h.movedPath(name))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -127,6 +130,9 @@ func (h *Host) movedTo(name string) string {
 }
 
 func (h *Host) clearMoved(name string) error {
+	if err := vm.ValidateName(name); err != nil {
+		return err
+	}
 	if err := os.Remove(h.movedPath(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
