@@ -60,15 +60,23 @@ type DiskTarget struct {
 // backend has none, and a snapshot with one is refused). As with Stage,
 // dst may be used only if StageImage returns nil.
 func StageImage(ctx context.Context, snap *Snapshot, deviceState Sink, dst *os.File, disk *DiskTarget) error {
+	return besideDisk(ctx, snap, disk, func(ctx context.Context, owner string) error {
+		return stageImage(ctx, owner, snap, deviceState, dst)
+	})
+}
+
+// besideDisk runs stage (the device state and memory) while snap's disk
+// is staged into disk on a goroutine of its own; a failure of stage stops
+// the disk's chunk fetches. The first error in section order is returned,
+// after both are done.
+func besideDisk(ctx context.Context, snap *Snapshot, disk *DiskTarget, stage func(ctx context.Context, owner string) error) error {
 	md := snap.Metadata
 	owner := "snapshot " + md.SnapshotID
-	// The disk is staged beside memory; a failure of either stops the
-	// other's chunk fetches.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	diskErr := make(chan error, 1)
 	go func() { diskErr <- StageDisk(ctx, owner, snap.Disk, md.Disk, disk) }()
-	err := stageImage(ctx, owner, snap, deviceState, dst)
+	err := stage(ctx, owner)
 	if err != nil {
 		cancel()
 	}
@@ -138,22 +146,12 @@ func writeSparse(dst *os.File, r io.Reader) error {
 // error in section order is the one returned, after every section is done.
 func StageWithDisk(ctx context.Context, snap *Snapshot, deviceState, memory Sink, disk *DiskTarget) error {
 	md := snap.Metadata
-	owner := "snapshot " + md.SnapshotID
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	diskErr := make(chan error, 1)
-	go func() { diskErr <- StageDisk(ctx, owner, snap.Disk, md.Disk, disk) }()
-	err := StagePayload(owner, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState)
-	if err == nil {
-		err = StagePayload(owner, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
-	}
-	if err != nil {
-		cancel() // a raw disk image's chunk fetches stop
-	}
-	if derr := <-diskErr; err == nil {
-		err = derr
-	}
-	return err
+	return besideDisk(ctx, snap, disk, func(_ context.Context, owner string) error {
+		if err := StagePayload(owner, SectionDeviceState, snap.DeviceState, md.DeviceStateSize, md.DeviceStateSHA256, deviceState); err != nil {
+			return err
+		}
+		return StagePayload(owner, SectionMemory, snap.Memory, md.MemorySize, md.MemorySHA256, memory)
+	})
 }
 
 // StageDisk is StagePayload for a workspace disk described by md (nil: the

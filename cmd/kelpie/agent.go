@@ -72,16 +72,7 @@ func cmdAgent(ctx context.Context, e *env, args []string) error {
 		if len(pos) != 1 {
 			return usagef("usage: kelpie --server URL agent create NAME [--memory MIB] [--cpus N] [--network M] [--publish P]... [--forward F]... [--disk SIZE]")
 		}
-		if _, err := checkNetworkFlag(*network); err != nil {
-			return err
-		}
-		req := server.CreateRequest{Name: pos[0], MemoryMiB: *mem, VCPUs: *cpus, Backend: *backend, Network: *network, Publish: nf.publish.vals, Forwards: nf.forwards.vals}
-		if *disk != "" {
-			if req.DiskBytes, err = parseSize(*disk); err != nil {
-				return err
-			}
-		}
-		return agentCreateRemote(ctx, e, req)
+		return agentCreateRemote(ctx, e, server.CreateRequest{Name: pos[0], MemoryMiB: *mem, VCPUs: *cpus, Backend: *backend}, *network, &nf, *disk)
 	case "exec":
 		fs := newFlags(e, "agent exec")
 		timeout := fs.Duration("timeout", 0, "kill the guest command after this long (0: no limit)")
@@ -217,7 +208,19 @@ func readRegistry(ctx context.Context, e *env, regFlag string, viaServer func(*s
 	return direct(r)
 }
 
-func agentCreateRemote(ctx context.Context, e *env, req server.CreateRequest) error {
+// agentCreateRemote creates an agent through the daemon, with the
+// sandbox flags (network "" for the daemon's default, disk "" for none).
+func agentCreateRemote(ctx context.Context, e *env, req server.CreateRequest, network string, nf *netFlags, disk string) error {
+	if _, err := checkNetworkFlag(network); err != nil {
+		return err
+	}
+	req.Network, req.Publish, req.Forwards = network, nf.publish.vals, nf.forwards.vals
+	if disk != "" {
+		var err error
+		if req.DiskBytes, err = parseSize(disk); err != nil {
+			return err
+		}
+	}
 	c, err := e.client()
 	if err != nil {
 		return err

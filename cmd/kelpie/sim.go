@@ -50,20 +50,13 @@ func cmdSim(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 0 {
 		return usagef("usage: %s", simUsage)
 	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	one := set["seed"]
+	one, err := checkSeedFlags(fs, *seeds, *steps, *trace)
+	if err != nil {
+		return err
+	}
 	switch {
-	case one && (set["seeds"] || set["start-seed"]):
-		return usagef("--seed runs one seed; it does not combine with --seeds or --start-seed")
-	case *trace && !one:
-		return usagef("--trace needs --seed (a sweep's traces are only hashed)")
-	case *seeds < 1:
-		return usagef("--seeds %d: want at least 1", *seeds)
 	case *parallel < 0:
 		return usagef("--parallel %d: want 0 (the CPUs) or more", *parallel)
-	case *steps < 1 || *steps > dst.StepsMax:
-		return usagef("--steps %d: want 1..%d", *steps, dst.StepsMax)
 	case *hosts < 1 || *hosts > dst.HostsMax:
 		return usagef("--hosts %d: want 1..%d", *hosts, dst.HostsMax)
 	}
@@ -149,4 +142,23 @@ func shrinkFirst(e *env, cfg dst.Config, seed uint64, runs []*dst.Result) error 
 		fmt.Fprintf(e.stderr, "  step %d: %s\n", op.Step, op)
 	}
 	return nil
+}
+
+// checkSeedFlags checks the flags kelpie sim and sim fleet share and says
+// whether they ask for one seed (--seed).
+func checkSeedFlags(fs *flag.FlagSet, seeds, steps int, trace bool) (one bool, err error) {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	one = set["seed"]
+	switch {
+	case one && (set["seeds"] || set["start-seed"]):
+		return one, usagef("--seed runs one seed; it does not combine with --seeds or --start-seed")
+	case trace && !one:
+		return one, usagef("--trace needs --seed (a sweep's traces are only hashed)")
+	case seeds < 1:
+		return one, usagef("--seeds %d: want at least 1", seeds)
+	case steps < 1 || steps > dst.StepsMax:
+		return one, usagef("--steps %d: want 1..%d", steps, dst.StepsMax)
+	}
+	return one, nil
 }

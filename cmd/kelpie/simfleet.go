@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 
 	"github.com/kelpie/teleport/dst"
@@ -43,18 +42,11 @@ func cmdSimFleet(ctx context.Context, e *env, args []string) error {
 	if len(pos) != 0 {
 		return usagef("usage: %s", simFleetUsage)
 	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	one := set["seed"]
+	one, err := checkSeedFlags(fs, *seeds, *steps, *trace)
+	if err != nil {
+		return err
+	}
 	switch {
-	case one && (set["seeds"] || set["start-seed"]):
-		return usagef("--seed runs one seed; it does not combine with --seeds or --start-seed")
-	case *trace && !one:
-		return usagef("--trace needs --seed")
-	case *seeds < 1:
-		return usagef("--seeds %d: want at least 1", *seeds)
-	case *steps < 1 || *steps > dst.StepsMax:
-		return usagef("--steps %d: want 1..%d", *steps, dst.StepsMax)
 	case *hosts < 2 || *hosts > 16:
 		return usagef("--hosts %d: want 2..16", *hosts)
 	case *bug != "" && dst.FleetBug(*bug) != dst.FleetBugSkipClaimCheck:

@@ -79,21 +79,14 @@ func vmCreate(ctx context.Context, e *env, args []string) error {
 		return usagef("usage: %s", vmCreateUsage)
 	}
 	if e.server != "" {
-		req := server.CreateRequest{Name: pos[0], MemoryMiB: *mem, VCPUs: *cpus, Backend: *backend, Publish: nf.publish.vals, Forwards: nf.forwards.vals}
-		if _, err := checkNetworkFlag(*network); err != nil {
-			return err
-		}
+		// The network only when asked for: the daemon has its default.
+		net := ""
 		fs.Visit(func(f *flag.Flag) {
 			if f.Name == "network" {
-				req.Network = *network
+				net = *network
 			}
 		})
-		if *disk != "" {
-			if req.DiskBytes, err = parseSize(*disk); err != nil {
-				return err
-			}
-		}
-		return agentCreateRemote(ctx, e, req)
+		return agentCreateRemote(ctx, e, server.CreateRequest{Name: pos[0], MemoryMiB: *mem, VCPUs: *cpus, Backend: *backend}, net, &nf, *disk)
 	}
 	regURL, err := registryURL(e, *regFlag)
 	if err != nil {
